@@ -1,0 +1,432 @@
+"""The Stable Diffusion U-Net (diffusers `UNet2DConditionModel`) in flax.linen.
+
+Built from a diffusers config dict (`UNetConfig.from_diffusers`), so a `unet/config.json`
+from a diffusers folder describes it. SmartBrush's additions are plain config values:
+`in_channels=5` (latent + mask), `out_channels=5` (noise + mask logit) and
+`num_class_embeddings=S+1`, the precision-level embedding added to the time embedding
+exactly as diffusers adds `class_labels`, so the model exports to a stock
+`UNet2DConditionModel` called with `class_labels=s`.
+
+Inputs and outputs are channels-last: sample `[B, H, W, C_in]`, output `[B, H, W, C_out]`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Optional, Tuple, Union
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from smartbrush_jax.models.layers import (
+    Downsample2D,
+    ResnetBlock2D,
+    Upsample2D,
+    conv,
+    dense,
+    embed,
+    group_norm,
+    layer_norm,
+    multi_head_attention,
+)
+
+Dtype = Any
+
+_DOWN_TYPES = ("CrossAttnDownBlock2D", "DownBlock2D")
+_UP_TYPES = ("CrossAttnUpBlock2D", "UpBlock2D")
+# diffusers options this port implements only at their default value: a config that
+# changes one of them describes another architecture, and loading it must fail loudly.
+_FIXED_OPTIONS = {
+    "center_input_sample": False,
+    "mid_block_type": "UNetMidBlock2DCrossAttn",
+    "only_cross_attention": False,
+    "downsample_padding": 1,
+    "mid_block_scale_factor": 1,
+    "act_fn": "silu",
+    "dual_cross_attention": False,
+    "class_embed_type": None,
+    "addition_embed_type": None,
+    "resnet_time_scale_shift": "default",
+    "time_embedding_type": "positional",
+    "time_embedding_dim": None,
+    "time_cond_proj_dim": None,
+    "encoder_hid_dim": None,
+    "encoder_hid_dim_type": None,
+    "class_embeddings_concat": False,
+    "mid_block_only_cross_attention": None,
+    "cross_attention_norm": None,
+    "conv_in_kernel": 3,
+    "conv_out_kernel": 3,
+    "projection_class_embeddings_input_dim": None,
+    "reverse_transformer_layers_per_block": None,
+    "attention_type": "default",
+}
+
+
+def _per_block(value, n: int, name: str) -> Tuple[int, ...]:
+    if isinstance(value, (list, tuple)):
+        if len(value) != n:
+            raise ValueError(f"UNet config: {name} has {len(value)} entries, expected {n} (one per block)")
+        return tuple(int(v) for v in value)
+    return (int(value),) * n
+
+
+@dataclasses.dataclass(frozen=True)
+class UNetConfig:
+    """The architecture fields of a diffusers `UNet2DConditionModel` config."""
+
+    in_channels: int = 4
+    out_channels: int = 4
+    down_block_types: Tuple[str, ...] = ("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",)
+    up_block_types: Tuple[str, ...] = ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3
+    block_out_channels: Tuple[int, ...] = (320, 640, 1280, 1280)
+    layers_per_block: int = 2
+    num_heads: Tuple[int, ...] = (8, 8, 8, 8)
+    transformer_layers_per_block: Tuple[int, ...] = (1, 1, 1, 1)
+    cross_attention_dim: int = 768
+    norm_num_groups: int = 32
+    norm_eps: float = 1e-5
+    use_linear_projection: bool = False
+    flip_sin_to_cos: bool = True
+    freq_shift: int = 0
+    num_class_embeddings: Optional[int] = None
+    sample_size: int = 64
+
+    @classmethod
+    def from_diffusers(cls, cfg: dict) -> "UNetConfig":
+        """Validate and convert a diffusers `UNet2DConditionModel` config dict."""
+        for key, default in _FIXED_OPTIONS.items():
+            if cfg.get(key, default) != default:
+                raise ValueError(f"UNet config: {key}={cfg[key]!r} is not supported (only {default!r})")
+        down = tuple(cfg.get("down_block_types", cls.down_block_types))
+        up = tuple(cfg.get("up_block_types", cls.up_block_types))
+        for t in down:
+            if t not in _DOWN_TYPES:
+                raise ValueError(f"UNet config: down block type {t!r} is not supported ({_DOWN_TYPES})")
+        for t in up:
+            if t not in _UP_TYPES:
+                raise ValueError(f"UNet config: up block type {t!r} is not supported ({_UP_TYPES})")
+        n = len(down)
+        boc = tuple(int(c) for c in cfg.get("block_out_channels", cls.block_out_channels))
+        if len(boc) != n or len(up) != n:
+            raise ValueError("UNet config: block_out_channels, down_block_types and up_block_types differ in length")
+        lpb = cfg.get("layers_per_block", 2)
+        if isinstance(lpb, (list, tuple)):
+            raise ValueError("UNet config: per-block layers_per_block is not supported")
+        # diffusers quirk: `attention_head_dim` is the number of heads unless
+        # `num_attention_heads` is given (SD 2.x relies on it).
+        heads = cfg.get("num_attention_heads") or cfg.get("attention_head_dim", 8)
+        cross = cfg.get("cross_attention_dim", 768)
+        if isinstance(cross, (list, tuple)):
+            raise ValueError("UNet config: per-block cross_attention_dim is not supported")
+        num_heads = _per_block(heads, n, "attention_head_dim")
+        for c, h in zip(boc, num_heads):
+            if c % h:
+                raise ValueError(f"UNet config: {c} channels do not split into {h} attention heads")
+        groups = int(cfg.get("norm_num_groups", 32))
+        for c in boc:
+            if c % groups:
+                raise ValueError(f"UNet config: {c} channels are not divisible by norm_num_groups={groups}")
+        return cls(
+            in_channels=int(cfg.get("in_channels", 4)),
+            out_channels=int(cfg.get("out_channels", 4)),
+            down_block_types=down,
+            up_block_types=up,
+            block_out_channels=boc,
+            layers_per_block=int(lpb),
+            num_heads=num_heads,
+            transformer_layers_per_block=_per_block(
+                cfg.get("transformer_layers_per_block", 1), n, "transformer_layers_per_block"),
+            cross_attention_dim=int(cross),
+            norm_num_groups=groups,
+            norm_eps=float(cfg.get("norm_eps", 1e-5)),
+            use_linear_projection=bool(cfg.get("use_linear_projection", False)),
+            flip_sin_to_cos=bool(cfg.get("flip_sin_to_cos", True)),
+            freq_shift=int(cfg.get("freq_shift", 0)),
+            num_class_embeddings=cfg.get("num_class_embeds"),
+            sample_size=int(cfg.get("sample_size") or 64),
+        )
+
+    def to_diffusers(self) -> dict:
+        """The diffusers config dict that rebuilds this architecture in PyTorch."""
+        return {
+            "_class_name": "UNet2DConditionModel",
+            "in_channels": self.in_channels,
+            "out_channels": self.out_channels,
+            "down_block_types": list(self.down_block_types),
+            "up_block_types": list(self.up_block_types),
+            "block_out_channels": list(self.block_out_channels),
+            "layers_per_block": self.layers_per_block,
+            "attention_head_dim": list(self.num_heads),
+            "transformer_layers_per_block": list(self.transformer_layers_per_block),
+            "cross_attention_dim": self.cross_attention_dim,
+            "norm_num_groups": self.norm_num_groups,
+            "norm_eps": self.norm_eps,
+            "use_linear_projection": self.use_linear_projection,
+            "flip_sin_to_cos": self.flip_sin_to_cos,
+            "freq_shift": self.freq_shift,
+            "num_class_embeds": self.num_class_embeddings,
+            "sample_size": self.sample_size,
+            "act_fn": "silu",
+            "center_input_sample": False,
+            "downsample_padding": 1,
+            "mid_block_scale_factor": 1,
+        }
+
+
+def timestep_embedding(timesteps: jax.Array, dim: int, flip_sin_to_cos: bool, freq_shift: float) -> jax.Array:
+    """Sinusoidal embedding of `timesteps` [B] -> [B, dim] float32 (diffusers `get_timestep_embedding`)."""
+    half = dim // 2
+    exponent = -math.log(10000.0) * jnp.arange(half, dtype=jnp.float32) / (half - freq_shift)
+    args = timesteps.astype(jnp.float32)[:, None] * jnp.exp(exponent)[None, :]
+    emb = jnp.concatenate([jnp.sin(args), jnp.cos(args)], axis=-1)
+    if flip_sin_to_cos:
+        emb = jnp.concatenate([emb[:, half:], emb[:, :half]], axis=-1)
+    if dim % 2:
+        emb = jnp.pad(emb, ((0, 0), (0, 1)))
+    return emb
+
+
+class CrossAttention(nn.Module):
+    """diffusers `Attention` as used in the U-Net: q/k/v without bias, output with bias."""
+
+    num_heads: int
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+    attention_impl: Optional[str] = None
+
+    @nn.compact
+    def __call__(self, x: jax.Array, context: Optional[jax.Array] = None) -> jax.Array:
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        c = x.shape[-1]
+        context = x if context is None else context
+        q = dense(c, "to_q", use_bias=False, **kw)(x)
+        k = dense(c, "to_k", use_bias=False, **kw)(context)
+        v = dense(c, "to_v", use_bias=False, **kw)(context)
+        out = multi_head_attention(q, k, v, self.num_heads, implementation=self.attention_impl)
+        return dense(c, "to_out_0", **kw)(out)
+
+
+class BasicTransformerBlock(nn.Module):
+    """Self-attention, cross-attention to the text, GEGLU feed-forward; pre-LayerNorm."""
+
+    num_heads: int
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+    attention_impl: Optional[str] = None
+
+    @nn.compact
+    def __call__(self, x: jax.Array, context: jax.Array) -> jax.Array:
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        attn = dict(num_heads=self.num_heads, attention_impl=self.attention_impl, **kw)
+        x = x + CrossAttention(name="attn1", **attn)(layer_norm(1e-5, "norm1", **kw)(x))
+        x = x + CrossAttention(name="attn2", **attn)(layer_norm(1e-5, "norm2", **kw)(x), context)
+        return x + FeedForward(name="ff", **kw)(layer_norm(1e-5, "norm3", **kw)(x))
+
+
+class FeedForward(nn.Module):
+    """diffusers `FeedForward` with GEGLU: `net.0.proj` to 2x4C, gate with exact GELU, `net.2` back."""
+
+    mult: int = 4
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        c = x.shape[-1]
+        inner = c * self.mult
+        h = GEGLU(inner, self.dtype, self.param_dtype, name="net_0")(x)
+        return dense(c, "net_2", self.dtype, self.param_dtype)(h)
+
+
+class GEGLU(nn.Module):
+    features: int
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        h = dense(2 * self.features, "proj", self.dtype, self.param_dtype)(x)
+        hidden, gate = jnp.split(h, 2, axis=-1)
+        return hidden * nn.gelu(gate, approximate=False)
+
+
+class Transformer2DModel(nn.Module):
+    """GroupNorm, projection in (1x1 conv or linear), transformer blocks, projection out, residual."""
+
+    num_heads: int
+    depth: int
+    num_groups: int
+    use_linear_projection: bool
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+    attention_impl: Optional[str] = None
+
+    @nn.compact
+    def __call__(self, x: jax.Array, context: jax.Array) -> jax.Array:
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        b, hgt, wid, c = x.shape
+        h = group_norm(self.num_groups, 1e-6, "norm", **kw)(x)
+        if self.use_linear_projection:
+            h = dense(c, "proj_in", **kw)(h.reshape(b, hgt * wid, c))
+        else:
+            h = conv(c, 1, "proj_in", **kw)(h).reshape(b, hgt * wid, c)
+        for d in range(self.depth):
+            h = BasicTransformerBlock(
+                self.num_heads, attention_impl=self.attention_impl, name=f"transformer_blocks_{d}", **kw
+            )(h, context)
+        if self.use_linear_projection:
+            h = dense(c, "proj_out", **kw)(h).reshape(b, hgt, wid, c)
+        else:
+            h = conv(c, 1, "proj_out", **kw)(h.reshape(b, hgt, wid, c))
+        return h + x
+
+
+class TimestepEmbedding(nn.Module):
+    """Two Dense layers with SiLU between: [B, C0] -> [B, 4*C0]."""
+
+    features: int
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = dense(self.features, "linear_1", self.dtype, self.param_dtype)(x)
+        return dense(self.features, "linear_2", self.dtype, self.param_dtype)(nn.silu(x))
+
+
+@dataclasses.dataclass(frozen=True)
+class _BlockSpec:
+    """What one down/up/mid block needs to know besides its input."""
+
+    out_channels: int
+    num_layers: int
+    attention: bool
+    resample: bool
+    num_heads: int
+    depth: int
+    groups: int
+    eps: float
+    use_linear_projection: bool
+
+
+class _Block(nn.Module):
+    """Shared body of diffusers' (CrossAttn)DownBlock2D and (CrossAttn)UpBlock2D:
+    `num_layers` x [resnet, optional transformer], then an optional resampler. Up blocks
+    concatenate one skip connection before each resnet."""
+
+    spec: _BlockSpec
+    up: bool
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+    attention_impl: Optional[str] = None
+
+    @nn.compact
+    def __call__(self, h, temb, context, skips=()):
+        sp, kw = self.spec, dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        skips, outputs = list(skips), []
+        for j in range(sp.num_layers):
+            if self.up:
+                h = jnp.concatenate([h, skips.pop()], axis=-1)
+            h = ResnetBlock2D(sp.out_channels, sp.groups, sp.eps, name=f"resnets_{j}", **kw)(h, temb)
+            if sp.attention:
+                h = Transformer2DModel(
+                    sp.num_heads, sp.depth, sp.groups, sp.use_linear_projection,
+                    attention_impl=self.attention_impl, name=f"attentions_{j}", **kw,
+                )(h, context)
+            outputs.append(h)
+        if sp.resample and self.up:
+            h = Upsample2D(sp.out_channels, name="upsamplers_0", **kw)(h)
+        elif sp.resample:
+            h = Downsample2D(sp.out_channels, padding=1, name="downsamplers_0", **kw)(h)
+            outputs.append(h)
+        return h, outputs
+
+
+class _MidBlock(nn.Module):
+    """diffusers `UNetMidBlock2DCrossAttn`: resnet, transformer, resnet."""
+
+    spec: _BlockSpec
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+    attention_impl: Optional[str] = None
+
+    @nn.compact
+    def __call__(self, h, temb, context):
+        sp, kw = self.spec, dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        h = ResnetBlock2D(sp.out_channels, sp.groups, sp.eps, name="resnets_0", **kw)(h, temb)
+        h = Transformer2DModel(
+            sp.num_heads, sp.depth, sp.groups, sp.use_linear_projection,
+            attention_impl=self.attention_impl, name="attentions_0", **kw,
+        )(h, context)
+        return ResnetBlock2D(sp.out_channels, sp.groups, sp.eps, name="resnets_1", **kw)(h, temb)
+
+
+class UNet2DConditionModel(nn.Module):
+    """The conditional U-Net. `__call__(sample [B,H,W,Cin], timesteps [B] or scalar,
+    encoder_hidden_states [B,T,D], class_labels [B] int or None) -> [B,H,W,Cout]`.
+
+    `class_labels` carries SmartBrush's precision level `s`; it is required when the
+    config has `num_class_embeddings` (as in diffusers). `dtype` is the compute dtype
+    (bf16 for training), `param_dtype` the storage dtype (fp32 master weights).
+    """
+
+    config: UNetConfig
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+    attention_impl: Optional[str] = None
+
+    @nn.compact
+    def __call__(
+        self,
+        sample: jax.Array,
+        timesteps: Union[jax.Array, int, float],
+        encoder_hidden_states: jax.Array,
+        class_labels: Optional[jax.Array] = None,
+    ) -> jax.Array:
+        cfg = self.config
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        blk = dict(attention_impl=self.attention_impl, **kw)
+        n_blocks = len(cfg.block_out_channels)
+
+        # -- time embedding, plus the precision-level embedding (diffusers `class_labels`)
+        timesteps = jnp.broadcast_to(jnp.asarray(timesteps), (sample.shape[0],))
+        t_proj = timestep_embedding(timesteps, cfg.block_out_channels[0], cfg.flip_sin_to_cos, cfg.freq_shift)
+        temb_dim = cfg.block_out_channels[0] * 4
+        temb = TimestepEmbedding(temb_dim, name="time_embedding", **kw)(t_proj.astype(self.dtype))
+        if cfg.num_class_embeddings is not None:
+            if class_labels is None:
+                raise ValueError("this U-Net has num_class_embeddings: pass class_labels (the precision level)")
+            table = embed(cfg.num_class_embeddings, temb_dim, "class_embedding", self.param_dtype)
+            temb = temb + table(jnp.asarray(class_labels, jnp.int32)).astype(temb.dtype)
+        context = encoder_hidden_states.astype(self.dtype)
+
+        def spec(i: int, ch: Tuple[int, ...], heads, depth, num_layers, attention, resample):
+            return _BlockSpec(ch[i], num_layers, attention, resample, heads[i], depth[i],
+                              cfg.norm_num_groups, cfg.norm_eps, cfg.use_linear_projection)
+
+        # -- down path; every intermediate state is a skip connection for the up path
+        h = conv(cfg.block_out_channels[0], 3, "conv_in", **kw)(sample.astype(self.dtype))
+        skips = [h]
+        for i, block_type in enumerate(cfg.down_block_types):
+            s = spec(i, cfg.block_out_channels, cfg.num_heads, cfg.transformer_layers_per_block,
+                     cfg.layers_per_block, block_type == "CrossAttnDownBlock2D", i < n_blocks - 1)
+            h, outs = _Block(s, up=False, name=f"down_blocks_{i}", **blk)(h, temb, context)
+            skips.extend(outs)
+
+        s = spec(-1, cfg.block_out_channels, cfg.num_heads, cfg.transformer_layers_per_block, 1, True, False)
+        h = _MidBlock(s, name="mid_block", **blk)(h, temb, context)
+
+        # -- up path: each block consumes layers_per_block + 1 skips, last first
+        rev = lambda xs: tuple(xs[::-1])  # noqa: E731
+        for i, block_type in enumerate(cfg.up_block_types):
+            s = spec(i, rev(cfg.block_out_channels), rev(cfg.num_heads), rev(cfg.transformer_layers_per_block),
+                     cfg.layers_per_block + 1, block_type == "CrossAttnUpBlock2D", i < n_blocks - 1)
+            n_skip = cfg.layers_per_block + 1
+            mine, skips = skips[-n_skip:], skips[:-n_skip]
+            h, _ = _Block(s, up=True, name=f"up_blocks_{i}", **blk)(h, temb, context, mine)
+
+        h = nn.silu(group_norm(cfg.norm_num_groups, cfg.norm_eps, "conv_norm_out", **kw)(h))
+        return conv(cfg.out_channels, 3, "conv_out", **kw)(h)

@@ -1,0 +1,241 @@
+"""Load Stable Diffusion from the files users have: a diffusers folder or a single file.
+
+    sd = load_diffusers_folder("/models/stable-diffusion-v1-2")
+    sd = load_single_file("/models/sd-v1-2.ckpt", tokenizer_dir="/models/clip-tokenizer")
+    sd = to_smartbrush(sd, num_levels=10)        # 5-in/5-out U-Net + precision embedding
+
+Paths are local; nothing is downloaded. Pickled files are read with
+`torch.load(weights_only=True)` (see `weights.read_state_dict`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import json
+import os
+from typing import Any, Dict, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from smartbrush_jax import ldm_keys
+from smartbrush_jax.models import (
+    AutoencoderKL,
+    CLIPTextConfig,
+    CLIPTextModel,
+    UNet2DConditionModel,
+    UNetConfig,
+    VAEConfig,
+)
+from smartbrush_jax.weights import WeightsError, channel_surgery, read_state_dict, torch_key, torch_to_flax
+
+COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer")
+_WEIGHT_FILES = {
+    "unet": ("diffusion_pytorch_model", ),
+    "vae": ("diffusion_pytorch_model", ),
+    "text_encoder": ("model", "pytorch_model"),
+}
+# Buffers that PyTorch state dicts carry but that are not parameters.
+_IGNORED_KEYS = (r"position_ids$",)
+
+
+@dataclasses.dataclass
+class StableDiffusion:
+    """Configs and Flax parameters of the SD components that were loaded (others are None)."""
+
+    unet_config: Optional[UNetConfig] = None
+    unet_params: Any = None
+    vae_config: Optional[VAEConfig] = None
+    vae_params: Any = None
+    text_config: Optional[CLIPTextConfig] = None
+    text_params: Any = None
+    tokenizer: Any = None
+    scheduler_config: Optional[dict] = None
+
+    def unet(self, dtype=jnp.float32, **kw) -> UNet2DConditionModel:
+        return UNet2DConditionModel(self.unet_config, dtype=dtype, **kw)
+
+    def vae(self, dtype=jnp.float32) -> AutoencoderKL:
+        return AutoencoderKL(self.vae_config, dtype=dtype)
+
+    def text_encoder(self, dtype=jnp.float32, **kw) -> CLIPTextModel:
+        return CLIPTextModel(self.text_config, dtype=dtype, **kw)
+
+
+# ---------------------------------------------------------------------------- shapes
+def abstract_params(module) -> Dict[str, Any]:
+    """The parameter tree of `module` as `ShapeDtypeStruct`s (nothing is allocated)."""
+    return jax.eval_shape(lambda: init_params(module, jax.random.PRNGKey(0)))
+
+
+def init_params(module, rng: jax.Array) -> Dict[str, Any]:
+    """Randomly initialised parameters of one of our models (unboxed: plain arrays)."""
+    from flax.core import meta
+
+    return meta.unbox(module.init(rng, *example_inputs(module))["params"])
+
+
+def example_inputs(module, batch: int = 1):
+    """Smallest inputs that trace every parameter of `module`."""
+    if isinstance(module, UNet2DConditionModel):
+        cfg = module.config
+        size = 2 ** (len(cfg.block_out_channels) - 1)
+        labels = jnp.zeros((batch,), jnp.int32) if cfg.num_class_embeddings is not None else None
+        return (jnp.zeros((batch, size, size, cfg.in_channels)), jnp.zeros((batch,), jnp.int32),
+                jnp.zeros((batch, 1, cfg.cross_attention_dim)), labels)
+    if isinstance(module, AutoencoderKL):
+        size = 2 ** (len(module.config.block_out_channels) - 1)
+        return (jnp.zeros((batch, size, size, module.config.in_channels)),)
+    if isinstance(module, CLIPTextModel):
+        return (jnp.zeros((batch, 1), jnp.int32),)
+    raise TypeError(f"unknown model type {type(module).__name__}")
+
+
+# ---------------------------------------------------------------------------- diffusers folder
+def load_diffusers_folder(path: str, components: Sequence[str] = COMPONENTS, variant: Optional[str] = None,
+                          param_dtype=jnp.float32) -> StableDiffusion:
+    """Load the named components of a local diffusers Stable Diffusion folder.
+
+    Expects `model_index.json` and one subfolder per component (`unet/`, `vae/`,
+    `text_encoder/`, `tokenizer/`), each with its config and `.safetensors` (preferred) or
+    `.bin` weights; `variant="fp16"` picks `*.fp16.*` files. Raises `WeightsError` naming
+    the missing file or the offending key.
+    """
+    unknown = set(components) - set(COMPONENTS)
+    if unknown:
+        raise ValueError(f"unknown component(s) {sorted(unknown)}; choose from {COMPONENTS}")
+    if not os.path.isdir(path):
+        raise WeightsError(f"{path}: not a directory (expected a diffusers Stable Diffusion folder)")
+    if not os.path.isfile(os.path.join(path, "model_index.json")):
+        raise WeightsError(f"{path}: no model_index.json: not a diffusers pipeline folder")
+    sd = StableDiffusion()
+    for name in components:
+        sub = os.path.join(path, name)
+        if not os.path.isdir(sub):
+            raise WeightsError(f"{path}: component folder {name}/ is missing")
+        if name == "tokenizer":
+            sd.tokenizer = load_tokenizer(sub)
+            continue
+        config = _read_json(os.path.join(sub, "config.json"))
+        state = _read_component_weights(sub, _WEIGHT_FILES[name], variant)
+        source = f"{sub}/"
+        if name == "unet":
+            sd.unet_config = UNetConfig.from_diffusers(config)
+            sd.unet_params = _convert(UNet2DConditionModel(sd.unet_config, param_dtype=param_dtype), state, source)
+        elif name == "vae":
+            sd.vae_config = VAEConfig.from_diffusers(config)
+            state = _legacy_vae_keys(state)
+            sd.vae_params = _convert(AutoencoderKL(sd.vae_config, param_dtype=param_dtype), state, source)
+        else:
+            sd.text_config = CLIPTextConfig.from_transformers(config)
+            state = {k.removeprefix("text_model."): v for k, v in state.items()}
+            sd.text_params = _convert(CLIPTextModel(sd.text_config, param_dtype=param_dtype), state, source)
+    sched = os.path.join(path, "scheduler", "scheduler_config.json")
+    if os.path.isfile(sched):
+        sd.scheduler_config = _read_json(sched)
+    return sd
+
+
+def load_tokenizer(path: str):
+    """transformers' `CLIPTokenizer` from a local folder (vocab.json + merges.txt)."""
+    from transformers import CLIPTokenizer
+
+    for f in ("vocab.json", "merges.txt"):
+        if not os.path.isfile(os.path.join(path, f)):
+            raise WeightsError(f"{path}: tokenizer file {f} is missing")
+    return CLIPTokenizer.from_pretrained(path, local_files_only=True)
+
+
+def _read_json(path: str) -> dict:
+    if not os.path.isfile(path):
+        raise WeightsError(f"{path}: missing")
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise WeightsError(f"{path}: invalid JSON ({e})") from e
+
+
+def _read_component_weights(folder: str, stems: Sequence[str], variant: Optional[str]) -> Dict[str, np.ndarray]:
+    """Pick the weight file of a component: safetensors before .bin, single or sharded."""
+    suffix = f".{variant}" if variant else ""
+    for ext in (".safetensors", ".bin"):
+        for stem in stems:
+            single = os.path.join(folder, f"{stem}{suffix}{ext}")
+            if os.path.isfile(single):
+                return read_state_dict(single)
+            index = os.path.join(folder, f"{stem}{suffix}{ext}.index.json")
+            if os.path.isfile(index):
+                shards = sorted(set(_read_json(index).get("weight_map", {}).values()))
+                state = {}
+                for shard in shards:
+                    state.update(read_state_dict(os.path.join(folder, shard)))
+                return state
+    found = sorted(os.path.basename(p) for p in glob.glob(os.path.join(folder, "*")))
+    raise WeightsError(f"{folder}: no weights file ({'/'.join(stems)}{suffix}.safetensors or .bin); found {found}")
+
+
+def _legacy_vae_keys(state: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
+    """Older diffusers VAE files name the mid-block attention query/key/value/proj_attn."""
+    table = {".query.": ".to_q.", ".key.": ".to_k.", ".value.": ".to_v.", ".proj_attn.": ".to_out.0."}
+    out = {}
+    for k, v in state.items():
+        if ".attentions." in k:
+            for old, new in table.items():
+                k = k.replace(old, new)
+        out[k] = v
+    return out
+
+
+def _convert(module, state: Dict[str, np.ndarray], source: str):
+    return jax.tree_util.tree_map(jnp.asarray, torch_to_flax(state, abstract_params(module), source, _IGNORED_KEYS))
+
+
+# ---------------------------------------------------------------------------- single file
+SD_V1_UNET = UNetConfig()
+SD_V1_VAE = VAEConfig()
+SD_V1_TEXT = CLIPTextConfig()
+
+
+def load_single_file(path: str, tokenizer_dir: Optional[str] = None, unet_config: UNetConfig = SD_V1_UNET,
+                     vae_config: VAEConfig = SD_V1_VAE, text_config: CLIPTextConfig = SD_V1_TEXT,
+                     param_dtype=jnp.float32) -> StableDiffusion:
+    """Load an original single-file SD v1 checkpoint (`.ckpt` or `.safetensors`, CompVis key
+    names). The file holds no configs (SD v1's are the defaults) and no tokenizer: pass
+    `tokenizer_dir` (a folder with vocab.json and merges.txt) to get one."""
+    state = read_state_dict(path)
+    if not any(k.startswith(ldm_keys.UNET_PREFIX) for k in state):
+        openclip = any(k.startswith("cond_stage_model.model.") for k in state)
+        hint = " (an SD 2.x OpenCLIP checkpoint?)" if openclip else ""
+        raise WeightsError(f"{path}: no '{ldm_keys.UNET_PREFIX}*' keys: not a single-file Stable Diffusion v1 "
+                           f"checkpoint{hint}")
+    sd = StableDiffusion(unet_config=unet_config, vae_config=vae_config, text_config=text_config)
+    n_vae = len(vae_config.block_out_channels)
+    unet_name = lambda k: ldm_keys.unet_key(k, unet_config.layers_per_block, unet_config.up_block_types)
+    sd.unet_params = _convert_ldm(UNet2DConditionModel(unet_config, param_dtype=param_dtype), state,
+                                  ldm_keys.UNET_PREFIX, path, unet_name)
+    sd.vae_params = _convert_ldm(AutoencoderKL(vae_config, param_dtype=param_dtype), state, ldm_keys.VAE_PREFIX, path,
+                                 lambda k: ldm_keys.vae_key(k, n_vae))
+    text_prefix = ldm_keys.TEXT_PREFIX if any(k.startswith(ldm_keys.TEXT_PREFIX) for k in state) \
+        else ldm_keys.TEXT_PREFIX_OLD
+    sd.text_params = _convert_ldm(CLIPTextModel(text_config, param_dtype=param_dtype), state, text_prefix, path,
+                                  lambda k: k)
+    if tokenizer_dir is not None:
+        sd.tokenizer = load_tokenizer(tokenizer_dir)
+    return sd
+
+
+def _convert_ldm(module, state, prefix: str, path: str, ldm_name):
+    """Read one component out of an LDM checkpoint: each parameter under its LDM key."""
+    params = torch_to_flax(state, abstract_params(module), path, _IGNORED_KEYS,
+                           key_fn=lambda p: prefix + ldm_name(torch_key(p)), scope=prefix)
+    return jax.tree_util.tree_map(jnp.asarray, params)
+
+
+# ---------------------------------------------------------------------------- SmartBrush
+def to_smartbrush(sd: StableDiffusion, num_levels: int = 10) -> StableDiffusion:
+    """Channel surgery on the loaded U-Net (see `weights.channel_surgery`)."""
+    cfg, params = channel_surgery(sd.unet_config, sd.unet_params, num_levels)
+    return dataclasses.replace(sd, unet_config=cfg, unet_params=params)

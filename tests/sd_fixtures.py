@@ -1,0 +1,131 @@
+"""Tiny random Stable Diffusion components, built in PyTorch and saved in the real formats.
+
+Tests load these files through the same code a user runs. Weights are the reference
+libraries' default init plus noise, so that no norm is the identity and no bias is zero.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import torch
+
+TINY_UNET = dict(
+    block_out_channels=(32, 64), layers_per_block=1, cross_attention_dim=32, attention_head_dim=4,
+    down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+    norm_num_groups=32, sample_size=16,
+)
+# SD-2.x-style options: linear projections, per-block head counts, two transformer layers.
+TINY_UNET_V2 = dict(
+    block_out_channels=(32, 64, 64), layers_per_block=2, cross_attention_dim=24, attention_head_dim=(2, 4, 8),
+    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    use_linear_projection=True, transformer_layers_per_block=2, flip_sin_to_cos=False, freq_shift=1,
+    norm_num_groups=16, sample_size=16,
+)
+TINY_VAE = dict(
+    block_out_channels=(32, 64), layers_per_block=1, latent_channels=4, norm_num_groups=32,
+    down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2, sample_size=32,
+)
+TINY_TEXT = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                 max_position_embeddings=77, hidden_act="quick_gelu")
+
+
+def perturb(model: torch.nn.Module, scale: float = 0.05, seed: int = 0) -> torch.nn.Module:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(scale * torch.randn(p.shape, generator=g))
+    return model.eval()
+
+
+def torch_unet(seed: int = 0, **overrides):
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    return perturb(UNet2DConditionModel(**{**TINY_UNET, **overrides}), seed=seed)
+
+
+def torch_vae(seed: int = 0, **overrides):
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    return perturb(AutoencoderKL(**{**TINY_VAE, **overrides}), seed=seed)
+
+
+def write_tokenizer(folder: str) -> int:
+    """A byte-level BPE vocabulary in CLIP's format (every byte, with and without `</w>`,
+    a few merges, the two special tokens). Returns the vocabulary size."""
+    os.makedirs(folder, exist_ok=True)
+    chars = _byte_alphabet()
+    merges = ["a t", "t h", "th e</w>", "a t</w>", "c at</w>"]
+    tokens = chars + [c + "</w>" for c in chars] + [m.replace(" ", "") for m in merges]
+    tokens += ["<|startoftext|>", "<|endoftext|>"]
+    with open(os.path.join(folder, "vocab.json"), "w") as f:
+        json.dump({t: i for i, t in enumerate(tokens)}, f)
+    with open(os.path.join(folder, "merges.txt"), "w") as f:
+        f.write("#version: 0.2\n" + "\n".join(merges) + "\n")
+    with open(os.path.join(folder, "tokenizer_config.json"), "w") as f:
+        json.dump({"model_max_length": 77, "tokenizer_class": "CLIPTokenizer", "bos_token": "<|startoftext|>",
+                   "eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>", "unk_token": "<|endoftext|>"}, f)
+    return len(tokens)
+
+
+def _byte_alphabet():
+    """The 256 printable stand-ins byte-level BPE uses for bytes (printable bytes map to
+    themselves, the rest to code points from 256 up)."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    extra = iter(range(256, 512))
+    return [chr(b) if b in printable else chr(next(extra)) for b in range(256)]
+
+
+def torch_text(vocab_size: int, seed: int = 0, **overrides):
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(seed)
+    cfg = CLIPTextConfig(vocab_size=vocab_size, bos_token_id=vocab_size - 2, eos_token_id=vocab_size - 1,
+                         pad_token_id=vocab_size - 1, **{**TINY_TEXT, **overrides})
+    return perturb(CLIPTextModel(cfg), seed=seed)
+
+
+def write_sd_folder(path: str, seed: int = 0, unet_overrides=None, safe_serialization: bool = True):
+    """A complete diffusers SD folder with tiny random components. Returns the torch models."""
+    from diffusers import DDIMScheduler
+
+    os.makedirs(path, exist_ok=True)
+    vocab = write_tokenizer(os.path.join(path, "tokenizer"))
+    models = {
+        "unet": torch_unet(seed, **(unet_overrides or {})),
+        "vae": torch_vae(seed + 1),
+        "text_encoder": torch_text(vocab, seed + 2),
+    }
+    for name, m in models.items():
+        m.save_pretrained(os.path.join(path, name), safe_serialization=safe_serialization)
+    DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                  clip_sample=False, set_alpha_to_one=False).save_pretrained(os.path.join(path, "scheduler"))
+    with open(os.path.join(path, "model_index.json"), "w") as f:
+        json.dump({"_class_name": "StableDiffusionPipeline",
+                   "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
+                   "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
+                   "scheduler": ["diffusers", "DDIMScheduler"]}, f)
+    return models
+
+
+def state_dict_numpy(model: torch.nn.Module):
+    return {k: v.detach().numpy() for k, v in model.state_dict().items()}
+
+
+def rel_err(ours, ref) -> float:
+    """max |ours - ref| / max |ref|: the error measure every parity test states."""
+    ours, ref = np.asarray(ours, np.float64), np.asarray(ref, np.float64)
+    return float(np.abs(ours - ref).max() / np.abs(ref).max())
+
+
+def nchw(x: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(np.transpose(x, (0, 3, 1, 2))))
+
+
+def nhwc(t: torch.Tensor) -> np.ndarray:
+    return t.detach().permute(0, 2, 3, 1).numpy()

@@ -1,0 +1,130 @@
+"""Each Flax model against its PyTorch reference on random weights, fp32.
+
+Error measure: max |ours - ref| / max |ref| over the whole output (`rel_err`); bound 1e-5.
+"""
+
+import jax
+import numpy as np
+import pytest
+import torch
+from sd_fixtures import (
+    TINY_UNET_V2,
+    nchw,
+    nhwc,
+    rel_err,
+    state_dict_numpy,
+    torch_text,
+    torch_unet,
+    torch_vae,
+    write_tokenizer,
+)
+
+from smartbrush_jax.models import (
+    AutoencoderKL,
+    CLIPTextConfig,
+    CLIPTextModel,
+    UNet2DConditionModel,
+    UNetConfig,
+    VAEConfig,
+)
+from smartbrush_jax.pretrained import abstract_params
+from smartbrush_jax.weights import torch_to_flax
+
+TOL = 1e-5
+
+
+def _flax_unet(tm):
+    model = UNet2DConditionModel(UNetConfig.from_diffusers(dict(tm.config)))
+    return model, torch_to_flax(state_dict_numpy(tm), abstract_params(model))
+
+
+def _unet_outputs(tm, batch=2, size=16, tokens=7, labels=None, seed=0):
+    rng = np.random.default_rng(seed)
+    cfg = tm.config
+    x = rng.standard_normal((batch, size, size, cfg.in_channels)).astype(np.float32)
+    t = rng.integers(0, 1000, batch)
+    ctx = rng.standard_normal((batch, tokens, cfg.cross_attention_dim)).astype(np.float32)
+    model, params = _flax_unet(tm)
+    ours = np.asarray(jax.jit(model.apply)({"params": params}, x, t, ctx, labels))
+    with torch.no_grad():
+        cl = None if labels is None else torch.from_numpy(labels)
+        ref = nhwc(tm(nchw(x), torch.from_numpy(t), torch.from_numpy(ctx), class_labels=cl).sample)
+    return ours, ref
+
+
+def test_smartbrush_unet_5in_5out_with_precision_embedding():
+    tm = torch_unet(in_channels=5, out_channels=5, num_class_embeds=11)
+    ours, ref = _unet_outputs(tm, labels=np.array([0, 10]))
+    assert ours.shape == (2, 16, 16, 5)
+    assert rel_err(ours, ref) <= TOL
+
+
+def test_precision_level_changes_the_output():
+    # The level must reach the network: two levels, same everything else, different outputs.
+    tm = torch_unet(in_channels=5, out_channels=5, num_class_embeds=11)
+    a, _ = _unet_outputs(tm, labels=np.array([0, 0]))
+    b, _ = _unet_outputs(tm, labels=np.array([3, 3]))
+    assert np.abs(a - b).max() > 1e-3
+
+
+def test_sd2_style_unet_options():
+    tm = torch_unet(**TINY_UNET_V2)
+    ours, ref = _unet_outputs(tm, size=16)
+    assert rel_err(ours, ref) <= TOL
+
+
+def test_vae_encode_mean_logvar_and_decode():
+    tv = torch_vae()
+    model = AutoencoderKL(VAEConfig.from_diffusers(dict(tv.config)))
+    params = torch_to_flax(state_dict_numpy(tv), abstract_params(model))
+    rng = np.random.default_rng(0)
+    x = rng.uniform(-1, 1, (2, 32, 32, 3)).astype(np.float32)
+    z = rng.standard_normal((2, 16, 16, 4)).astype(np.float32)
+    mean, logvar = model.apply({"params": params}, x, method=model.encode)
+    pixels = model.apply({"params": params}, z, method=model.decode)
+    with torch.no_grad():
+        dist = tv.encode(nchw(x)).latent_dist
+        ref_pixels = tv.decode(nchw(z)).sample
+    assert rel_err(mean, nhwc(dist.mean)) <= TOL
+    assert rel_err(logvar, nhwc(dist.logvar)) <= TOL
+    assert rel_err(pixels, nhwc(ref_pixels)) <= TOL
+    assert model.config.scaling_factor == pytest.approx(0.18215)
+
+
+@pytest.mark.parametrize("act", ["quick_gelu", "gelu"])
+def test_clip_text_encoder(tmp_path, act):
+    vocab = write_tokenizer(str(tmp_path))
+    tc = torch_text(vocab, hidden_act=act)
+    model = CLIPTextModel(CLIPTextConfig.from_transformers(tc.config.to_dict()))
+    params = torch_to_flax(state_dict_numpy(tc), abstract_params(model))
+    rng = np.random.default_rng(1)
+    ids = rng.integers(0, vocab - 2, (3, 77))
+    ids[:, 0] = vocab - 2
+    for row, eos in enumerate((5, 30, 76)):
+        ids[row, eos:] = vocab - 1
+    hidden, pooled = model.apply({"params": params}, ids)
+    with torch.no_grad():
+        out = tc(torch.from_numpy(ids))
+    assert rel_err(hidden, out.last_hidden_state.numpy()) <= TOL
+    assert rel_err(pooled, out.pooler_output.numpy()) <= TOL
+    # with a padding mask too
+    mask = (np.arange(77)[None] < np.array([[6], [31], [77]])).astype(np.int64)
+    hidden_m, _ = model.apply({"params": params}, ids, mask)
+    with torch.no_grad():
+        ref_m = tc(torch.from_numpy(ids), attention_mask=torch.from_numpy(mask)).last_hidden_state.numpy()
+    assert rel_err(hidden_m, ref_m) <= TOL
+
+
+@pytest.mark.slow
+def test_full_sd_v1_unet_architecture():
+    """The real SD v1 U-Net shape (~860M parameters), random weights, 64x64 latents, batch 1,
+    as SmartBrush uses it (5 in / 5 out, 11 precision levels)."""
+    from diffusers import UNet2DConditionModel as TorchUNet
+
+    torch.manual_seed(0)
+    tm = TorchUNet(in_channels=5, out_channels=5, num_class_embeds=11, sample_size=64, cross_attention_dim=768,
+                   block_out_channels=(320, 640, 1280, 1280), attention_head_dim=8, layers_per_block=2).eval()
+    ours, ref = _unet_outputs(tm, batch=1, size=64, tokens=77, labels=np.array([4]))
+    err = rel_err(ours, ref)
+    print(f"full SD v1 U-Net: max rel err {err:.2e}")
+    assert err <= TOL
