@@ -70,6 +70,15 @@ def abstract_params(module) -> Dict[str, Any]:
     return jax.eval_shape(lambda: init_params(module, jax.random.PRNGKey(0)))
 
 
+def logical_axes(module) -> Dict[str, Any]:
+    """The logical axis names of every parameter of `module` (a tree of `PartitionSpec`s
+    over names such as "in_features"/"out_features"; see `models.layers`)."""
+    import flax.linen as nn
+
+    boxed = jax.eval_shape(lambda: module.init(jax.random.PRNGKey(0), *example_inputs(module)))
+    return nn.get_partition_spec(boxed)["params"]
+
+
 def init_params(module, rng: jax.Array) -> Dict[str, Any]:
     """Randomly initialised parameters of one of our models (unboxed: plain arrays)."""
     from flax.core import meta

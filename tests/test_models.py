@@ -1,0 +1,75 @@
+"""Model behaviours beyond parity: logical axis names on every parameter, bf16 compute."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import linen as nn
+from flax import traverse_util
+from jax.sharding import PartitionSpec
+from sd_fixtures import TINY_TEXT, TINY_UNET, TINY_VAE
+
+from smartbrush_jax.models import (
+    AutoencoderKL,
+    CLIPTextConfig,
+    CLIPTextModel,
+    UNet2DConditionModel,
+    UNetConfig,
+    VAEConfig,
+)
+from smartbrush_jax.pretrained import abstract_params, example_inputs, init_params, logical_axes
+
+MODELS = {
+    "unet": lambda: UNet2DConditionModel(UNetConfig.from_diffusers({**TINY_UNET, "in_channels": 5,
+                                                                    "out_channels": 5, "num_class_embeds": 11})),
+    "vae": lambda: AutoencoderKL(VAEConfig.from_diffusers(TINY_VAE)),
+    "text": lambda: CLIPTextModel(CLIPTextConfig.from_transformers({**TINY_TEXT, "vocab_size": 100})),
+}
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_every_parameter_carries_logical_axis_names(name):
+    module = MODELS[name]()
+    specs = traverse_util.flatten_dict(logical_axes(module))
+    shapes = traverse_util.flatten_dict(abstract_params(module))
+    assert specs.keys() == shapes.keys()
+    for path, spec in specs.items():
+        assert isinstance(spec, PartitionSpec) and len(spec) == len(shapes[path].shape), path
+        assert spec[-1] in ("out_features", "norm"), path
+    # A sharding config maps the names to mesh axes: FSDP over output features.
+    rules = (("out_features", "fsdp"), ("in_features", None), ("norm", None), ("vocab", None),
+             ("kernel_h", None), ("kernel_w", None))
+    kernel = next(p for p in specs if p[-1] == "kernel")
+    assert nn.logical_to_mesh_axes(specs[kernel], rules)[-1] == "fsdp"
+
+
+def test_bf16_compute_tracks_fp32():
+    """bf16 activations with fp32 master weights stay close to the fp32 model."""
+    module = MODELS["unet"]()
+    params = init_params(module, jax.random.PRNGKey(0))
+    x, t, ctx, s = example_inputs(module, batch=2)
+    x = jax.random.normal(jax.random.PRNGKey(1), (2, 16, 16, 5))
+    ctx = jax.random.normal(jax.random.PRNGKey(2), (2, 7, 32))
+    t = jnp.array([3, 700])
+    ref = module.apply({"params": params}, x, t, ctx, s)
+    bf16 = UNet2DConditionModel(module.config, dtype=jnp.bfloat16)
+    out = bf16.apply({"params": params}, x, t, ctx, s)
+    assert out.dtype == jnp.bfloat16
+    assert jax.tree_util.tree_leaves(params)[0].dtype == jnp.float32
+    err = float(jnp.abs(out.astype(jnp.float32) - ref).max() / jnp.abs(ref).max())
+    assert err < 0.05, err
+
+
+def test_missing_precision_level_is_a_clear_error():
+    module = MODELS["unet"]()
+    params = init_params(module, jax.random.PRNGKey(0))
+    x, t, ctx, _ = example_inputs(module)
+    with pytest.raises(ValueError, match="pass class_labels"):
+        module.apply({"params": params}, x, t, ctx, None)
+
+
+def test_text_longer_than_positions_is_a_clear_error():
+    module = MODELS["text"]()
+    params = init_params(module, jax.random.PRNGKey(0))
+    with pytest.raises(ValueError, match="78 tokens exceed max_position_embeddings=77"):
+        module.apply({"params": params}, np.zeros((1, 78), np.int32))
