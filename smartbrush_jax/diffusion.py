@@ -1,0 +1,227 @@
+"""Noise schedule, SmartBrush's forward process and loss, and the DDIM sampler.
+
+Shapes: latents `[B, h, w, 4]`, masks on the latent grid `[B, h, w]` float in {0, 1},
+text context `[B, T, D]`, timesteps and precision levels `[B]` int32. The U-Net is any
+`apply_fn(params, x [B,h,w,5], t [B], context, levels) -> [B,h,w,5]` (noise, mask logit).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Dict, Optional, Tuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from smartbrush_jax.masks import degrade_mask, dice_loss, dilate, mask_iou
+
+ApplyFn = Callable[..., jax.Array]
+
+
+# ---------------------------------------------------------------------------- schedule
+@dataclasses.dataclass(frozen=True)
+class NoiseSchedule:
+    """SD's discrete schedule: `num_train_timesteps` betas, scaled_linear by default."""
+
+    num_train_timesteps: int = 1000
+    beta_start: float = 0.00085
+    beta_end: float = 0.012
+    beta_schedule: str = "scaled_linear"
+    set_alpha_to_one: bool = False  # SD v1's DDIM config
+    steps_offset: int = 1
+
+    @classmethod
+    def from_diffusers(cls, cfg: Optional[dict]) -> "NoiseSchedule":
+        """From a diffusers `scheduler_config.json` dict (None: SD v1 defaults)."""
+        cfg = cfg or {}
+        if cfg.get("prediction_type", "epsilon") != "epsilon":
+            raise ValueError(f"scheduler: prediction_type {cfg['prediction_type']!r} is not supported (epsilon only)")
+        if cfg.get("timestep_spacing", "leading") != "leading":
+            raise ValueError(f"scheduler: timestep_spacing {cfg['timestep_spacing']!r} is not supported (leading)")
+        fields = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in cfg.items() if k in fields})
+
+    def betas(self) -> np.ndarray:
+        n = self.num_train_timesteps
+        if self.beta_schedule == "scaled_linear":
+            return np.linspace(self.beta_start ** 0.5, self.beta_end ** 0.5, n, dtype=np.float64) ** 2
+        if self.beta_schedule == "linear":
+            return np.linspace(self.beta_start, self.beta_end, n, dtype=np.float64)
+        raise ValueError(f"beta_schedule {self.beta_schedule!r} is not supported (scaled_linear, linear)")
+
+    def alphas_cumprod(self) -> np.ndarray:
+        """[T] float32, computed in float64."""
+        return np.cumprod(1.0 - self.betas()).astype(np.float32)
+
+    def ddim_timesteps(self, num_steps: int) -> np.ndarray:
+        """DDIM's `leading` spacing with `steps_offset`, high to low, as diffusers sets them."""
+        if not 1 <= num_steps <= self.num_train_timesteps:
+            raise ValueError(f"num_steps must be in [1, {self.num_train_timesteps}], got {num_steps}")
+        ratio = self.num_train_timesteps // num_steps
+        return (np.arange(num_steps)[::-1] * ratio + self.steps_offset).astype(np.int32)
+
+
+# ---------------------------------------------------------------------------- forward process
+def add_noise(x0: jax.Array, noise: jax.Array, t: jax.Array, alphas_cumprod: jax.Array) -> jax.Array:
+    """`sqrt(abar_t) x0 + sqrt(1 - abar_t) noise`, per example."""
+    abar = alphas_cumprod[t][:, None, None, None]
+    return jnp.sqrt(abar) * x0 + jnp.sqrt(1.0 - abar) * noise
+
+
+def compose_noisy_latent(x0: jax.Array, noise: jax.Array, t: jax.Array, mask: jax.Array,
+                         alphas_cumprod: jax.Array) -> jax.Array:
+    """SmartBrush's x_t: noisy inside the (degraded) mask, the clean latent outside."""
+    m = mask[..., None]
+    return add_noise(x0, noise, t, alphas_cumprod) * m + x0 * (1.0 - m)
+
+
+# ---------------------------------------------------------------------------- loss
+@dataclasses.dataclass(frozen=True)
+class LossConfig:
+    num_levels: int = 10
+    dice_weight: float = 0.01
+    eps_region: str = "all"  # "all" or "mask": where the noise MSE is taken
+    sigma_scale: float = 0.15
+    truncate: float = 2.0
+    threshold: float = 0.0
+
+    def __post_init__(self):
+        if self.eps_region not in ("all", "mask"):
+            raise ValueError(f"eps_region must be 'all' or 'mask', got {self.eps_region!r}")
+        if self.num_levels < 1:
+            raise ValueError(f"num_levels must be >= 1, got {self.num_levels}")
+
+
+def smartbrush_loss(apply_fn: ApplyFn, params: Any, batch: Dict[str, jax.Array], rng: jax.Array,
+                    alphas_cumprod: jax.Array,
+                    cfg: LossConfig = LossConfig()) -> Tuple[jax.Array, Dict[str, jax.Array]]:
+    """The SmartBrush objective for one batch; pure, jittable, differentiable in `params`.
+
+    batch: `latents` [B,h,w,4] (scaled VAE latents), `masks` [B,h,w] (exact object masks on
+    the latent grid), `context` [B,T,D]; optional `levels` [B] (else uniform in [0, S]; an
+    image-text example carries a full mask, for which every level gives the same mask).
+    Returns (loss, parts) with parts `mse`, `dice`, `iou` (predicted mask at 0.5 against
+    the exact mask), `t`, `levels`.
+    """
+    x0, m = batch["latents"], batch["masks"].astype(jnp.float32)
+    b = x0.shape[0]
+    k_t, k_s, k_eps = jax.random.split(rng, 3)
+    t = jax.random.randint(k_t, (b,), 0, alphas_cumprod.shape[0])
+    levels = batch.get("levels")
+    if levels is None:
+        levels = jax.random.randint(k_s, (b,), 0, cfg.num_levels + 1)
+    noise = jax.random.normal(k_eps, x0.shape, x0.dtype)
+    m_s = degrade_mask(m, levels, cfg.num_levels, cfg.sigma_scale, cfg.truncate, cfg.threshold)
+    x_t = compose_noisy_latent(x0, noise, t, m_s, alphas_cumprod)
+    out = apply_fn(params, jnp.concatenate([x_t, m_s[..., None]], axis=-1), t, batch["context"], levels)
+    eps_hat, logit = out[..., :4].astype(jnp.float32), out[..., 4].astype(jnp.float32)
+    sq = (eps_hat - noise) ** 2
+    if cfg.eps_region == "all":
+        mse = sq.mean()
+    else:
+        w = jnp.broadcast_to(m_s[..., None], sq.shape)
+        mse = (sq * w).sum() / jnp.maximum(w.sum(), 1.0)
+    prob = jax.nn.sigmoid(logit)
+    _, dice = dice_loss(prob, m)
+    loss = mse + cfg.dice_weight * dice
+    iou = mask_iou(prob > 0.5, m).mean()
+    return loss, {"mse": mse, "dice": dice, "iou": iou, "t": t, "levels": levels}
+
+
+# ---------------------------------------------------------------------------- DDIM
+def ddim_step(eps: jax.Array, t: jax.Array, t_prev: jax.Array, x_t: jax.Array, alphas_cumprod: jax.Array,
+              final_alpha_cumprod: jax.Array, eta: float = 0.0, noise: Optional[jax.Array] = None) -> jax.Array:
+    """One DDIM update x_t -> x_{t_prev} for an epsilon-predicting model (diffusers'
+    `DDIMScheduler.step` without sample clipping). `t_prev < 0` uses `final_alpha_cumprod`."""
+    a_t = alphas_cumprod[t]
+    a_prev = jnp.where(t_prev >= 0, alphas_cumprod[jnp.maximum(t_prev, 0)], final_alpha_cumprod)
+    x0_hat = (x_t - jnp.sqrt(1.0 - a_t) * eps) / jnp.sqrt(a_t)
+    variance = (1.0 - a_prev) / (1.0 - a_t) * (1.0 - a_t / a_prev)
+    std = eta * jnp.sqrt(variance)
+    direction = jnp.sqrt(jnp.maximum(1.0 - a_prev - std ** 2, 0.0)) * eps
+    x_prev = jnp.sqrt(a_prev) * x0_hat + direction
+    if noise is not None:
+        x_prev = x_prev + std * noise
+    return x_prev
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplerConfig:
+    """Every knob of SmartBrush sampling (each is a CLI flag of `inpaint`)."""
+
+    num_steps: int = 50
+    guidance_scale: float = 7.5
+    eta: float = 0.0
+    use_predicted_mask: bool = True
+    mask_warmup: float = 0.3  # fraction of steps that regenerate the whole user mask
+    mask_threshold: float = 0.5  # on sigmoid(mask logit)
+    mask_dilate: int = 1  # latent cells added around the predicted mask
+    min_predicted_fraction: float = 0.02  # below this share of the user mask, keep the user mask
+
+    def __post_init__(self):
+        if not 0.0 <= self.mask_warmup <= 1.0:
+            raise ValueError(f"mask_warmup must be in [0, 1], got {self.mask_warmup}")
+        if not 0.0 < self.mask_threshold < 1.0:
+            raise ValueError(f"mask_threshold must be in (0, 1), got {self.mask_threshold}")
+        if self.num_steps < 1:
+            raise ValueError(f"num_steps must be >= 1, got {self.num_steps}")
+        if self.eta < 0:
+            raise ValueError(f"eta must be >= 0, got {self.eta}")
+
+
+def sample(apply_fn: ApplyFn, params: Any, x0: jax.Array, mask: jax.Array, levels: jax.Array, cond: jax.Array,
+           uncond: jax.Array, rng: jax.Array, schedule: NoiseSchedule = NoiseSchedule(),
+           cfg: SamplerConfig = SamplerConfig(), progress: Optional[Callable[[int], None]] = None):
+    """SmartBrush DDIM sampling with classifier-free guidance and background preservation.
+
+    x0: [B,h,w,4] scaled latents of the input image; mask: [B,h,w] the user's mask on the
+    latent grid; levels: [B]; cond/uncond: [B,T,D]. Conditional and unconditional passes
+    run as one batched U-Net call. Outside the region `M` the clean latent is restored
+    after every step; `M` is the user mask for the first `mask_warmup` of the steps, then
+    the predicted mask (sigmoid > threshold, dilated, within the user mask; the user mask
+    again if the prediction covers less than `min_predicted_fraction` of it).
+    `progress(i)` is called after step i (host callback). Returns (latents [B,h,w,4],
+    predicted mask [B,h,w] float in {0,1} within the user mask, from the last step).
+    """
+    acp = jnp.asarray(schedule.alphas_cumprod())
+    final = acp[0] if not schedule.set_alpha_to_one else jnp.float32(1.0)
+    timesteps = jnp.asarray(schedule.ddim_timesteps(cfg.num_steps))
+    ratio = schedule.num_train_timesteps // cfg.num_steps
+    warmup = int(round(cfg.mask_warmup * cfg.num_steps))
+    m = (mask > 0.5).astype(x0.dtype)
+    b = x0.shape[0]
+    k0, k_loop = jax.random.split(rng)
+    x = jax.random.normal(k0, x0.shape, x0.dtype) * m[..., None] + x0 * (1.0 - m[..., None])
+    context = jnp.concatenate([cond, uncond], axis=0)
+    unet_in_mask = m[..., None]
+
+    def body(i, carry):
+        x, pred_mask = carry
+        t = timesteps[i]
+        tt = jnp.full((2 * b,), t, jnp.int32)
+        inp = jnp.concatenate([x, unet_in_mask], axis=-1)
+        out = apply_fn(params, jnp.concatenate([inp, inp], axis=0), tt, context,
+                       jnp.concatenate([levels, levels], axis=0)).astype(x0.dtype)
+        eps_c, eps_u = out[:b, ..., :4], out[b:, ..., :4]
+        eps = eps_u + cfg.guidance_scale * (eps_c - eps_u)
+        noise = jax.random.normal(jax.random.fold_in(k_loop, i), x.shape, x.dtype) if cfg.eta > 0 else None
+        x = ddim_step(eps, t, t - ratio, x, acp, final, cfg.eta, noise)
+        predicted = predicted_region(out[:b, ..., 4], m, cfg)
+        region = m if not cfg.use_predicted_mask else jnp.where(i < warmup, m, predicted)
+        x = x * region[..., None] + x0 * (1.0 - region[..., None])
+        if progress is not None:
+            jax.debug.callback(progress, i)
+        return x, predicted
+
+    x, pred = jax.lax.fori_loop(0, cfg.num_steps, body, (x, m))
+    return x, pred
+
+
+def predicted_region(mask_logit: jax.Array, user_mask: jax.Array, cfg: SamplerConfig) -> jax.Array:
+    """Binarise, dilate and clip the predicted object mask to the user's mask ([B,h,w]);
+    fall back to the user mask where the prediction is (nearly) empty."""
+    pred = (jax.nn.sigmoid(mask_logit.astype(jnp.float32)) > cfg.mask_threshold).astype(user_mask.dtype)
+    pred = dilate(pred, cfg.mask_dilate) * user_mask
+    share = pred.sum(axis=(1, 2)) / jnp.maximum(user_mask.sum(axis=(1, 2)), 1.0)
+    return jnp.where((share < cfg.min_predicted_fraction)[:, None, None], user_mask, pred)
