@@ -19,6 +19,7 @@ from typing import Any, Dict, Optional, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from transformers import CLIPTokenizer  # at import time: lazy imports from worker threads race
 
 from smartbrush_jax import ldm_keys
 from smartbrush_jax.models import (
@@ -149,8 +150,6 @@ def load_diffusers_folder(path: str, components: Sequence[str] = COMPONENTS, var
 
 def load_tokenizer(path: str):
     """transformers' `CLIPTokenizer` from a local folder (vocab.json + merges.txt)."""
-    from transformers import CLIPTokenizer
-
     for f in ("vocab.json", "merges.txt"):
         if not os.path.isfile(os.path.join(path, f)):
             raise WeightsError(f"{path}: tokenizer file {f} is missing")

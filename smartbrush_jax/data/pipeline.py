@@ -1,0 +1,250 @@
+"""The Grain input pipeline: prepared ArrayRecord components, mixed, decoded, batched.
+
+Per component (`seg`: object masks, `t2i`: image-text): source -> shard by process ->
+seeded shuffle (a new order every epoch) -> repeat -> decode/crop/resize/tokenize
+(`random_map`, deterministic per element) -> iterator; components are mixed with
+`IterDataset.mix` over a dict (weights from the config, so the mixture can change after a
+checkpoint), prefetched by worker processes, bad records dropped and counted, batched.
+
+A batch (per host) is a dict of numpy arrays:
+    image        [B, R, R, 3] uint8      the crop, resized to the training resolution R
+    mask         [B, R, R] uint8         the instance mask (all ones for image-text)
+    latent_mask  [B, R/f, R/f] float32   the mask's area fraction per latent cell
+    tokens       [B, 77] int32           CLIP token ids of the label or caption
+    is_t2i       [B] bool                image-text example (full mask)
+    source       [B] str                 "coco", "openimages", "laion", "shapes", ...
+    skips        [B, len(SKIP_REASONS)]  records dropped (by reason) since the previous example
+The iterator's state (`get_state`/`set_state`, or Orbax via `grain.checkpoint`) restores
+exactly the same next batches.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import threading
+from typing import Dict, Sequence
+
+import grain
+import numpy as np
+from PIL import Image
+
+from smartbrush_jax.data.records import RecordError, decode_mask, unpack_record
+from smartbrush_jax.data.validate import SKIP_REASONS, Skip, check_caption, check_mask, decode_image
+from smartbrush_jax.pretrained import load_tokenizer
+
+_TOKENIZER_LOCK = threading.Lock()
+
+
+class DataError(RuntimeError):
+    """Too much of the data is bad: the message names examples."""
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    prepared_dirs: Sequence[str] = ()  # folders written by `prepare` (components are concatenated)
+    tokenizer_dir: str = ""
+    weights: Dict[str, float] = dataclasses.field(default_factory=lambda: {"seg": 0.8, "t2i": 0.2})
+    resolution: int = 64
+    latent_factor: int = 1  # 8 for SD's VAE, 1 for a pixel-space model
+    caption_mix: float = 0.5  # probability of the caption (when there is one) over the class label
+    crop_context: tuple = (1.2, 3.0)  # crop side / object size, sampled uniformly
+    min_mask_area: float = 0.0  # online check on top of prepare's
+    max_pixels: int = 8192 * 8192
+    batch_size: int = 8  # per host
+    seed: int = 0
+    num_workers: int = 0
+    max_bad_fraction: float = 0.05
+    min_examples_for_check: int = 200
+    max_tokens: int = 77
+
+    def __post_init__(self):
+        if self.resolution % self.latent_factor:
+            raise ValueError(f"resolution {self.resolution} is not a multiple of latent_factor {self.latent_factor}")
+        if not 0.0 <= self.caption_mix <= 1.0:
+            raise ValueError(f"caption_mix must be in [0, 1], got {self.caption_mix}")
+        if any(w < 0 for w in self.weights.values()) or not any(w > 0 for w in self.weights.values()):
+            raise ValueError(f"weights must be >= 0 with one > 0, got {self.weights}")
+
+
+def component_files(prepared_dirs: Sequence[str]) -> Dict[str, list]:
+    """{"seg": [paths], "t2i": [paths]} from the metadata of prepared folders."""
+    files = {"seg": [], "t2i": []}
+    for d in prepared_dirs:
+        meta_path = os.path.join(d, "metadata.json")
+        if not os.path.isfile(meta_path):
+            raise FileNotFoundError(f"{d}: no metadata.json (run `python -m smartbrush_jax.data.prepare` first)")
+        with open(meta_path) as f:
+            meta = json.load(f)
+        for name, comp in meta["components"].items():
+            files.setdefault(name, []).extend(os.path.join(d, p) for p in comp["files"])
+    return files
+
+
+def make_dataset(cfg: DataConfig, process_index: int = 0, process_count: int = 1) -> grain.IterDataset:
+    """The batched, mixed, per-host IterDataset for one process of `process_count`."""
+    files = component_files(cfg.prepared_dirs)
+    transform = ExampleTransform(cfg)
+    parts, weights = {}, {}
+    for i, (name, weight) in enumerate(sorted(cfg.weights.items())):
+        if weight <= 0:
+            continue
+        if not files.get(name):
+            raise FileNotFoundError(f"component {name!r} has weight {weight} but no records in {cfg.prepared_dirs}")
+        ds = grain.MapDataset.source(grain.sources.ArrayRecordDataSource(files[name]))
+        if len(ds) < process_count:
+            raise ValueError(f"component {name!r} has {len(ds)} records for {process_count} processes")
+        ds = ds[process_index::process_count]
+        ds = ds.shuffle(seed=cfg.seed + 7919 * i).repeat()
+        ds = ds.random_map(transform, seed=cfg.seed + 104729 * (i + 1) + process_index)
+        parts[name] = ds.to_iter_dataset()
+        weights[name] = weight
+    mixed = grain.IterDataset.mix(parts, weights)
+    if cfg.num_workers > 0:
+        mixed = mixed.mp_prefetch(grain.MultiprocessingOptions(num_workers=cfg.num_workers))
+    counted = CountSkips(mixed, cfg.max_bad_fraction, cfg.min_examples_for_check)
+    return counted.batch(cfg.batch_size, drop_remainder=True)
+
+
+class ExampleTransform:
+    """record bytes + rng -> example dict, or {"skip": reason, "id": ...} for a bad record."""
+
+    def __init__(self, cfg: DataConfig):
+        self.cfg = cfg
+        self._local = threading.local()
+
+    def __getstate__(self):  # worker processes load their own tokenizers
+        return {"cfg": self.cfg}
+
+    def __setstate__(self, state):
+        self.__init__(state["cfg"])
+
+    @property
+    def tokenizer(self):
+        """One tokenizer per thread: Grain decodes in a thread pool, and a fast tokenizer
+        refuses concurrent calls ("Already borrowed")."""
+        tok = getattr(self._local, "tokenizer", None)
+        if tok is None:
+            with _TOKENIZER_LOCK:
+                tok = self._local.tokenizer = load_tokenizer(self.cfg.tokenizer_dir)
+        return tok
+
+    def __call__(self, data: bytes, rng: np.random.Generator) -> dict:
+        rid = "?"
+        try:
+            try:
+                rec = unpack_record(data)
+            except RecordError as e:
+                raise Skip("corrupt_record", str(e)) from None
+            rid = rec.get("id", "?")
+            return self.example(rec, rng)
+        except Skip as e:
+            return {"skip": e.reason, "id": rid}
+
+    def example(self, rec: dict, rng: np.random.Generator) -> dict:
+        cfg = self.cfg
+        image = decode_image(rec["image"], cfg.max_pixels)
+        h, w = image.shape[:2]
+        is_t2i = rec.get("kind") == "t2i"
+        if is_t2i:
+            mask = np.ones((h, w), bool)
+            box = (0, 0, w, h)
+            text = check_caption(rec.get("caption", ""))
+        else:
+            mask = check_mask(decode_mask(rec["mask"]), (h, w), cfg.min_mask_area)
+            ys, xs = np.nonzero(mask)
+            box = (xs.min(), ys.min(), xs.max() + 1, ys.max() + 1)
+            caption = check_caption(rec.get("caption", ""))
+            label = check_caption(rec.get("label", ""))
+            text = caption if caption and (not label or rng.random() < cfg.caption_mix) else label
+        x0, y0, side = object_crop(box, w, h, rng, cfg.crop_context, full=is_t2i)
+        r = cfg.resolution
+        crop = Image.fromarray(image).crop((x0, y0, x0 + side, y0 + side)).resize((r, r), Image.Resampling.BICUBIC)
+        mcrop = Image.fromarray(mask).crop((x0, y0, x0 + side, y0 + side)).resize((r, r), Image.Resampling.NEAREST)
+        mask_r = np.asarray(mcrop, bool)
+        f = cfg.latent_factor
+        latent = mask_r.reshape(r // f, f, r // f, f).mean(axis=(1, 3)).astype(np.float32)
+        tokens = self.tokenizer(text, padding="max_length", max_length=cfg.max_tokens, truncation=True).input_ids
+        return {"image": np.asarray(crop, np.uint8), "mask": mask_r.astype(np.uint8), "latent_mask": latent,
+                "tokens": np.asarray(tokens, np.int32), "is_t2i": np.bool_(is_t2i),
+                "source": np.str_(rec.get("source", ""))}
+
+
+def object_crop(box, w: int, h: int, rng: np.random.Generator, context=(1.2, 3.0), full: bool = False):
+    """A square crop (x0, y0, side) that holds the object's box where it fits: side is the
+    object's longer side times U(context), at most the image's shorter side; the offset is
+    random among positions that keep the box inside. `full`: the largest square, random."""
+    short = min(w, h)
+    bx0, by0, bx1, by1 = box
+    if full:
+        side = short
+    else:
+        obj = max(bx1 - bx0, by1 - by0)
+        side = int(min(short, max(1, round(obj * rng.uniform(*context)))))
+    def offset(lo_box, hi_box, extent):
+        lo = max(0, hi_box - side)  # the box's far edge stays inside
+        hi = min(lo_box, extent - side)  # the box's near edge stays inside
+        if lo > hi:  # the object is larger than the crop: centre on it
+            centre = (lo_box + hi_box) / 2
+            return int(np.clip(round(centre - side / 2), 0, extent - side))
+        return int(rng.integers(lo, hi + 1))
+    return offset(bx0, bx1, w), offset(by0, by1, h), side
+
+
+class CountSkips(grain.IterDataset):
+    """Drops `{"skip": reason}` elements, adding their counts to the next good example's
+    `skips` vector; raises DataError when more than `max_bad_fraction` of at least
+    `min_examples` elements were bad."""
+
+    def __init__(self, parent, max_bad_fraction: float, min_examples: int):
+        super().__init__(parent)
+        self.max_bad_fraction = max_bad_fraction
+        self.min_examples = min_examples
+
+    def __iter__(self):
+        return _CountSkipsIterator(self._parent.__iter__(), self.max_bad_fraction, self.min_examples)
+
+
+class _CountSkipsIterator(grain.DatasetIterator):
+    def __init__(self, parent, max_bad_fraction, min_examples):
+        super().__init__(parent)
+        self.max_bad_fraction, self.min_examples = max_bad_fraction, min_examples
+        self.pending = np.zeros(len(SKIP_REASONS), np.int32)
+        self.seen = 0
+        self.bad = 0
+        self.bad_ids = []
+
+    def __next__(self):
+        while True:
+            ex = next(self._parent)
+            self.seen += 1
+            if "skip" in ex:
+                self.bad += 1
+                self.pending[SKIP_REASONS.index(ex["skip"])] += 1
+                if len(self.bad_ids) < 5:
+                    self.bad_ids.append(f"{ex['id']} ({ex['skip']})")
+                if self.seen >= self.min_examples and self.bad > self.max_bad_fraction * self.seen:
+                    raise DataError(f"{self.bad} of {self.seen} records are bad (more than "
+                                    f"{self.max_bad_fraction:.0%}); e.g. {', '.join(self.bad_ids)}")
+                continue
+            ex["skips"] = self.pending
+            self.pending = np.zeros(len(SKIP_REASONS), np.int32)
+            return ex
+
+    def get_state(self):
+        return {"parent": self._parent.get_state(), "pending": self.pending.tolist(), "seen": self.seen,
+                "bad": self.bad, "bad_ids": list(self.bad_ids)}
+
+    def set_state(self, state):
+        self._parent.set_state(state["parent"])
+        self.pending = np.asarray(state["pending"], np.int32)
+        self.seen, self.bad, self.bad_ids = state["seen"], state["bad"], list(state["bad_ids"])
+
+
+def skip_totals(batch) -> Dict[str, int]:
+    """{reason: count} of the records dropped while this batch was assembled."""
+    totals = np.asarray(batch["skips"]).sum(axis=0)
+    return {r: int(c) for r, c in zip(SKIP_REASONS, totals)}
+
+

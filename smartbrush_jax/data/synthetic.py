@@ -1,0 +1,187 @@
+"""A procedural shapes data set that ships with the project: the demo's and the tests'
+embedded default. Deterministic from a seed; no download.
+
+    python -m smartbrush_jax.data.synthetic --out data/shapes --num-scenes 2000 --size 64
+
+Writes, in the formats real data comes in (so it travels the same code path):
+    images/*.png            textured backgrounds with 1-3 coloured shapes
+    annotations.json        COCO instances (compressed RLE masks of the visible parts)
+    captions.jsonl          a longer caption per annotation ("a red star with a thin black outline")
+    image_text-00000.tar    webdataset image-text pairs (whole scenes with scene captions)
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import math
+import os
+import sys
+import tarfile
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+SHAPES = ("circle", "square", "triangle", "star", "ellipse", "hexagon", "diamond")
+COLOURS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (235, 210, 40),
+           "orange": (240, 140, 30), "purple": (140, 60, 190), "white": (245, 245, 245), "black": (25, 25, 25)}
+BACKGROUNDS = ("stripes", "checks", "gradient", "noise")
+
+
+def shape_polygon(shape: str, cx: float, cy: float, r: float, angle: float, aspect: float):
+    """Vertices of a shape centred at (cx, cy) with radius r (PIL polygon points)."""
+    def ring(n, radii, offset=0.0):
+        pts = []
+        for i in range(n * len(radii)):
+            a = angle + offset + 2 * math.pi * i / (n * len(radii))
+            rr = radii[i % len(radii)]
+            pts.append((cx + rr * math.cos(a), cy + rr * aspect * math.sin(a)))
+        return pts
+
+    if shape in ("circle", "ellipse"):
+        return ring(48, [r])
+    if shape == "square":
+        return ring(4, [r], math.pi / 4)
+    if shape == "diamond":
+        return ring(4, [r])
+    if shape == "triangle":
+        return ring(3, [r], -math.pi / 2)
+    if shape == "hexagon":
+        return ring(6, [r])
+    if shape == "star":
+        return ring(5, [r, 0.45 * r], -math.pi / 2)
+    raise ValueError(shape)
+
+
+def render_background(rng: np.random.Generator, size: int):
+    kind = BACKGROUNDS[rng.integers(len(BACKGROUNDS))]
+    base = rng.integers(60, 200, 3).astype(np.float32)
+    other = np.clip(base + rng.integers(-50, 50, 3), 0, 255)
+    yy, xx = np.mgrid[:size, :size].astype(np.float32)
+    if kind == "stripes":
+        period = rng.integers(4, 12)
+        t = ((xx + yy * rng.uniform(-1, 1)) // period) % 2
+    elif kind == "checks":
+        period = rng.integers(4, 12)
+        t = ((xx // period + yy // period) % 2).astype(np.float32)
+    elif kind == "gradient":
+        t = (xx * rng.uniform(-1, 1) + yy * rng.uniform(-1, 1)) / size
+        t = (t - t.min()) / max(float(np.ptp(t)), 1e-6)
+    else:
+        t = rng.uniform(size=(size, size)).astype(np.float32)
+    img = base[None, None] * (1 - t[..., None]) + other[None, None] * t[..., None]
+    img += rng.normal(0, 6, img.shape)
+    return np.clip(img, 0, 255).astype(np.uint8), kind
+
+
+def render_scene(rng: np.random.Generator, size: int):
+    """One scene: (image [S,S,3] uint8, objects [{shape, colour, mask, outline, size_word}], background kind)."""
+    img, bg = render_background(rng, size)
+    canvas = Image.fromarray(img)
+    objects = []
+    for _ in range(rng.integers(1, 4)):
+        shape = SHAPES[rng.integers(len(SHAPES))]
+        colour = list(COLOURS)[rng.integers(len(COLOURS))]
+        r = rng.uniform(0.12, 0.3) * size
+        cx, cy = rng.uniform(r * 0.6, size - r * 0.6, 2)
+        aspect = rng.uniform(0.5, 0.8) if shape == "ellipse" else 1.0
+        pts = shape_polygon(shape, cx, cy, r, rng.uniform(0, 2 * math.pi) if shape != "triangle" else 0.0, aspect)
+        outline = rng.random() < 0.5
+        mask_img = Image.new("L", (size, size), 0)
+        ImageDraw.Draw(mask_img).polygon(pts, fill=255)
+        draw = ImageDraw.Draw(canvas)
+        draw.polygon(pts, fill=COLOURS[colour], outline=(0, 0, 0) if outline else None)
+        mask = np.asarray(mask_img) > 127
+        for o in objects:  # the new shape hides what it covers
+            o["mask"] &= ~mask
+        size_word = "large" if r > 0.22 * size else "small" if r < 0.16 * size else ""
+        objects.append(dict(shape=shape, colour=colour, mask=mask, outline=outline, size_word=size_word, cx=cx))
+    return np.asarray(canvas), [o for o in objects if o["mask"].any()], bg
+
+
+def object_caption(o: dict, size: int) -> str:
+    words = ["a"] + ([o["size_word"]] if o["size_word"] else []) + [o["colour"], o["shape"]]
+    if o["outline"]:
+        words += ["with a thin black outline"]
+    words += ["on the left" if o["cx"] < size / 3 else "on the right" if o["cx"] > 2 * size / 3 else "in the middle"]
+    return " ".join(words)
+
+
+def scene_caption(objects, bg: str) -> str:
+    names = [f"a {o['colour']} {o['shape']}" for o in objects]
+    listing = names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
+    return f"{listing} on a {bg} background"
+
+
+def write_dataset(out: str, num_scenes: int = 500, size: int = 64, seed: int = 0, num_text_pairs: int = None,
+                  progress: bool = False) -> dict:
+    """Write the set (see module doc). Returns the paths written."""
+    from pycocotools import mask as mask_utils
+
+    rng = np.random.default_rng(seed)
+    os.makedirs(os.path.join(out, "images"), exist_ok=True)
+    coco = {"images": [], "annotations": [], "categories": []}
+    categories = {}
+    captions = []
+    ann_id = 1
+    for i in range(num_scenes):
+        img, objects, _ = render_scene(rng, size)
+        name = f"{i:06d}.png"
+        Image.fromarray(img).save(os.path.join(out, "images", name))
+        coco["images"].append({"id": i + 1, "file_name": name, "height": size, "width": size})
+        for o in objects:
+            label = f"{o['colour']} {o['shape']}"
+            cat = categories.setdefault(label, len(categories) + 1)
+            rle = mask_utils.encode(np.asfortranarray(o["mask"].astype(np.uint8)))
+            x0, y0, w, h = (float(v) for v in mask_utils.toBbox(rle))
+            coco["annotations"].append({"id": ann_id, "image_id": i + 1, "category_id": cat, "iscrowd": 0,
+                                        "segmentation": {"size": rle["size"], "counts": rle["counts"].decode()},
+                                        "area": float(o["mask"].sum()), "bbox": [x0, y0, w, h]})
+            captions.append({"annotation_id": ann_id, "caption": object_caption(o, size)})
+            ann_id += 1
+        if progress and (i + 1) % 500 == 0:
+            print(f"  synthetic: {i + 1}/{num_scenes} scenes", file=sys.stderr)
+    coco["categories"] = [{"id": v, "name": k} for k, v in categories.items()]
+    paths = {"annotations": os.path.join(out, "annotations.json"), "images": os.path.join(out, "images"),
+             "captions": os.path.join(out, "captions.jsonl"), "image_text": os.path.join(out, "image_text-00000.tar")}
+    with open(paths["annotations"], "w") as f:
+        json.dump(coco, f)
+    with open(paths["captions"], "w") as f:
+        f.writelines(json.dumps(c) + "\n" for c in captions)
+    n_text = num_text_pairs if num_text_pairs is not None else max(1, num_scenes // 4)
+    with tarfile.open(paths["image_text"], "w") as tar:
+        for j in range(n_text):
+            img, objects, bg = render_scene(rng, size)
+            buf = io.BytesIO()
+            Image.fromarray(img).save(buf, format="JPEG", quality=95)
+            _add(tar, f"{j:06d}.jpg", buf.getvalue())
+            _add(tar, f"{j:06d}.txt", scene_caption(objects, bg).encode())
+    return paths
+
+
+def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    tar.addfile(info, io.BytesIO(data))
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--num-scenes", type=int, default=2000)
+    ap.add_argument("--num-text-pairs", type=int, default=None, help="image-text pairs (default: scenes / 4)")
+    ap.add_argument("--size", type=int, default=64)
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+    if args.num_scenes < 1 or args.size < 16:
+        print("error: --num-scenes must be >= 1 and --size >= 16", file=sys.stderr)
+        return 2
+    paths = write_dataset(args.out, args.num_scenes, args.size, args.seed, args.num_text_pairs, progress=True)
+    for p in paths.values():
+        print(p)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

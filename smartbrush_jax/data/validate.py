@@ -1,0 +1,137 @@
+"""Decoding and checking of one example: what is bad is skipped and counted by reason.
+
+Every check used by `prepare` (offline) and the Grain pipeline (online) lives here, so
+both count the same reasons:
+
+    corrupt_image      cannot be decoded, or is truncated
+    too_many_pixels    over the pixel limit (decompression bomb guard)
+    missing_file       the image or mask file named by the annotation is absent
+    empty_mask         the instance mask has no pixel
+    tiny_mask          mask area below `min_mask_area` (fraction of the image)
+    mask_outside       mask/box outside the image, or of another size than the image
+    bad_caption        caption bytes are not valid UTF-8
+    corrupt_record     a prepared record that cannot be parsed
+
+Convertible images are kept and counted under `converted_*` (grayscale, CMYK, RGBA,
+16-bit, EXIF-rotated): they are not errors.
+"""
+
+from __future__ import annotations
+
+import collections
+import io
+import warnings
+from typing import Dict, Optional, Tuple
+
+import numpy as np
+from PIL import Image, ImageFile, ImageOps
+
+SKIP_REASONS = ("corrupt_image", "too_many_pixels", "missing_file", "empty_mask", "tiny_mask", "mask_outside",
+                "bad_caption", "corrupt_record")
+DEFAULT_MAX_PIXELS = 8192 * 8192
+
+
+class Skip(Exception):
+    """This example is bad; `reason` is one of SKIP_REASONS."""
+
+    def __init__(self, reason: str, detail: str = ""):
+        assert reason in SKIP_REASONS, reason
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+        self.detail = detail
+
+
+class Counter(collections.Counter):
+    """Counts by reason, with `skipped()` = the total of skip reasons."""
+
+    def skipped(self) -> int:
+        return sum(v for k, v in self.items() if k in SKIP_REASONS)
+
+
+def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS,
+                 counts: Optional[Counter] = None) -> np.ndarray:
+    """Encoded image bytes -> RGB uint8 [H, W, 3], EXIF orientation applied.
+
+    Raises Skip("corrupt_image") for undecodable or truncated data and
+    Skip("too_many_pixels") over `max_pixels` (checked from the header, before decoding).
+    """
+    ImageFile.LOAD_TRUNCATED_IMAGES = False
+    try:
+        im = Image.open(io.BytesIO(data))
+    except Exception as e:  # PIL raises many types for garbage
+        raise Skip("corrupt_image", str(e)) from None
+    with im:
+        w, h = im.size
+        if w * h > max_pixels:
+            raise Skip("too_many_pixels", f"{w}x{h}")
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                im.load()
+        except Image.DecompressionBombWarning as e:
+            raise Skip("too_many_pixels", str(e)) from None
+        except Exception as e:
+            raise Skip("corrupt_image", str(e)) from None
+        if counts is not None and im.getexif().get(0x0112, 1) != 1:
+            counts["converted_exif"] += 1
+        im = ImageOps.exif_transpose(im)
+        return to_rgb(im, counts)
+
+
+def to_rgb(im: Image.Image, counts: Optional[Counter] = None) -> np.ndarray:
+    mode = im.mode
+    if mode in ("I;16", "I;16B", "I;16L", "I"):
+        arr = np.asarray(im, np.float64)
+        top = 65535.0 if mode.startswith("I;16") or arr.max() > 255 else 255.0
+        arr = np.clip(arr / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        _count(counts, "converted_16bit")
+        return np.repeat(arr[..., None], 3, axis=2)
+    if mode == "RGBA" or mode == "LA" or (mode == "P" and "transparency" in im.info):
+        # composite on white: transparent product shots are common in image-text data
+        rgba = im.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        _count(counts, "converted_alpha")
+        return np.asarray(Image.alpha_composite(white, rgba).convert("RGB"))
+    if mode != "RGB":
+        _count(counts, {"L": "converted_gray", "CMYK": "converted_cmyk"}.get(mode, "converted_other"))
+    return np.asarray(im.convert("RGB"))
+
+
+def _count(counts, key):
+    if counts is not None:
+        counts[key] += 1
+
+
+def check_caption(caption) -> str:
+    """str or bytes -> str; Skip("bad_caption") for bytes that are not UTF-8."""
+    if isinstance(caption, bytes):
+        try:
+            caption = caption.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise Skip("bad_caption", str(e)) from None
+    return " ".join(str(caption).split())
+
+
+def check_mask(mask: np.ndarray, image_shape: Tuple[int, int], min_mask_area: float) -> np.ndarray:
+    """Bool [H, W] instance mask at the image's size with at least `min_mask_area` of it."""
+    if mask.shape != tuple(image_shape):
+        raise Skip("mask_outside", f"mask {mask.shape} vs image {tuple(image_shape)}")
+    area = int(mask.sum())
+    if area == 0:
+        raise Skip("empty_mask")
+    if area < min_mask_area * mask.size:
+        raise Skip("tiny_mask", f"{area / mask.size:.5f} of the image")
+    return mask
+
+
+def check_box(box, width: int, height: int) -> None:
+    """A pixel box [x0, y0, x1, y1] must overlap the image."""
+    x0, y0, x1, y1 = box
+    if x1 <= 0 or y1 <= 0 or x0 >= width or y0 >= height or x1 <= x0 or y1 <= y0:
+        raise Skip("mask_outside", f"box {box} outside {width}x{height}")
+
+
+def merge(total: Dict[str, int], part: Dict[str, int]) -> Dict[str, int]:
+    for k, v in part.items():
+        total[k] = total.get(k, 0) + v
+    return total
