@@ -13,6 +13,7 @@ A batch (per host) is a dict of numpy arrays:
     tokens       [B, 77] int32           CLIP token ids of the label or caption
     is_t2i       [B] bool                image-text example (full mask)
     source       [B] str                 "coco", "openimages", "laion", "shapes", ...
+    id           [B] str                 the record's id ("coco:123")
     skips        [B, len(SKIP_REASONS)]  records dropped (by reason) since the previous example
 The iterator's state (`get_state`/`set_state`, or Orbax via `grain.checkpoint`) restores
 exactly the same next batches.
@@ -54,6 +55,7 @@ class DataConfig:
     max_pixels: int = 8192 * 8192
     batch_size: int = 8  # per host
     seed: int = 0
+    shuffle: bool = True
     num_workers: int = 0
     max_bad_fraction: float = 0.05
     min_examples_for_check: int = 200
@@ -96,7 +98,9 @@ def make_dataset(cfg: DataConfig, process_index: int = 0, process_count: int = 1
         if len(ds) < process_count:
             raise ValueError(f"component {name!r} has {len(ds)} records for {process_count} processes")
         ds = ds[process_index::process_count]
-        ds = ds.shuffle(seed=cfg.seed + 7919 * i).repeat()
+        if cfg.shuffle:
+            ds = ds.shuffle(seed=cfg.seed + 7919 * i)
+        ds = ds.repeat()
         ds = ds.random_map(transform, seed=cfg.seed + 104729 * (i + 1) + process_index)
         parts[name] = ds.to_iter_dataset()
         weights[name] = weight
@@ -168,7 +172,7 @@ class ExampleTransform:
         tokens = self.tokenizer(text, padding="max_length", max_length=cfg.max_tokens, truncation=True).input_ids
         return {"image": np.asarray(crop, np.uint8), "mask": mask_r.astype(np.uint8), "latent_mask": latent,
                 "tokens": np.asarray(tokens, np.int32), "is_t2i": np.bool_(is_t2i),
-                "source": np.str_(rec.get("source", ""))}
+                "source": np.str_(rec.get("source", "")), "id": np.str_(rec.get("id", ""))}
 
 
 def object_crop(box, w: int, h: int, rng: np.random.Generator, context=(1.2, 3.0), full: bool = False):

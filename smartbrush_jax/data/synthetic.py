@@ -89,10 +89,11 @@ def render_scene(rng: np.random.Generator, size: int):
         pts = shape_polygon(shape, cx, cy, r, rng.uniform(0, 2 * math.pi) if shape != "triangle" else 0.0, aspect)
         outline = rng.random() < 0.5
         mask_img = Image.new("L", (size, size), 0)
-        ImageDraw.Draw(mask_img).polygon(pts, fill=255)
-        draw = ImageDraw.Draw(canvas)
-        draw.polygon(pts, fill=COLOURS[colour], outline=(0, 0, 0) if outline else None)
-        mask = np.asarray(mask_img) > 127
+        # the same call shape as on the canvas (PIL rasterises fill+outline differently from a
+        # fill in the outline's colour), so the mask is exactly the pixels the shape painted
+        ImageDraw.Draw(mask_img).polygon(pts, fill=255, outline=128 if outline else None)
+        ImageDraw.Draw(canvas).polygon(pts, fill=COLOURS[colour], outline=(0, 0, 0) if outline else None)
+        mask = np.asarray(mask_img) > 0
         for o in objects:  # the new shape hides what it covers
             o["mask"] &= ~mask
         size_word = "large" if r > 0.22 * size else "small" if r < 0.16 * size else ""

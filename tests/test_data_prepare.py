@@ -1,0 +1,115 @@
+"""`prepare`: raw formats -> ArrayRecord shards + metadata, BLIP captions, CLI errors."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+from data_fixtures import write_coco, write_openimages, write_webdataset
+
+from smartbrush_jax.data.prepare import main
+from smartbrush_jax.data.records import RecordError, decode_mask, pack_record, unpack_record
+
+
+def _records(folder, files):
+    import grain
+
+    src = grain.sources.ArrayRecordDataSource([os.path.join(folder, f) for f in files])
+    return [unpack_record(src[i]) for i in range(len(src))]
+
+
+def test_prepare_all_formats(tmp_path, capsys):
+    coco, coco_expected, coco_skips, _ = write_coco(str(tmp_path / "coco"))
+    oi, oi_expected, oi_skips = write_openimages(str(tmp_path / "oi"))
+    wds, wds_expected, wds_skips = write_webdataset(str(tmp_path / "wds"))
+    captions = tmp_path / "caps.jsonl"
+    captions.write_text('{"annotation_id": 2, "caption": "a brown dog lying down"}\n')
+    out = tmp_path / "prepared"
+    code = main(["--out", str(out), "--coco-annotations", coco["annotations"], "--coco-images", coco["images"],
+                 "--openimages-csv", oi["csv"], "--openimages-masks", oi["masks"], "--openimages-images",
+                 oi["images"], "--openimages-classes", oi["classes"], "--webdataset", str(tmp_path / "wds" / "*.tar"),
+                 "--captions", str(captions), "--max-pixels", str(coco["max_pixels"]), "--shard-size", "4"])
+    assert code == 0
+    meta = json.loads((out / "metadata.json").read_text())
+    n_seg = len(coco_expected) + len(oi_expected)
+    assert meta["components"]["seg"]["count"] == n_seg
+    assert meta["components"]["seg"]["sources"] == {"coco": len(coco_expected), "openimages": len(oi_expected)}
+    assert meta["components"]["t2i"]["count"] == len(wds_expected)
+    assert len(meta["components"]["seg"]["files"]) == -(-n_seg // 4)
+    assert meta["skipped"] == {"coco": coco_skips, "openimages": oi_skips, "webdataset": wds_skips}
+    assert {"cat", "dog", "Cat", "Dog"} <= set(meta["classes"])
+    recs = {r["id"]: r for r in _records(out, meta["components"]["seg"]["files"])}
+    for ann_id, (_, mask, label) in coco_expected.items():
+        r = recs[f"coco:{ann_id}"]
+        np.testing.assert_array_equal(decode_mask(r["mask"]), mask)
+        assert r["label"] == label
+    assert recs["coco:2"]["caption"] == "a brown dog lying down"
+    for key, (_, mask, label) in oi_expected.items():
+        np.testing.assert_array_equal(decode_mask(recs[f"openimages:{key}"]["mask"]), mask)
+    t2i = _records(out, meta["components"]["t2i"]["files"])
+    assert sorted(r["caption"] for r in t2i) == sorted(wds_expected.values())
+    assert "metadata.json" in capsys.readouterr().out
+
+
+def test_record_format_round_trip_and_corruption():
+    rec = {"id": "x:1", "label": "cat", "image": b"\x00\x01\x02", "mask": b"abc", "box": [1, 2, 3, 4]}
+    assert unpack_record(pack_record(rec)) == rec
+    with pytest.raises(RecordError, match="bad magic"):
+        unpack_record(b"PK\x03\x04 zip")
+    with pytest.raises(RecordError, match="truncated"):
+        unpack_record(pack_record(rec)[:-2])
+
+
+def test_prepare_cli_errors(tmp_path, capsys):
+    assert main(["--out", str(tmp_path / "o")]) == 2
+    assert "nothing to prepare" in capsys.readouterr().err
+    assert main(["--out", str(tmp_path / "o"), "--coco-annotations", str(tmp_path / "none.json"),
+                 "--coco-images", str(tmp_path)]) == 2
+    assert "none.json: no such file" in capsys.readouterr().err
+    assert main(["--out", str(tmp_path / "o"), "--coco-images", str(tmp_path)]) == 2
+    assert "--coco-annotations is required" in capsys.readouterr().err
+    assert main(["--out", str(tmp_path / "o"), "--webdataset", str(tmp_path / "nope.tar")]) == 2
+    assert "no such file" in capsys.readouterr().err
+    assert main(["--out", str(tmp_path / "o"), "--webdataset", str(tmp_path / "x.tar"),
+                 "--blip-model", str(tmp_path / "noblip")]) == 2
+
+
+def _tiny_blip(folder):
+    """A tiny random BLIP captioner with a small BERT vocabulary, saved locally."""
+    from transformers import BertTokenizer, BlipConfig, BlipForConditionalGeneration, BlipImageProcessor, BlipProcessor
+
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "red", "star", "cat", "dog", "on", "the", "blue"]
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, "vocab.txt"), "w") as f:
+        f.write("\n".join(words) + "\n")
+    tok = BertTokenizer(os.path.join(folder, "vocab.txt"), bos_token="[CLS]", eos_token="[SEP]")
+    proc = BlipProcessor(BlipImageProcessor(size={"height": 32, "width": 32}), tok)
+    cfg = BlipConfig(
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                           image_size=32, patch_size=8),
+        text_config=dict(vocab_size=len(words), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=2, max_position_embeddings=64, bos_token_id=2, sep_token_id=3,
+                         pad_token_id=0, eos_token_id=3),
+        projection_dim=32)
+    BlipForConditionalGeneration(cfg).eval().save_pretrained(folder)
+    proc.save_pretrained(folder)
+
+
+def test_blip_captions_objects_without_a_caption(tmp_path):
+    coco, expected, _, _ = write_coco(str(tmp_path / "coco"))
+    _tiny_blip(str(tmp_path / "blip"))
+    captions = tmp_path / "caps.jsonl"
+    captions.write_text('{"annotation_id": 1, "caption": "given caption"}\n')
+    out = tmp_path / "prepared"
+    assert main(["--out", str(out), "--coco-annotations", coco["annotations"], "--coco-images", coco["images"],
+                 "--max-pixels", str(coco["max_pixels"]), "--captions", str(captions),
+                 "--blip-model", str(tmp_path / "blip"), "--blip-batch", "3"]) == 0
+    meta = json.loads((out / "metadata.json").read_text())
+    recs = {r["id"]: r for r in _records(out, meta["components"]["seg"]["files"])}
+    assert recs["coco:1"]["caption"] == "given caption"
+    generated = [json.loads(line) for line in (out / "blip_captions.jsonl").read_text().splitlines()]
+    assert len(generated) == len(expected) - 1  # all but the one with a given caption
+    vocab = {"a", "red", "star", "cat", "dog", "on", "the", "blue", "[unk]", ""}
+    for g in generated:
+        assert recs[f"coco:{g['annotation_id']}"]["caption"] == g["caption"]
+        assert set(g["caption"].lower().split()) <= vocab
