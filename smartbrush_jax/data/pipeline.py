@@ -56,7 +56,10 @@ class DataConfig:
     batch_size: int = 8  # per host
     seed: int = 0
     shuffle: bool = True
-    num_workers: int = 0
+    num_workers: int = 0  # worker processes (grain mp_prefetch); 0 = decode in this process
+    read_threads: int = 2  # decode threads per process; more only helps when decoding releases the GIL
+    prefetch: int = 16  # elements each process decodes ahead
+    worker_buffer: int = 4  # elements each worker process hands over ahead
     max_bad_fraction: float = 0.05
     min_examples_for_check: int = 200
     max_tokens: int = 77
@@ -102,11 +105,13 @@ def make_dataset(cfg: DataConfig, process_index: int = 0, process_count: int = 1
             ds = ds.shuffle(seed=cfg.seed + 7919 * i)
         ds = ds.repeat()
         ds = ds.random_map(transform, seed=cfg.seed + 104729 * (i + 1) + process_index)
-        parts[name] = ds.to_iter_dataset()
+        parts[name] = ds.to_iter_dataset(grain.ReadOptions(num_threads=cfg.read_threads,
+                                                           prefetch_buffer_size=cfg.prefetch))
         weights[name] = weight
     mixed = grain.IterDataset.mix(parts, weights)
     if cfg.num_workers > 0:
-        mixed = mixed.mp_prefetch(grain.MultiprocessingOptions(num_workers=cfg.num_workers))
+        mixed = mixed.mp_prefetch(grain.MultiprocessingOptions(num_workers=cfg.num_workers,
+                                                               per_worker_buffer_size=cfg.worker_buffer))
     counted = CountSkips(mixed, cfg.max_bad_fraction, cfg.min_examples_for_check)
     return counted.batch(cfg.batch_size, drop_remainder=True)
 
