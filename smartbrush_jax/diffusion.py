@@ -1,8 +1,9 @@
 """Noise schedule, SmartBrush's forward process and loss, and the DDIM sampler.
 
-Shapes: latents `[B, h, w, 4]`, masks on the latent grid `[B, h, w]` float in {0, 1},
-text context `[B, T, D]`, timesteps and precision levels `[B]` int32. The U-Net is any
-`apply_fn(params, x [B,h,w,5], t [B], context, levels) -> [B,h,w,5]` (noise, mask logit).
+Shapes: latents `[B, h, w, C]` (C = 4 for SD's VAE), masks on the latent grid `[B, h, w]`
+float in {0, 1}, text context `[B, T, D]`, timesteps and precision levels `[B]` int32. The
+U-Net is any `apply_fn(params, x [B,h,w,C+1], t [B], context, levels) -> [B,h,w,C+1]`
+(noise, then the mask logit).
 """
 
 from __future__ import annotations
@@ -98,7 +99,7 @@ def smartbrush_loss(apply_fn: ApplyFn, params: Any, batch: Dict[str, jax.Array],
                     cfg: LossConfig = LossConfig()) -> Tuple[jax.Array, Dict[str, jax.Array]]:
     """The SmartBrush objective for one batch; pure, jittable, differentiable in `params`.
 
-    batch: `latents` [B,h,w,4] (scaled VAE latents), `masks` [B,h,w] (exact object masks on
+    batch: `latents` [B,h,w,C] (scaled VAE latents), `masks` [B,h,w] (exact object masks on
     the latent grid), `context` [B,T,D]; optional `levels` [B] (else uniform in [0, S]; an
     image-text example carries a full mask, for which every level gives the same mask).
     Returns (loss, parts) with parts `mse`, `dice`, `iou` (predicted mask at 0.5 against
@@ -115,7 +116,8 @@ def smartbrush_loss(apply_fn: ApplyFn, params: Any, batch: Dict[str, jax.Array],
     m_s = degrade_mask(m, levels, cfg.num_levels, cfg.sigma_scale, cfg.truncate, cfg.threshold)
     x_t = compose_noisy_latent(x0, noise, t, m_s, alphas_cumprod)
     out = apply_fn(params, jnp.concatenate([x_t, m_s[..., None]], axis=-1), t, batch["context"], levels)
-    eps_hat, logit = out[..., :4].astype(jnp.float32), out[..., 4].astype(jnp.float32)
+    c = x0.shape[-1]  # latent channels: 4 for SD's VAE, 3 for a pixel-space model
+    eps_hat, logit = out[..., :c].astype(jnp.float32), out[..., c].astype(jnp.float32)
     sq = (eps_hat - noise) ** 2
     if cfg.eps_region == "all":
         mse = sq.mean()
@@ -175,13 +177,13 @@ def sample(apply_fn: ApplyFn, params: Any, x0: jax.Array, mask: jax.Array, level
            cfg: SamplerConfig = SamplerConfig(), progress: Optional[Callable[[int], None]] = None):
     """SmartBrush DDIM sampling with classifier-free guidance and background preservation.
 
-    x0: [B,h,w,4] scaled latents of the input image; mask: [B,h,w] the user's mask on the
+    x0: [B,h,w,C] scaled latents of the input image; mask: [B,h,w] the user's mask on the
     latent grid; levels: [B]; cond/uncond: [B,T,D]. Conditional and unconditional passes
     run as one batched U-Net call. Outside the region `M` the clean latent is restored
     after every step; `M` is the user mask for the first `mask_warmup` of the steps, then
     the predicted mask (sigmoid > threshold, dilated, within the user mask; the user mask
     again if the prediction covers less than `min_predicted_fraction` of it).
-    `progress(i)` is called after step i (host callback). Returns (latents [B,h,w,4],
+    `progress(i)` is called after step i (host callback). Returns (latents [B,h,w,C],
     predicted mask [B,h,w] float in {0,1} within the user mask, from the last step).
     """
     acp = jnp.asarray(schedule.alphas_cumprod())
@@ -190,7 +192,7 @@ def sample(apply_fn: ApplyFn, params: Any, x0: jax.Array, mask: jax.Array, level
     ratio = schedule.num_train_timesteps // cfg.num_steps
     warmup = int(round(cfg.mask_warmup * cfg.num_steps))
     m = (mask > 0.5).astype(x0.dtype)
-    b = x0.shape[0]
+    b, c = x0.shape[0], x0.shape[-1]
     k0, k_loop = jax.random.split(rng)
     x = jax.random.normal(k0, x0.shape, x0.dtype) * m[..., None] + x0 * (1.0 - m[..., None])
     context = jnp.concatenate([cond, uncond], axis=0)
@@ -203,11 +205,11 @@ def sample(apply_fn: ApplyFn, params: Any, x0: jax.Array, mask: jax.Array, level
         inp = jnp.concatenate([x, unet_in_mask], axis=-1)
         out = apply_fn(params, jnp.concatenate([inp, inp], axis=0), tt, context,
                        jnp.concatenate([levels, levels], axis=0)).astype(x0.dtype)
-        eps_c, eps_u = out[:b, ..., :4], out[b:, ..., :4]
+        eps_c, eps_u = out[:b, ..., :c], out[b:, ..., :c]
         eps = eps_u + cfg.guidance_scale * (eps_c - eps_u)
         noise = jax.random.normal(jax.random.fold_in(k_loop, i), x.shape, x.dtype) if cfg.eta > 0 else None
         x = ddim_step(eps, t, t - ratio, x, acp, final, cfg.eta, noise)
-        predicted = predicted_region(out[:b, ..., 4], m, cfg)
+        predicted = predicted_region(out[:b, ..., c], m, cfg)
         region = m if not cfg.use_predicted_mask else jnp.where(i < warmup, m, predicted)
         x = x * region[..., None] + x0 * (1.0 - region[..., None])
         if progress is not None:

@@ -3,9 +3,10 @@
     python -m smartbrush_jax.inpaint --checkpoint /models/sd-v1-2 --image photo.jpg \\
         --mask mask.png --prompt "a flamingo" --precision 3 --out out/
 
-`--checkpoint` is a diffusers folder (a SmartBrush export, or a plain SD folder to which
-channel surgery is applied: untrained SmartBrush channels), or a single-file SD checkpoint
-(`.ckpt`/`.safetensors`, with `--tokenizer DIR`). Writes `result.png` (the input's size),
+`--checkpoint` is a training workdir (its latest checkpoint, EMA weights), a diffusers
+folder (a SmartBrush export, or a plain SD folder to which channel surgery is applied:
+untrained SmartBrush channels), or a single-file SD checkpoint (`.ckpt`/`.safetensors`,
+with `--tokenizer DIR`). Writes `result.png` (the input's size),
 `predicted_mask.png` and `grid.png` (input with mask outline | result | predicted mask)
 into `--out`. Bad input exits with code 2 and a message saying what is wrong.
 """
@@ -118,7 +119,12 @@ def load_inpainter(checkpoint: str, tokenizer: str | None, levels: int):
     if levels < 1:
         raise UsageError(f"--levels must be >= 1, got {levels}")
     try:
-        if os.path.isdir(checkpoint):
+        if os.path.isfile(os.path.join(checkpoint, "model.json")):  # a training workdir
+            from smartbrush_jax.checkpoints import load_workdir
+
+            step, sd = load_workdir(checkpoint)
+            print(f"loaded {checkpoint} at step {step} (EMA weights)", file=sys.stderr)
+        elif os.path.isdir(checkpoint):
             sd = load_diffusers_folder(checkpoint)
         elif os.path.isfile(checkpoint):
             if tokenizer is None:
@@ -127,7 +133,7 @@ def load_inpainter(checkpoint: str, tokenizer: str | None, levels: int):
             sd = load_single_file(checkpoint, tokenizer_dir=tokenizer)
         else:
             raise UsageError(f"--checkpoint {checkpoint}: no such file or folder")
-    except WeightsError as e:
+    except (WeightsError, FileNotFoundError) as e:
         raise UsageError(str(e)) from None
     if sd.unet_config.in_channels == 4:
         warn(f"{checkpoint} is a plain Stable Diffusion U-Net: adding SmartBrush's mask channels and {levels} "

@@ -44,9 +44,10 @@ class Inpainter:
         self.sd = sd
         self.num_levels = sd.unet_config.num_class_embeddings - 1
         self.schedule = NoiseSchedule.from_diffusers(sd.scheduler_config)
-        self.unet, self.vae, self.text = sd.unet(dtype), sd.vae(dtype), sd.text_encoder(dtype)
-        n_vae = len(sd.vae_config.block_out_channels)
-        self.vae_factor = 2 ** (n_vae - 1)
+        # no VAE: a pixel-space model (the demo), whose "latents" are the pixels in [-1, 1]
+        self.vae = None if sd.vae_config is None else sd.vae(dtype)
+        self.unet, self.text = sd.unet(dtype), sd.text_encoder(dtype)
+        self.vae_factor = 1 if self.vae is None else 2 ** (len(sd.vae_config.block_out_channels) - 1)
         # the U-Net halves the latent grid (len(blocks) - 1) times
         self.size_multiple = self.vae_factor * 2 ** (len(sd.unet_config.block_out_channels) - 1)
         self.max_tokens = sd.text_config.max_position_embeddings
@@ -66,13 +67,18 @@ class Inpainter:
 
     @functools.partial(jax.jit, static_argnums=0)
     def _encode_image(self, params, pixels):
+        if self.vae is None:
+            return pixels
         mean, _ = self.vae.apply({"params": params}, pixels, method=self.vae.encode)
         return mean * self.sd.vae_config.scaling_factor
 
     @functools.partial(jax.jit, static_argnums=0)
     def _decode(self, params, latents):
-        pixels = self.vae.apply({"params": params}, latents / self.sd.vae_config.scaling_factor,
-                                method=self.vae.decode)
+        if self.vae is None:
+            pixels = latents
+        else:
+            pixels = self.vae.apply({"params": params}, latents / self.sd.vae_config.scaling_factor,
+                                    method=self.vae.decode)
         return jnp.clip((pixels + 1.0) * 127.5, 0.0, 255.0)
 
     def _sampler(self, cfg: SamplerConfig, progress):

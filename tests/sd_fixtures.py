@@ -56,29 +56,10 @@ def torch_vae(seed: int = 0, **overrides):
 
 
 def write_tokenizer(folder: str) -> int:
-    """A byte-level BPE vocabulary in CLIP's format (every byte, with and without `</w>`,
-    a few merges, the two special tokens). Returns the vocabulary size."""
-    os.makedirs(folder, exist_ok=True)
-    chars = _byte_alphabet()
-    merges = ["a t", "t h", "th e</w>", "a t</w>", "c at</w>"]
-    tokens = chars + [c + "</w>" for c in chars] + [m.replace(" ", "") for m in merges]
-    tokens += ["<|startoftext|>", "<|endoftext|>"]
-    with open(os.path.join(folder, "vocab.json"), "w") as f:
-        json.dump({t: i for i, t in enumerate(tokens)}, f)
-    with open(os.path.join(folder, "merges.txt"), "w") as f:
-        f.write("#version: 0.2\n" + "\n".join(merges) + "\n")
-    with open(os.path.join(folder, "tokenizer_config.json"), "w") as f:
-        json.dump({"model_max_length": 77, "tokenizer_class": "CLIPTokenizer", "bos_token": "<|startoftext|>",
-                   "eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>", "unk_token": "<|endoftext|>"}, f)
-    return len(tokens)
+    """A CLIP-format BPE tokenizer knowing a few words. Returns the vocabulary size."""
+    from smartbrush_jax.data.tokenizer import write_word_tokenizer
 
-
-def _byte_alphabet():
-    """The 256 printable stand-ins byte-level BPE uses for bytes (printable bytes map to
-    themselves, the rest to code points from 256 up)."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    extra = iter(range(256, 512))
-    return [chr(b) if b in printable else chr(next(extra)) for b in range(256)]
+    return write_word_tokenizer(folder, ["the cat", "a red star", "at"])
 
 
 def torch_text(vocab_size: int, seed: int = 0, **overrides):

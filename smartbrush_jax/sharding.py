@@ -1,0 +1,100 @@
+"""Mesh and shardings from the config: logical axis names -> mesh axes, as data.
+
+The mesh has three named axes, `data`, `fsdp` and `tensor` (`-1` in `mesh.shape` fills
+the remaining devices). Parameters carry logical axis names (`models/layers.py`);
+`mesh.rules` maps them to mesh axes: all replicated by default (data parallel), or, with
+`mesh.fsdp = True`, the `out_features` dimension of every kernel split over `fsdp`. The
+batch is split over `data` and `fsdp` together.
+
+Multi-slice TPU (`mesh.dcn_shape`, e.g. `{"data": 2}` for two slices) builds a hybrid
+ICI x DCN mesh, so only the data axis crosses the slower data-centre network.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Dict, Sequence, Tuple
+
+import flax.linen as nn
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+AXES = ("data", "fsdp", "tensor")
+BATCH_AXES = ("data", "fsdp")
+DEFAULT_RULES = (("out_features", None), ("in_features", None), ("norm", None), ("vocab", None),
+                 ("kernel_h", None), ("kernel_w", None))
+FSDP_RULES = (("out_features", "fsdp"),) + DEFAULT_RULES[1:]
+
+
+def resolve_shape(shape: Dict[str, int], num_devices: int) -> Tuple[int, ...]:
+    """`{"data": -1, "fsdp": 2, "tensor": 1}` -> sizes in AXES order, filling one -1."""
+    unknown = set(shape) - set(AXES)
+    if unknown:
+        raise ValueError(f"mesh.shape: unknown axes {sorted(unknown)}; the axes are {AXES}")
+    sizes = [int(shape.get(a, 1)) for a in AXES]
+    fill = [i for i, s in enumerate(sizes) if s == -1]
+    if len(fill) > 1:
+        raise ValueError("mesh.shape: at most one axis may be -1")
+    if any(s == 0 or s < -1 for s in sizes):
+        raise ValueError(f"mesh.shape: sizes must be positive or -1, got {shape}")
+    known = math.prod(s for s in sizes if s != -1)
+    if fill:
+        if num_devices % known:
+            raise ValueError(f"mesh.shape {shape}: {num_devices} devices are not divisible by {known}")
+        sizes[fill[0]] = num_devices // known
+    if math.prod(sizes) != num_devices:
+        raise ValueError(f"mesh.shape {shape} needs {math.prod(sizes)} devices, there are {num_devices}")
+    return tuple(sizes)
+
+
+def make_mesh(shape: Dict[str, int], dcn_shape: Dict[str, int] | None = None,
+              devices: Sequence[Any] | None = None) -> Mesh:
+    devices = list(devices if devices is not None else jax.devices())
+    if dcn_shape and any(v != 1 for v in dcn_shape.values()):
+        from jax.experimental import mesh_utils
+
+        dcn = resolve_shape(dcn_shape, math.prod(int(v) for v in dcn_shape.values()))
+        ici = resolve_shape(shape, len(devices) // math.prod(dcn))
+        grid = mesh_utils.create_hybrid_device_mesh(ici, dcn, devices)
+    else:
+        grid = np.asarray(devices).reshape(resolve_shape(shape, len(devices)))
+    return Mesh(grid, AXES)
+
+
+def rules_from_config(fsdp: bool, extra: Sequence[Sequence[str]] = ()) -> Tuple[Tuple[str, Any], ...]:
+    base = FSDP_RULES if fsdp else DEFAULT_RULES
+    extra = tuple((a, b) for a, b in extra)
+    names = {a for a, _ in extra}
+    return extra + tuple(r for r in base if r[0] not in names)
+
+
+def param_shardings(mesh: Mesh, logical_specs: Any, rules) -> Any:
+    """Tree of NamedShardings for a tree of logical PartitionSpecs."""
+    return jax.tree_util.tree_map(lambda spec: NamedSharding(mesh, nn.logical_to_mesh_axes(spec, rules)),
+                                  logical_specs, is_leaf=lambda x: isinstance(x, PartitionSpec))
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    """Leading (batch) axis split over data x fsdp; the rest replicated."""
+    return NamedSharding(mesh, PartitionSpec(BATCH_AXES))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, PartitionSpec())
+
+
+def data_parallel_size(mesh: Mesh) -> int:
+    return mesh.shape["data"] * mesh.shape["fsdp"]
+
+
+def shard_batch(mesh: Mesh, local_batch: Dict[str, np.ndarray]) -> Dict[str, jax.Array]:
+    """Per-host numpy batch -> global jax arrays sharded over the batch axes."""
+    sharding = batch_sharding(mesh)
+    out = {}
+    for k, v in local_batch.items():
+        v = np.asarray(v)
+        if v.dtype.kind in "US":
+            continue  # strings stay on the host
+        out[k] = jax.make_array_from_process_local_data(sharding, v)
+    return out

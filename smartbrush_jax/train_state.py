@@ -1,0 +1,198 @@
+"""What the trainer trains: models from the config, the sharded train state, the step.
+
+State (a dict, so Orbax and shardings see a plain tree): `step`, `params` (the U-Net,
+fp32 master weights), `opt_state`, `ema`, `rng`, `nonfinite_streak`, `nonfinite_total`.
+The frozen text encoder and VAE live in `frozen`, outside the optimizer.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Dict, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from smartbrush_jax.diffusion import LossConfig, NoiseSchedule, smartbrush_loss
+from smartbrush_jax.models import AutoencoderKL, CLIPTextConfig, CLIPTextModel, UNet2DConditionModel, UNetConfig
+from smartbrush_jax.pretrained import (
+    StableDiffusion,
+    example_inputs,
+    load_diffusers_folder,
+    load_single_file,
+    to_smartbrush,
+)
+
+
+@dataclasses.dataclass
+class Models:
+    """The modules and where their weights come from."""
+
+    unet: UNet2DConditionModel
+    text: CLIPTextModel
+    vae: Optional[AutoencoderKL]  # None: identity (pixel space)
+    latent_channels: int
+    latent_factor: int
+    scaling_factor: float
+    pretrained: Optional[StableDiffusion]  # SD weights to start from (None: from scratch)
+    schedule: NoiseSchedule
+
+    def model_config(self) -> dict:
+        """What `inpaint`/`export` need to rebuild the models from a workdir."""
+        return {"unet": self.unet.config.to_diffusers(), "text": self.text.config.to_transformers(),
+                "vae": None if self.vae is None else self.vae.config.to_diffusers(),
+                "autoencoder": "identity" if self.vae is None else "vae"}
+
+
+def build_models(config, tokenizer_vocab_size: Optional[int] = None) -> Models:
+    dtype = jnp.bfloat16 if config.model.dtype == "bfloat16" else jnp.float32
+    attn = config.model.attention_impl or None
+    levels = config.model.num_levels
+    if config.model.init_from:
+        path = config.model.init_from
+        sd = load_diffusers_folder(path) if not path.endswith((".ckpt", ".safetensors")) else \
+            load_single_file(path, tokenizer_dir=config.model.tokenizer or None)
+        if sd.unet_config.in_channels == 4:
+            sd = to_smartbrush(sd, levels)
+        elif sd.unet_config.num_class_embeddings != levels + 1:
+            raise ValueError(f"{path}: the U-Net has {sd.unet_config.num_class_embeddings} precision levels, "
+                             f"config.model.num_levels={levels} needs {levels + 1}")
+        vae = None if config.model.autoencoder == "identity" else AutoencoderKL(sd.vae_config, dtype=dtype)
+        return Models(UNet2DConditionModel(sd.unet_config, dtype=dtype, attention_impl=attn),
+                      CLIPTextModel(sd.text_config, dtype=dtype, attention_impl=attn), vae,
+                      sd.vae_config.latent_channels if vae else 3,
+                      2 ** (len(sd.vae_config.block_out_channels) - 1) if vae else 1,
+                      sd.vae_config.scaling_factor if vae else 1.0, sd,
+                      NoiseSchedule.from_diffusers(sd.scheduler_config))
+    channels = 3  # from scratch: pixel space
+    unet_cfg = UNetConfig.from_diffusers({**config.model.unet.to_dict(), "in_channels": channels + 1,
+                                          "out_channels": channels + 1, "num_class_embeds": levels + 1})
+    text_cfg = CLIPTextConfig.from_transformers({
+        **config.model.text.to_dict(), "vocab_size": tokenizer_vocab_size,
+        "eos_token_id": tokenizer_vocab_size - 1, "bos_token_id": tokenizer_vocab_size - 2,
+        "pad_token_id": tokenizer_vocab_size - 1})
+    if text_cfg.hidden_size != unet_cfg.cross_attention_dim:
+        raise ValueError(f"config.model.text.hidden_size {text_cfg.hidden_size} must equal "
+                         f"config.model.unet.cross_attention_dim {unet_cfg.cross_attention_dim}")
+    return Models(UNet2DConditionModel(unet_cfg, dtype=dtype, attention_impl=attn),
+                  CLIPTextModel(text_cfg, dtype=dtype, attention_impl=attn), None, channels, 1, 1.0, None,
+                  NoiseSchedule())
+
+
+def lr_schedule(config) -> optax.Schedule:
+    """Linear warm-up to `optim.lr`, then constant or cosine decay to 0 at `train.steps`."""
+    o = config.optim
+    warm = max(int(o.warmup_steps), 1)
+    if o.schedule == "cosine":
+        return optax.warmup_cosine_decay_schedule(0.0, o.lr, warm, max(int(config.train.steps), warm + 1))
+    return optax.join_schedules([optax.linear_schedule(0.0, o.lr, warm), optax.constant_schedule(o.lr)], [warm])
+
+
+def make_optimizer(config) -> optax.GradientTransformation:
+    o = config.optim
+    return optax.chain(optax.clip_by_global_norm(o.clip_norm),
+                       optax.adamw(lr_schedule(config), b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay))
+
+
+def init_state_fn(models: Models, tx, seed: int):
+    """A function () -> state with *boxed* (logically annotated) params, for eval_shape
+    and for a sharded jit init from scratch."""
+    def init():
+        rng = jax.random.PRNGKey(seed)
+        params = models.unet.init(jax.random.fold_in(rng, 1), *example_inputs(models.unet))["params"]
+        return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params),
+                "ema": jax.tree_util.tree_map(jnp.copy, params), "rng": jax.random.fold_in(rng, 2),
+                "nonfinite_streak": jnp.zeros((), jnp.int32), "nonfinite_total": jnp.zeros((), jnp.int32)}
+    return init
+
+
+def frozen_init_fn(models: Models, seed: int):
+    """() -> frozen params {"text": ..., "vae": ...} (boxed), random; replaced by SD weights
+    when the run starts from them."""
+    def init():
+        rng = jax.random.PRNGKey(seed + 17)
+        out = {"text": models.text.init(rng, *example_inputs(models.text))["params"]}
+        if models.vae is not None:
+            out["vae"] = models.vae.init(rng, *example_inputs(models.vae))["params"]
+        return out
+    return init
+
+
+def logical_specs(abstract_boxed_tree):
+    return nn.get_partition_spec(abstract_boxed_tree)
+
+
+def make_train_step(models: Models, config, tx, empty_tokens: np.ndarray):
+    """(state, frozen, batch) -> (state, metrics). Pure; jit it with shardings and donation."""
+    loss_cfg = LossConfig(num_levels=config.model.num_levels, dice_weight=config.loss.dice_weight,
+                          eps_region=config.loss.eps_region, sigma_scale=config.loss.sigma_scale,
+                          truncate=config.loss.truncate, threshold=config.loss.threshold)
+    acp = jnp.asarray(models.schedule.alphas_cumprod())
+    decay = config.optim.ema_decay
+    nan_steps = tuple(int(s) for s in getattr(config.train, "debug_nan_steps", ()))
+    empty = jnp.asarray(empty_tokens, jnp.int32)
+    schedule = lr_schedule(config)
+
+    def step_fn(state, frozen, batch):
+        rng = jax.random.fold_in(state["rng"], state["step"])
+        k_drop, k_enc, k_loss = jax.random.split(rng, 3)
+        tokens = batch["tokens"]
+        drop = jax.random.uniform(k_drop, (tokens.shape[0],)) < config.loss.text_dropout
+        tokens = jnp.where(drop[:, None], empty[None], tokens)
+        context = jax.lax.stop_gradient(models.text.apply({"params": frozen["text"]}, tokens)[0])
+        latents, masks = encode(models, frozen, batch, k_enc)
+
+        def loss_fn(params):
+            apply = lambda p, x, t, c, s: models.unet.apply({"params": p}, x, t, c, s)  # noqa: E731
+            return smartbrush_loss(apply, params, {"latents": latents, "masks": masks, "context": context},
+                                   k_loss, acp, loss_cfg)
+
+        (loss, parts), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
+        if nan_steps:  # test hook: plant a non-finite loss at these steps
+            loss = jnp.where(jnp.isin(state["step"], jnp.asarray(nan_steps)), jnp.nan, loss)
+        grad_norm = optax.global_norm(grads)
+        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+        params = optax.apply_updates(state["params"], updates)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        keep = lambda new, old: jax.tree_util.tree_map(lambda a, b: jnp.where(finite, a, b), new, old)  # noqa
+        params = keep(params, state["params"])
+        opt_state = keep(opt_state, state["opt_state"])
+        ema = keep(jax.tree_util.tree_map(lambda e, p: decay * e + (1.0 - decay) * p, state["ema"], params),
+                   state["ema"])
+        new_state = {"step": state["step"] + 1, "params": params, "opt_state": opt_state, "ema": ema,
+                     "rng": state["rng"],
+                     "nonfinite_streak": jnp.where(finite, 0, state["nonfinite_streak"] + 1),
+                     "nonfinite_total": state["nonfinite_total"] + jnp.where(finite, 0, 1)}
+        metrics = {"loss": loss, "mse": parts["mse"], "dice": parts["dice"], "iou": parts["iou"],
+                   "grad_norm": grad_norm, "param_norm": optax.global_norm(params),
+                   "update_norm": optax.global_norm(updates), "lr": schedule(state["step"]),
+                   "nonfinite_streak": new_state["nonfinite_streak"],
+                   "nonfinite_total": new_state["nonfinite_total"]}
+        return new_state, metrics
+
+    return step_fn
+
+
+def encode(models: Models, frozen, batch, rng):
+    """Batch images/masks -> (latents [B,h,w,C] float32, masks [B,h,w] float32 in {0,1})."""
+    pixels = batch["image"].astype(jnp.float32) / 127.5 - 1.0
+    if models.vae is None:
+        return pixels, (batch["mask"] > 0).astype(jnp.float32)
+    mean, logvar = models.vae.apply({"params": frozen["vae"]}, pixels, method=models.vae.encode)
+    z = mean + jnp.exp(0.5 * logvar) * jax.random.normal(rng, mean.shape, mean.dtype)
+    frac = batch["latent_mask"]
+    # a latent cell is the object's when most of it is; tiny objects keep their best cells
+    masks = jnp.where(frac.max(axis=(1, 2), keepdims=True) > 0.5, frac > 0.5, frac > 0).astype(jnp.float32)
+    return jax.lax.stop_gradient(z.astype(jnp.float32) * models.scaling_factor), masks
+
+
+def pretrained_frozen(models: Models) -> Optional[Dict[str, Any]]:
+    if models.pretrained is None:
+        return None
+    out = {"text": models.pretrained.text_params}
+    if models.vae is not None:
+        out["vae"] = models.pretrained.vae_params
+    return out
