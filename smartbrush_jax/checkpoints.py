@@ -43,11 +43,19 @@ def restore_params(workdir: str, step: Optional[int] = None, ema: bool = True):
     ckpt_dir = os.path.abspath(os.path.join(workdir, "checkpoints"))
     if not os.path.isdir(ckpt_dir):
         raise FileNotFoundError(f"{workdir}: no checkpoints/ folder: not a training workdir, or nothing saved yet")
-    mngr = ocp.CheckpointManager(ckpt_dir, item_names=("state", "data"))
+    import jax
+
+    mngr = ocp.CheckpointManager(ckpt_dir, item_names=("state", "data"),
+                                 item_handlers={"state": ocp.StandardCheckpointHandler()})
     step = mngr.latest_step() if step is None else step
     if step is None:
         raise FileNotFoundError(f"{workdir}: no finished checkpoint")
-    state = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
+    # The run may have used another topology (8 devices, a pod): restore every array whole
+    # onto this process's first device, from the shapes the checkpoint records.
+    meta = mngr.item_metadata(step)["state"]
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    target = jax.tree_util.tree_map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), meta)
+    state = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))["state"]
     return step, state["ema" if ema else "params"]
 
 

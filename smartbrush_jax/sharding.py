@@ -69,10 +69,24 @@ def rules_from_config(fsdp: bool, extra: Sequence[Sequence[str]] = ()) -> Tuple[
     return extra + tuple(r for r in base if r[0] not in names)
 
 
-def param_shardings(mesh: Mesh, logical_specs: Any, rules) -> Any:
-    """Tree of NamedShardings for a tree of logical PartitionSpecs."""
-    return jax.tree_util.tree_map(lambda spec: NamedSharding(mesh, nn.logical_to_mesh_axes(spec, rules)),
-                                  logical_specs, is_leaf=lambda x: isinstance(x, PartitionSpec))
+def param_shardings(mesh: Mesh, logical_specs: Any, rules, shapes: Any = None) -> Any:
+    """Tree of NamedShardings for a tree of logical PartitionSpecs. With `shapes` (the same
+    tree of arrays/ShapeDtypeStructs), a dimension the mesh axes do not divide evenly (a
+    4-channel bias over 8 devices) stays replicated instead of failing."""
+    def one(spec, shape=None):
+        axes = list(nn.logical_to_mesh_axes(spec, rules))
+        if shape is not None:
+            for i, ax in enumerate(axes):
+                names = (ax,) if isinstance(ax, str) else tuple(ax or ())
+                size = math.prod(mesh.shape[n] for n in names)
+                if names and shape.shape[i] % size:
+                    axes[i] = None
+        return NamedSharding(mesh, PartitionSpec(*axes))
+
+    is_spec = lambda x: isinstance(x, PartitionSpec)  # noqa: E731
+    if shapes is None:
+        return jax.tree_util.tree_map(one, logical_specs, is_leaf=is_spec)
+    return jax.tree_util.tree_map(one, logical_specs, shapes, is_leaf=is_spec)
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:

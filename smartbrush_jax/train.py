@@ -142,13 +142,14 @@ def run(config, workdir: str) -> dict:
                 scalars.update({f"data_skipped/{r}": float(c) for r, c in zip(_reasons(), skips)})
                 writer.write_scalars(step, scalars)
                 history.append({"step": step, **{k: scalars[k] for k in ("loss", "mse", "dice", "iou")}})
-        if step % config.train.checkpoint_every == 0 or step == config.train.steps or _stop(stop, pcount):
+        stopping = _stop(stop, pcount)
+        if step % config.train.checkpoint_every == 0 or step == config.train.steps or stopping:
             if int(jax.device_get(state["nonfinite_streak"])) == 0:
                 checkpoints.save(mngr, step, state, data_iter, force=True)
         if config.train.sample_every and (step % config.train.sample_every == 0 or step == config.train.steps):
             iou = sampler(state["ema"], frozen, step, writer)
             history.append({"step": step, "heldout_iou": iou})
-        if _stop(stop, pcount):
+        if stopping:
             mngr.wait_until_finished()
             logging.info("SIGTERM: saved step %d, exiting", step)
             print(f"SIGTERM: checkpoint at step {step} saved; exiting", file=sys.stderr)
@@ -250,10 +251,10 @@ def init_state(models, config, tx, mesh, rules):
 
     init = init_state_fn(models, tx, config.train.seed)
     boxed = jax.eval_shape(init)
-    state_shardings = sharding.param_shardings(mesh, nn.get_partition_spec(boxed), rules)
+    state_shardings = sharding.param_shardings(mesh, nn.get_partition_spec(boxed), rules, meta.unbox(boxed))
     finit = frozen_init_fn(models, config.train.seed)
     fboxed = jax.eval_shape(finit)
-    frozen_shardings = sharding.param_shardings(mesh, nn.get_partition_spec(fboxed), rules)
+    frozen_shardings = sharding.param_shardings(mesh, nn.get_partition_spec(fboxed), rules, meta.unbox(fboxed))
     if models.pretrained is None:
         state = jax.jit(lambda: meta.unbox(init()), out_shardings=state_shardings)()
         frozen = jax.jit(lambda: meta.unbox(finit()), out_shardings=frozen_shardings)()

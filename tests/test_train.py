@@ -171,7 +171,7 @@ def test_two_processes_with_jax_distributed(tmp_path, data_dir):
     for p, (_, err) in zip(procs, outs):
         assert p.returncode == 0, err[-3000:]
     a, b = _summary(w), _summary(w, "summary_process1.json")
-    assert _losses(a) == _losses(b) and len(_losses(a)) == 4
+    assert _losses(a) == _losses(b) and len(_losses(a)) == 8
     assert _params(w)[0] == 8
 
 
