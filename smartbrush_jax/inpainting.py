@@ -35,10 +35,12 @@ class Inpainter:
     """Runs a SmartBrush Stable Diffusion (5-in/5-out U-Net with precision embedding)."""
 
     def __init__(self, sd: StableDiffusion, dtype=jnp.float32):
-        if sd.unet_config.in_channels != 5 or sd.unet_config.out_channels != 5 \
+        # a SmartBrush U-Net takes latent + mask and returns noise + mask logit
+        latent = 3 if sd.vae_config is None else sd.vae_config.latent_channels
+        if sd.unet_config.in_channels != latent + 1 or sd.unet_config.out_channels != latent + 1 \
                 or sd.unet_config.num_class_embeddings is None:
-            raise ValueError("Inpainter needs a SmartBrush U-Net (5 in / 5 out channels, precision embedding); "
-                             "apply pretrained.to_smartbrush to a plain SD U-Net first")
+            raise ValueError(f"Inpainter needs a SmartBrush U-Net ({latent + 1} in / {latent + 1} out channels, "
+                             "precision embedding); apply pretrained.to_smartbrush to a plain SD U-Net first")
         if sd.tokenizer is None:
             raise ValueError("Inpainter needs a tokenizer (load_single_file(..., tokenizer_dir=...))")
         self.sd = sd
