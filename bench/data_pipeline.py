@@ -46,14 +46,18 @@ def bench_grain(cfg, batches, warmup):
     from smartbrush_jax.data.pipeline import make_dataset
 
     it = iter(make_dataset(cfg))
+    rate = examples_per_second(it, batches, warmup, cfg.batch_size)
+    it.close()
+    return rate
+
+
+def examples_per_second(it, batches: int, warmup: int, batch_size: int) -> float:
     for _ in range(warmup):
         next(it)
     t0 = time.perf_counter()
     for _ in range(batches):
         next(it)
-    dt = time.perf_counter() - t0
-    it.close()
-    return batches * cfg.batch_size / dt
+    return batches * batch_size / (time.perf_counter() - t0)
 
 
 class TorchRecords:
@@ -97,14 +101,7 @@ def bench_torch(cfg, batches, warmup):
     loader = torch.utils.data.DataLoader(TorchRecords(cfg), batch_size=cfg.batch_size, num_workers=cfg.num_workers,
                                          shuffle=False, persistent_workers=cfg.num_workers > 0,
                                          multiprocessing_context="spawn" if cfg.num_workers > 0 else None)
-    it = iter(loader)
-    for _ in range(warmup):
-        next(it)
-    t0 = time.perf_counter()
-    for _ in range(batches):
-        next(it)
-    dt = time.perf_counter() - t0
-    return batches * cfg.batch_size / dt
+    return examples_per_second(iter(loader), batches, warmup, cfg.batch_size)
 
 
 def profile(cfg, n=40):
