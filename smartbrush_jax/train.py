@@ -130,7 +130,7 @@ def run(config, workdir: str) -> dict:
         step += 1
         for h in hooks:
             h(step)
-        if step % check_every == 0 or step == config.train.steps:
+        if step % check_every == 0 or step % config.train.log_every == 0 or step == config.train.steps:
             m = jax.device_get(metrics)
             if int(m["nonfinite_streak"]) >= config.train.max_nonfinite_in_a_row:
                 mngr.wait_until_finished()
