@@ -4,8 +4,9 @@ synthetic shapes set. About 12 minutes on 2 CPU cores, 2000 steps of batch 16 at
 
     python -m smartbrush_jax.train --config=configs/cpu_demo.py --workdir=runs/demo
 
-Expect the loss to fall within the first few hundred steps and the predicted-mask IoU on
-held-out scenes to pass 0.5; sample grids land in runs/demo/samples/.
+Measured on the 2-core machine: loss 0.155 (first 10% of steps) -> 0.049 (last 10%),
+held-out predicted-mask IoU 0.72 -> 0.77; the samples show the prompted shape and colour
+inside the mask (docs/demo_samples.png). Sample grids land in runs/demo/samples/.
 """
 
 from smartbrush_jax.config import base_config
@@ -37,6 +38,9 @@ def get_config():
     # the background of x_t is the clean image: it holds no noise to predict, so the noise
     # MSE is taken inside the (degraded) mask only (PAPER.md leaves the region open)
     c.loss.eps_region = "mask"
+    # the paper's 0.01 leaves the demo's mask head copying its input mask within 2000 steps
+    # (held-out IoU flat at 0.72); 0.1 makes it find the object (0.77 and rising)
+    c.loss.dice_weight = 0.1
 
     c.optim.lr = 2e-3
     c.optim.warmup_steps = 100
