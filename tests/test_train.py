@@ -210,3 +210,10 @@ def test_unknown_config_field_is_a_clear_error(tmp_path):
     proc = _train(str(tmp_path / "w"), "--config.train.stepz=3", timeout=120)
     assert proc.returncode != 0
     assert "stepz" in proc.stderr
+
+
+def test_demo_inpaint_without_a_trained_run_is_a_clear_error(tmp_path, capsys):
+    from smartbrush_jax.demo import main
+
+    assert main(["--workdir", str(tmp_path)]) == 2
+    assert "train the demo first" in capsys.readouterr().err
