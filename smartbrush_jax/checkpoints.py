@@ -80,8 +80,6 @@ def write_run_files(workdir: str, model_config: dict, tokenizer_dir: str, frozen
 def load_workdir(workdir: str, step: Optional[int] = None, ema: bool = True):
     """A training run as a `StableDiffusion` bundle for inpainting and export: the U-Net
     from the checkpoint (EMA weights by default), the text encoder (and VAE) it trained with."""
-    import jax.numpy as jnp
-
     from smartbrush_jax.models import CLIPTextConfig, CLIPTextModel, UNetConfig
     from smartbrush_jax.pretrained import (
         StableDiffusion,
@@ -95,7 +93,7 @@ def load_workdir(workdir: str, step: Optional[int] = None, ema: bool = True):
     cfg = read_model_config(workdir)
     step, unet_params = restore_params(workdir, step, ema)
     sd = StableDiffusion(unet_config=UNetConfig.from_diffusers(cfg["unet"]),
-                         unet_params=jax_tree_asarray(unet_params, jnp), tokenizer=load_tokenizer(
+                         unet_params=_as_jax(unet_params), tokenizer=load_tokenizer(
                              os.path.join(workdir, "tokenizer")))
     if cfg.get("init_from"):
         path = cfg["init_from"]
@@ -106,14 +104,15 @@ def load_workdir(workdir: str, step: Optional[int] = None, ema: bool = True):
     else:
         sd.text_config = CLIPTextConfig.from_transformers(cfg["text"])
         state = read_state_dict(os.path.join(workdir, "frozen_text.safetensors"))
-        sd.text_params = jax_tree_asarray(torch_to_flax(state, abstract_params(CLIPTextModel(sd.text_config))), jnp)
+        sd.text_params = _as_jax(torch_to_flax(state, abstract_params(CLIPTextModel(sd.text_config))))
     if cfg.get("autoencoder") == "identity":
         sd.vae_config, sd.vae_params = None, None
     return step, sd
 
 
-def jax_tree_asarray(tree, jnp):
+def _as_jax(tree):
     import jax
+    import jax.numpy as jnp
 
     return jax.tree_util.tree_map(jnp.asarray, tree)
 

@@ -8,8 +8,6 @@ the predicted-mask IoU against the exact object mask.
 
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -29,7 +27,7 @@ def make_sample_fn(models, config, empty_tokens):
     cfg = SamplerConfig(num_steps=config.train.sample_steps, guidance_scale=config.train.sample_guidance)
     levels_n = config.model.num_levels
 
-    @functools.partial(jax.jit)
+    @jax.jit
     def run(params, frozen, batch, levels, rng):
         x0, true_mask = encode(models, frozen, batch, rng)
         user = degrade_mask(true_mask, levels, levels_n, config.loss.sigma_scale, config.loss.truncate,
