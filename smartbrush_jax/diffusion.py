@@ -174,7 +174,8 @@ class SamplerConfig:
 
 def sample(apply_fn: ApplyFn, params: Any, x0: jax.Array, mask: jax.Array, levels: jax.Array, cond: jax.Array,
            uncond: jax.Array, rng: jax.Array, schedule: NoiseSchedule = NoiseSchedule(),
-           cfg: SamplerConfig = SamplerConfig(), progress: Optional[Callable[[int], None]] = None):
+           cfg: SamplerConfig = SamplerConfig(), progress: Optional[Callable[[int], None]] = None,
+           init_noise: Optional[jax.Array] = None):
     """SmartBrush DDIM sampling with classifier-free guidance and background preservation.
 
     x0: [B,h,w,C] scaled latents of the input image; mask: [B,h,w] the user's mask on the
@@ -183,7 +184,8 @@ def sample(apply_fn: ApplyFn, params: Any, x0: jax.Array, mask: jax.Array, level
     after every step; `M` is the user mask for the first `mask_warmup` of the steps, then
     the predicted mask (sigmoid > threshold, dilated, within the user mask; the user mask
     again if the prediction covers less than `min_predicted_fraction` of it).
-    `progress(i)` is called after step i (host callback). Returns (latents [B,h,w,C],
+    `progress(i)` is called after step i (host callback). `init_noise` ([B,h,w,C]) replaces
+    the initial noise drawn from `rng` (to compare with another implementation). Returns (latents [B,h,w,C],
     predicted mask [B,h,w] float in {0,1} within the user mask, from the last step).
     """
     acp = jnp.asarray(schedule.alphas_cumprod())
@@ -194,7 +196,8 @@ def sample(apply_fn: ApplyFn, params: Any, x0: jax.Array, mask: jax.Array, level
     m = (mask > 0.5).astype(x0.dtype)
     b, c = x0.shape[0], x0.shape[-1]
     k0, k_loop = jax.random.split(rng)
-    x = jax.random.normal(k0, x0.shape, x0.dtype) * m[..., None] + x0 * (1.0 - m[..., None])
+    noise0 = jax.random.normal(k0, x0.shape, x0.dtype) if init_noise is None else init_noise.astype(x0.dtype)
+    x = noise0 * m[..., None] + x0 * (1.0 - m[..., None])
     context = jnp.concatenate([cond, uncond], axis=0)
     unet_in_mask = m[..., None]
 

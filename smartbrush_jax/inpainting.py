@@ -11,24 +11,25 @@ byte for byte (compositing happens on the original uint8 image at its original s
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 from typing import Callable, Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from PIL import Image, ImageFilter
 
+from smartbrush_jax.compositing import (  # noqa: F401  (re-exported)
+    InpaintResult,
+    check_inputs,
+    composite,
+    finish,
+    make_grid,
+    model_inputs,
+    outline,
+    working_size,
+)
 from smartbrush_jax.diffusion import NoiseSchedule, SamplerConfig, sample
 from smartbrush_jax.pretrained import StableDiffusion
-
-
-@dataclasses.dataclass
-class InpaintResult:
-    images: np.ndarray  # [N, H, W, 3] uint8, the input's size
-    predicted_masks: np.ndarray  # [N, H, W] bool, within the user's mask
-    working_size: tuple  # (height, width) the model ran at
 
 
 class Inpainter:
@@ -98,26 +99,11 @@ class Inpainter:
                  resolution: int = 512, feather: float = 4.0,
                  progress: Optional[Callable[[int], None]] = None) -> InpaintResult:
         """image [H,W,3] uint8; mask [H,W] bool (True = region to fill). Returns `InpaintResult`."""
-        image = np.asarray(image)
-        mask = np.asarray(mask).astype(bool)
-        if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
-            raise ValueError(f"image must be [H, W, 3] uint8, got {image.shape} {image.dtype}")
-        if mask.shape != image.shape[:2]:
-            raise ValueError(f"mask {mask.shape} and image {image.shape[:2]} differ in size")
-        if not mask.any():
-            raise ValueError("the mask is empty: mark the region to fill")
-        if not 0 <= precision <= self.num_levels:
-            raise ValueError(f"precision must be in [0, {self.num_levels}], got {precision}")
-        if num_samples < 1:
-            raise ValueError(f"num_samples must be >= 1, got {num_samples}")
-        h, w = mask.shape
-        wh, ww = working_size(h, w, resolution, self.size_multiple)
-        pixels = np.asarray(Image.fromarray(image).resize((ww, wh), Image.Resampling.LANCZOS), np.float32)
-        work_mask = np.asarray(Image.fromarray(mask).resize((ww, wh), Image.Resampling.NEAREST))
-        f = self.vae_factor
-        latent_mask = work_mask.reshape(wh // f, f, ww // f, f).max(axis=(1, 3)).astype(np.float32)
+        image, mask = check_inputs(image, mask, precision, self.num_levels, num_samples)
+        size = working_size(*mask.shape, resolution, self.size_multiple)
+        pixels, latent_mask = model_inputs(image, mask, size, self.vae_factor)
 
-        x0 = self._encode_image(self.sd.vae_params, jnp.asarray(pixels[None] / 127.5 - 1.0))
+        x0 = self._encode_image(self.sd.vae_params, jnp.asarray(pixels[None]))
         ids = np.stack([self.tokenize(prompt)[0], self.tokenize(negative_prompt)[0]])
         context = self._encode_text(self.sd.text_params, jnp.asarray(ids))
         n = num_samples
@@ -126,55 +112,4 @@ class Inpainter:
             self.sd.unet_params, rep(x0), rep(jnp.asarray(latent_mask)[None]), jnp.full((n,), precision, jnp.int32),
             rep(context[:1]), rep(context[1:]), jax.random.PRNGKey(seed))
         decoded = np.asarray(self._decode(self.sd.vae_params, latents))
-        pred = np.asarray(pred)
-
-        images, masks = [], []
-        for i in range(n):
-            out = np.asarray(Image.fromarray(np.round(decoded[i]).astype(np.uint8)).resize((w, h),
-                                                                                          Image.Resampling.LANCZOS))
-            region = np.asarray(Image.fromarray((pred[i] > 0.5).astype(np.uint8) * 255)
-                                .resize((w, h), Image.Resampling.NEAREST)) > 127
-            region &= mask
-            images.append(composite(image, out, region, mask, feather))
-            masks.append(region)
-        return InpaintResult(np.stack(images), np.stack(masks), (wh, ww))
-
-
-def working_size(h: int, w: int, resolution: int, multiple: int) -> tuple[int, int]:
-    """The size the model runs at: the long side at most `resolution`, both sides
-    rounded to the nearest multiple of `multiple` (at least one multiple)."""
-    scale = min(1.0, resolution / max(h, w))
-    return (max(multiple, int(round(h * scale / multiple)) * multiple),
-            max(multiple, int(round(w * scale / multiple)) * multiple))
-
-
-def composite(original: np.ndarray, generated: np.ndarray, region: np.ndarray, user_mask: np.ndarray,
-              feather: float) -> np.ndarray:
-    """Blend `generated` into `original` inside the feathered `region`, never outside the
-    user's mask: there the result is `original`, byte for byte. All [H,W(,3)] at one size."""
-    weight = region.astype(np.float32)
-    if feather > 0:
-        blurred = Image.fromarray(region.astype(np.uint8) * 255).filter(ImageFilter.GaussianBlur(feather))
-        weight = np.maximum(weight, np.asarray(blurred, np.float32) / 255.0)  # soft edge outward
-    weight = (weight * user_mask)[..., None]
-    blend = np.round(original.astype(np.float32) * (1.0 - weight) + generated.astype(np.float32) * weight)
-    return np.where(weight > 0, np.clip(blend, 0, 255).astype(np.uint8), original)
-
-
-def outline(mask: np.ndarray, width: int = 2) -> np.ndarray:
-    """Pixels on the border of a binary mask (for drawing it over the input)."""
-    img = Image.fromarray(mask.astype(np.uint8) * 255)
-    eroded = np.asarray(img.filter(ImageFilter.MinFilter(2 * width + 1))) > 127
-    return mask & ~eroded
-
-
-def make_grid(image: np.ndarray, mask: np.ndarray, result: InpaintResult) -> np.ndarray:
-    """One row per sample: input with the mask outlined in red | result | predicted mask."""
-    shown = image.copy()
-    shown[outline(mask)] = (255, 0, 0)
-    rows = []
-    for img, pm in zip(result.images, result.predicted_masks):
-        pm_rgb = np.repeat((pm.astype(np.uint8) * 255)[..., None], 3, axis=2)
-        rows.append(np.concatenate([shown, img, pm_rgb], axis=1))
-    return np.concatenate(rows, axis=0)
-
+        return finish(image, mask, decoded, np.asarray(pred), feather, size)

@@ -94,7 +94,11 @@ def run(config, workdir: str) -> dict:
     if pidx == 0:
         checkpoints.write_run_files(
             workdir, {**models.model_config(), "num_levels": config.model.num_levels,
-                      "init_from": os.path.abspath(config.model.init_from) if config.model.init_from else ""},
+                      "init_from": os.path.abspath(config.model.init_from) if config.model.init_from else "",
+                      "resolution": config.data.resolution, "degrade": {
+                          k: config.loss[k] for k in ("sigma_scale", "truncate", "threshold")},
+                      "sampler": {"num_steps": config.train.sample_steps,
+                                  "guidance_scale": config.train.sample_guidance}},
             tokenizer.name_or_path, None if config.model.init_from else frozen)
 
     # ------------------------------------------------------------------ the step

@@ -15,3 +15,31 @@ def sd_folder(tmp_path_factory):
     """A tiny random SD pipeline folder (safetensors) and the torch models it holds."""
     path = str(tmp_path_factory.mktemp("sd_tiny"))
     return path, write_sd_folder(path)
+
+
+@pytest.fixture(scope="session")
+def demo_run(tmp_path_factory):
+    """A run of the demo config (configs/cpu_demo.py) cut to 4 steps on 64 scenes: the
+    real architecture and workdir layout, trained just enough to have a checkpoint."""
+    import subprocess
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    work = str(tmp_path_factory.mktemp("demo_run"))
+    env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3")
+    proc = subprocess.run(
+        [sys.executable, "-m", "smartbrush_jax.train", f"--config={root}/configs/cpu_demo.py", f"--workdir={work}",
+         "--config.train.steps=4", "--config.data.synthetic_scenes=64", "--config.train.sample_every=0",
+         "--config.train.checkpoint_every=4", "--config.optim.warmup_steps=1", "--config.train.log_every=2"],
+        capture_output=True, text=True, timeout=900, env=env, cwd=root)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return work
+
+
+@pytest.fixture(scope="session")
+def demo_export(demo_run, tmp_path_factory):
+    """`demo_run` exported to a diffusers folder by `smartbrush-export`."""
+    from smartbrush_jax.export import main
+
+    out = str(tmp_path_factory.mktemp("demo_export") / "model")
+    assert main(["--workdir", demo_run, "--out", out]) == 0
+    return out

@@ -1,0 +1,211 @@
+"""SmartBrush inpainting in PyTorch on stock diffusers/transformers components: the same
+sampler as `smartbrush_jax.diffusion.sample` (DDIM, classifier-free guidance, precision
+level as `class_labels`, background restored outside the predicted mask after every
+step) and the same image handling (`smartbrush_jax.compositing`). No JAX needed.
+
+    pipe = SmartBrushPipeline.from_pretrained("exports/smartbrush")   # smartbrush-export output
+    result = pipe(image_u8, mask_bool, "a flamingo", precision=3, seed=0)
+    result.images[0], result.predicted_masks[0]
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any, Callable, Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from smartbrush_jax.compositing import InpaintResult, check_inputs, finish, model_inputs, working_size
+
+SETTINGS_FILE = "smartbrush.json"
+SETTINGS_VERSION = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplerSettings:
+    """The knobs of `smartbrush_jax.diffusion.SamplerConfig`, with the same meaning."""
+
+    num_steps: int = 50
+    guidance_scale: float = 7.5
+    eta: float = 0.0
+    use_predicted_mask: bool = True
+    mask_warmup: float = 0.3
+    mask_threshold: float = 0.5
+    mask_dilate: int = 1
+    min_predicted_fraction: float = 0.02
+
+
+class PipelineError(ValueError):
+    """An exported folder that is incomplete or inconsistent."""
+
+
+class SmartBrushPipeline:
+    """unet: diffusers `UNet2DConditionModel` (latent+1 in, latent+1 out, class embedding
+    with S + 1 rows); vae: `AutoencoderKL` or None for a pixel-space model; text_encoder:
+    transformers `CLIPTextModel`; scheduler: diffusers `DDIMScheduler`."""
+
+    def __init__(self, unet, text_encoder, tokenizer, scheduler, vae=None, settings: Optional[dict] = None):
+        self.unet, self.text_encoder, self.tokenizer = unet.eval(), text_encoder.eval(), tokenizer
+        self.vae = None if vae is None else vae.eval()
+        self.scheduler = scheduler
+        self.settings = dict(settings or {})
+        latent = 3 if vae is None else vae.config.latent_channels
+        cfg = unet.config
+        if cfg.in_channels != latent + 1 or cfg.out_channels != latent + 1 or cfg.num_class_embeds is None:
+            raise PipelineError(f"a SmartBrush U-Net has {latent + 1} in / {latent + 1} out channels and a class "
+                                f"embedding; this one has {cfg.in_channels} / {cfg.out_channels} and "
+                                f"num_class_embeds={cfg.num_class_embeds}")
+        if scheduler.config.get("clip_sample") or scheduler.config.get("thresholding"):
+            raise PipelineError("the scheduler clips or thresholds samples; SmartBrush's DDIM does neither")
+        if scheduler.config.get("timestep_spacing", "leading") != "leading":
+            raise PipelineError("only timestep_spacing='leading' DDIM schedules are supported")
+        self.latent_channels = latent
+        self.num_levels = cfg.num_class_embeds - 1
+        self.vae_factor = 1 if vae is None else 2 ** (len(vae.config.block_out_channels) - 1)
+        self.size_multiple = self.vae_factor * 2 ** (len(cfg.block_out_channels) - 1)
+        self.sampler = SamplerSettings(**self.settings.get("sampler", {}))
+
+    # -- loading
+    @classmethod
+    def from_pretrained(cls, folder: str, torch_dtype=torch.float32, device: str = "cpu") -> "SmartBrushPipeline":
+        """Load a folder written by `smartbrush-export` (or any diffusers SD folder whose
+        U-Net is a SmartBrush U-Net, plus a `smartbrush.json`)."""
+        from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+        from transformers import CLIPTextModel, CLIPTokenizer
+
+        settings = read_settings(folder)
+        for sub in ("unet", "text_encoder", "tokenizer", "scheduler"):
+            if not os.path.isdir(os.path.join(folder, sub)):
+                raise PipelineError(f"{folder}: no {sub}/ folder: not a SmartBrush export")
+        kw = dict(torch_dtype=torch_dtype, local_files_only=True, use_safetensors=True)
+        unet = UNet2DConditionModel.from_pretrained(os.path.join(folder, "unet"), low_cpu_mem_usage=False, **kw)
+        text = CLIPTextModel.from_pretrained(os.path.join(folder, "text_encoder"), **kw)
+        vae = None
+        if settings.get("autoencoder", "kl") != "identity":
+            vae = AutoencoderKL.from_pretrained(os.path.join(folder, "vae"), low_cpu_mem_usage=False, **kw)
+        tokenizer = CLIPTokenizer.from_pretrained(os.path.join(folder, "tokenizer"), local_files_only=True)
+        scheduler = DDIMScheduler.from_pretrained(os.path.join(folder, "scheduler"), local_files_only=True)
+        return cls(unet, text, tokenizer, scheduler, vae, settings).to(device)
+
+    def to(self, device) -> "SmartBrushPipeline":
+        for m in (self.unet, self.text_encoder, self.vae):
+            if m is not None:
+                m.to(device)
+        return self
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.unet.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.unet.parameters()).dtype
+
+    # -- pieces
+    @torch.no_grad()
+    def encode_prompt(self, prompts: list[str]) -> torch.Tensor:
+        """[N, T, D] last hidden states for prompts padded/truncated to the model's length."""
+        ids = self.tokenizer(prompts, padding="max_length", truncation=True,
+                             max_length=self.text_encoder.config.max_position_embeddings, return_tensors="pt").input_ids
+        return self.text_encoder(ids.to(self.device))[0]
+
+    @torch.no_grad()
+    def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
+        """[N,3,H,W] in [-1, 1] -> scaled latents (the pixels themselves without a VAE)."""
+        if self.vae is None:
+            return pixels
+        return self.vae.encode(pixels).latent_dist.mean * self.vae.config.scaling_factor
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Scaled latents -> [N,3,H,W] float in [0, 255]."""
+        pixels = latents if self.vae is None else self.vae.decode(latents / self.vae.config.scaling_factor).sample
+        return ((pixels.float() + 1.0) * 127.5).clamp(0.0, 255.0)
+
+    @torch.no_grad()
+    def sample(self, x0: torch.Tensor, mask: torch.Tensor, levels: torch.Tensor, cond: torch.Tensor,
+               uncond: torch.Tensor, noise: torch.Tensor, sampler: Optional[SamplerSettings] = None,
+               generator: Optional[torch.Generator] = None,
+               progress: Optional[Callable[[int], None]] = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """x0: [B,C,h,w] scaled latents; mask: [B,h,w] in {0,1}; levels: [B] int;
+        cond/uncond: [B,T,D]; noise: [B,C,h,w] the initial noise. Returns (latents
+        [B,C,h,w], predicted mask [B,h,w] in {0,1} within the user's mask, last step)."""
+        cfg = sampler or self.sampler
+        c, b = x0.shape[1], x0.shape[0]
+        m = (mask > 0.5).to(x0.dtype)
+        m4 = m[:, None]
+        self.scheduler.set_timesteps(cfg.num_steps)
+        warmup = int(round(cfg.mask_warmup * cfg.num_steps))
+        x = noise.to(x0.dtype) * m4 + x0 * (1.0 - m4)
+        context = torch.cat([cond, uncond])
+        labels = torch.cat([levels, levels]).to(self.device)
+        pred = m
+        for i, t in enumerate(self.scheduler.timesteps):
+            inp = torch.cat([x, m4], dim=1)
+            out = self.unet(torch.cat([inp, inp]).to(self.dtype), t, context.to(self.dtype),
+                            class_labels=labels).sample.to(x0.dtype)
+            eps_c, eps_u = out[:b, :c], out[b:, :c]
+            eps = eps_u + cfg.guidance_scale * (eps_c - eps_u)
+            x = self.scheduler.step(eps, t, x, eta=cfg.eta, generator=generator).prev_sample
+            pred = predicted_region(out[:b, c], m, cfg)
+            region = m if (not cfg.use_predicted_mask or i < warmup) else pred
+            x = x * region[:, None] + x0 * (1.0 - region[:, None])
+            if progress is not None:
+                progress(i)
+        return x, pred
+
+    # -- the whole thing
+    def __call__(self, image: np.ndarray, mask: np.ndarray, prompt: str, negative_prompt: str = "",
+                 precision: int = 0, seed: int = 0, num_samples: int = 1, sampler: Optional[SamplerSettings] = None,
+                 resolution: Optional[int] = None, feather: Optional[float] = None,
+                 noise: Optional[torch.Tensor] = None,
+                 progress: Optional[Callable[[int], None]] = None) -> InpaintResult:
+        """image [H,W,3] uint8; mask [H,W] bool (True = region to fill). `noise`
+        ([N,C,h,w]) replaces the initial noise drawn from `seed`."""
+        image, mask = check_inputs(image, mask, precision, self.num_levels, num_samples)
+        resolution = resolution or self.settings.get("resolution", 512)
+        feather = self.settings.get("feather", 4.0) if feather is None else feather
+        size = working_size(*mask.shape, resolution, self.size_multiple)
+        pixels, latent_mask = model_inputs(image, mask, size, self.vae_factor)
+        dev, n = self.device, num_samples
+        x0 = self.encode_image(torch.from_numpy(pixels).permute(2, 0, 1)[None].to(dev, self.dtype)).float()
+        context = self.encode_prompt([prompt, negative_prompt]).float()
+        generator = torch.Generator(device="cpu").manual_seed(seed)
+        if noise is None:
+            noise = torch.randn((n, *x0.shape[1:]), generator=generator).to(dev)
+        latents, pred = self.sample(
+            x0.repeat(n, 1, 1, 1), torch.from_numpy(latent_mask)[None].repeat(n, 1, 1).to(dev),
+            torch.full((n,), precision, dtype=torch.long, device=dev), context[:1].repeat(n, 1, 1),
+            context[1:].repeat(n, 1, 1), noise.to(dev), sampler, generator, progress)
+        decoded = self.decode(latents.to(self.dtype)).permute(0, 2, 3, 1).cpu().numpy()
+        return finish(image, mask, decoded, pred.cpu().numpy(), feather, size)
+
+
+def predicted_region(mask_logit: torch.Tensor, user_mask: torch.Tensor, cfg: SamplerSettings) -> torch.Tensor:
+    """As `smartbrush_jax.diffusion.predicted_region`: threshold, dilate by a
+    (2r+1)^2 square, clip to the user's mask, fall back to it when nearly empty."""
+    pred = (torch.sigmoid(mask_logit.float()) > cfg.mask_threshold).to(user_mask.dtype)
+    r = cfg.mask_dilate
+    if r > 0:
+        pred = F.max_pool2d(pred[:, None], 2 * r + 1, stride=1, padding=r)[:, 0]
+    pred = pred * user_mask
+    share = pred.sum(dim=(1, 2)) / user_mask.sum(dim=(1, 2)).clamp(min=1.0)
+    return torch.where((share < cfg.min_predicted_fraction)[:, None, None], user_mask, pred)
+
+
+def read_settings(folder: str) -> dict[str, Any]:
+    """`smartbrush.json` of an exported folder, checked."""
+    path = os.path.join(folder, SETTINGS_FILE)
+    if not os.path.isdir(folder):
+        raise PipelineError(f"{folder}: no such folder")
+    if not os.path.isfile(path):
+        raise PipelineError(f"{folder}: no {SETTINGS_FILE}: not a SmartBrush export (write one with smartbrush-export)")
+    with open(path) as f:
+        settings = json.load(f)
+    if settings.get("format_version") != SETTINGS_VERSION:
+        raise PipelineError(f"{path}: format_version {settings.get('format_version')!r}, expected {SETTINGS_VERSION}")
+    return settings
