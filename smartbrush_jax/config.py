@@ -80,6 +80,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.keep_every = 5000
     c.train.max_nonfinite_in_a_row = 20
     c.train.profile_steps = 0  # > 0: capture a profile of this many steps after warm-up
+    c.train.peak_tflops = 0.0  # per-device peak for MFU; 0 = bf16 dense peak of the device kind (none on CPU)
     c.train.debug_nan_steps = ()  # test hook: steps whose loss is replaced by NaN
 
     c.mesh = ml_collections.ConfigDict()
@@ -109,6 +110,7 @@ def validate(c: ml_collections.ConfigDict, num_devices: int | None = None, proce
     need(c.train.steps > 0, "train.steps", "must be > 0")
     need(c.train.batch_size > 0, "train.batch_size", "must be > 0")
     need(c.train.max_nonfinite_in_a_row >= 1, "train.max_nonfinite_in_a_row", "must be >= 1")
+    need(c.train.peak_tflops >= 0, "train.peak_tflops", f"must be >= 0 (0: from the device), got {c.train.peak_tflops}")
     need(c.data.prepared_dirs or c.data.synthetic_scenes > 0, "data.prepared_dirs",
          "give prepared data folders (python -m smartbrush_jax.data.prepare) or data.synthetic_scenes > 0")
     need(c.train.batch_size % process_count == 0, "train.batch_size",

@@ -49,7 +49,7 @@ def main(argv) -> None:
 
 
 def run(config, workdir: str) -> dict:
-    from smartbrush_jax import checkpoints, sharding
+    from smartbrush_jax import checkpoints, flops, sharding
     from smartbrush_jax.config import validate
     from smartbrush_jax.train_state import build_models, make_optimizer
 
@@ -108,6 +108,11 @@ def run(config, workdir: str) -> dict:
                       in_shardings=(state_shardings, frozen_shardings, sharding.batch_sharding(mesh)),
                       out_shardings=(state_shardings, sharding.replicated(mesh)), donate_argnums=(0,))
     sampler = Samples(models, config, empty_tokens, heldout_cfg, workdir, mesh)
+    latent = data_cfg.resolution // models.latent_factor
+    model_flops = flops.train_step_flops(flops.unet_forward_flops(
+        models.unet.config, config.train.batch_size, latent, latent, len(empty_tokens)))
+    peak = config.train.peak_tflops * 1e12 or flops.peak_flops_per_device(jax.devices()[0])
+    flop_report = {}
 
     # ------------------------------------------------------------------ metrics, signals
     from clu import metric_writers, periodic_actions
@@ -130,6 +135,11 @@ def run(config, workdir: str) -> dict:
         local = next(data_iter)
         skips = local["skips"].sum(0) if skips is None else skips + local["skips"].sum(0)
         batch = sharding.shard_batch(mesh, {k: local[k] for k in ("image", "mask", "latent_mask", "tokens")})
+        if step == start:  # compile here (the call below reuses it) for XLA's FLOP count
+            flop_report = flops.step_report(step_fn.lower(state, frozen, batch).compile(), model_flops,
+                                            jax.device_count(), peak)
+            logging.info("%s", flops.format_report(flop_report))
+            window = (time.time(), step)  # throughput is measured between log points
         state, metrics = step_fn(state, frozen, batch)
         step += 1
         for h in hooks:
@@ -144,8 +154,12 @@ def run(config, workdir: str) -> dict:
             if step % config.train.log_every == 0 or step == config.train.steps:
                 scalars = {k: float(v) for k, v in m.items()}
                 scalars.update({f"data_skipped/{r}": float(c) for r, c in zip(_reasons(), skips)})
+                speed = flops.throughput(model_flops, (time.time() - window[0]) / (step - window[1]),
+                                         jax.device_count(), peak)
+                window = (time.time(), step)
+                scalars.update(speed)
                 writer.write_scalars(step, scalars)
-                history.append({"step": step, **{k: scalars[k] for k in ("loss", "mse", "dice", "iou")}})
+                history.append({"step": step, **{k: scalars[k] for k in ("loss", "mse", "dice", "iou")}, **speed})
         stopping = _stop(stop, pcount)
         if step % config.train.checkpoint_every == 0 or step == config.train.steps or stopping:
             if int(jax.device_get(state["nonfinite_streak"])) == 0:
@@ -153,6 +167,7 @@ def run(config, workdir: str) -> dict:
         if config.train.sample_every and (step % config.train.sample_every == 0 or step == config.train.steps):
             iou = sampler(state["ema"], frozen, step, writer)
             history.append({"step": step, "heldout_iou": iou})
+            window = (time.time(), step)  # sampling is not training time
         if stopping:
             mngr.wait_until_finished()
             logging.info("SIGTERM: saved step %d, exiting", step)
@@ -161,7 +176,7 @@ def run(config, workdir: str) -> dict:
             sys.exit(0)
     mngr.wait_until_finished()
     writer.flush()
-    summary = {"steps": step, "seconds": time.time() - t0, "history": history,
+    summary = {"steps": step, "seconds": time.time() - t0, "history": history, "flops": flop_report,
                "nonfinite_total": int(jax.device_get(state["nonfinite_total"]))}
     name = "summary.json" if pidx == 0 else f"summary_process{pidx}.json"
     with open(os.path.join(workdir, name), "w") as f:

@@ -84,6 +84,12 @@ def test_resume_after_sigkill_is_exact(tmp_path, data_dir):
     assert proc.returncode == 0, proc.stderr[-3000:]
     losses = _losses(_summary(straight))
     assert np.mean(losses[-4:]) < np.mean(losses[:4])  # the loss falls
+    # FLOP accounting: model TFLOP/s in every log entry (no MFU: a CPU has no peak in the
+    # table); XLA's count of the step is near the analytic 3x U-Net forward (it adds the
+    # text encoder, AdamW, EMA and elementwise work, and skips padded conv taps)
+    history = [h for h in _summary(straight)["history"] if "loss" in h]
+    assert len(history) == 40 and all(h["tflops_per_s"] > 0 and "mfu" not in h for h in history)
+    assert 0.9 < _summary(straight)["flops"]["xla_over_model"] < 1.3
 
     killed = _workdir(tmp_path, data_dir, "killed")
     p = subprocess.Popen(_cmd(killed, *steps), env=_env(), cwd=ROOT, stdout=subprocess.DEVNULL,
@@ -186,6 +192,7 @@ def test_bad_config_values_are_refused():
         ("model.dtype", "float16", "must be one of"),
         ("loss.eps_region", "box", "must be 'all' or 'mask'"),
         ("optim.lr", -1.0, "must be > 0"),
+        ("train.peak_tflops", -1.0, "must be >= 0"),
     ]:
         bad = base_config()
         bad.data.synthetic_scenes = 10
