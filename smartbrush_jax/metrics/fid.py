@@ -6,7 +6,7 @@ All in float64. The trace of the root is taken from symmetric eigenvalue problem
 A = S1^(1/2) (eigh), S1 S2 is similar to A S2 A, a symmetric positive semi-definite matrix,
 so Tr((S1 S2)^(1/2)) = sum sqrt(eig(A S2 A)). This is exact for covariance matrices, needs
 no complex arithmetic or eps offset for singular ones (few samples), and on 2048 features
-takes about a second where scipy's general `sqrtm` of S1 S2 takes over ten on two cores.
+is about four times faster than scipy's general `sqrtm` of S1 S2 (6.5 s vs 26 s on two cores).
 Eigenvalues below zero by rounding are clipped to zero.
 """
 
