@@ -107,6 +107,10 @@ def write_diffusers_folder(sd, out: str, settings: dict) -> None:
         weights(sd.vae_params, "vae", "diffusion_pytorch_model.safetensors", {**sd.vae_config.to_diffusers(),
                                                                             **version})
     sd.tokenizer.save_pretrained(os.path.join(out, "tokenizer"))
+    source = getattr(sd.tokenizer, "name_or_path", "")
+    for name in ("vocab.json", "merges.txt"):  # the slow-tokenizer files too, for tools that read only those
+        if os.path.isfile(os.path.join(source, name)) and not os.path.exists(os.path.join(out, "tokenizer", name)):
+            shutil.copy(os.path.join(source, name), os.path.join(out, "tokenizer", name))
     schedule = NoiseSchedule.from_diffusers(sd.scheduler_config)
     os.makedirs(os.path.join(out, "scheduler"))
     _write_json(os.path.join(out, "scheduler", "scheduler_config.json"), {

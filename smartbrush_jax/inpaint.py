@@ -125,7 +125,7 @@ def load_inpainter(checkpoint: str, tokenizer: str | None, levels: int):
             step, sd = load_workdir(checkpoint)
             print(f"loaded {checkpoint} at step {step} (EMA weights)", file=sys.stderr)
         elif os.path.isdir(checkpoint):
-            sd = load_diffusers_folder(checkpoint)
+            sd = load_diffusers_folder(checkpoint, components=_components(checkpoint))
         elif os.path.isfile(checkpoint):
             if tokenizer is None:
                 raise UsageError("a single-file checkpoint holds no tokenizer: pass --tokenizer DIR "
@@ -135,7 +135,7 @@ def load_inpainter(checkpoint: str, tokenizer: str | None, levels: int):
             raise UsageError(f"--checkpoint {checkpoint}: no such file or folder")
     except (WeightsError, FileNotFoundError) as e:
         raise UsageError(str(e)) from None
-    if sd.unet_config.in_channels == 4:
+    if sd.unet_config.in_channels == 4 and sd.unet_config.num_class_embeddings is None:
         warn(f"{checkpoint} is a plain Stable Diffusion U-Net: adding SmartBrush's mask channels and {levels} "
              "precision levels, untrained (zero), so this behaves like SD with background preservation")
         sd = to_smartbrush(sd, levels)
@@ -143,6 +143,20 @@ def load_inpainter(checkpoint: str, tokenizer: str | None, levels: int):
         return Inpainter(sd)
     except ValueError as e:
         raise UsageError(f"{checkpoint}: {e}") from None
+
+
+def _components(folder: str) -> tuple:
+    """A SmartBrush export of a pixel-space run (smartbrush.json: autoencoder identity) has no vae/."""
+    import json
+
+    from smartbrush_jax.pretrained import COMPONENTS
+
+    settings = os.path.join(folder, "smartbrush.json")
+    if os.path.isfile(settings):
+        with open(settings) as f:
+            if json.load(f).get("autoencoder") == "identity":
+                return tuple(c for c in COMPONENTS if c != "vae")
+    return COMPONENTS
 
 
 def read_image(path: str) -> np.ndarray:

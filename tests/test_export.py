@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from sd_fixtures import rel_err
 
 from smartbrush_jax.checkpoints import load_workdir
@@ -190,3 +191,18 @@ def test_export_bad_input_exits_2(demo_run, demo_export, tmp_path, capsys):
 
     with pytest.raises(PipelineError, match="smartbrush.json"):
         SmartBrushPipeline.from_pretrained(os.path.join(demo_export, "unet"))
+
+
+def test_inpaint_command_runs_an_export(demo_export, tmp_path):
+    """The JAX `inpaint` command reads the exported folder back (pixel-space: no vae/)."""
+    from smartbrush_jax.inpaint import main as inpaint
+
+    image = np.random.default_rng(4).integers(0, 256, (36, 36, 3), dtype=np.uint8)
+    Image.fromarray(image).save(tmp_path / "in.png")
+    assert inpaint(["--checkpoint", demo_export, "--image", str(tmp_path / "in.png"), "--box", "6,6,30,28",
+                    "--prompt", "a blue circle", "--precision", "10", "--steps", "2", "--resolution", "32",
+                    "--out", str(tmp_path / "out")]) == 0
+    result = np.asarray(Image.open(tmp_path / "out" / "result.png"))
+    box = np.zeros((36, 36), bool)
+    box[6:28, 6:30] = True
+    assert result.shape == image.shape and (result[~box] == image[~box]).all()
