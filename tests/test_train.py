@@ -1,12 +1,11 @@
 """The trainer end to end on a micro config: exact resume after SIGKILL, SIGTERM saves and
-exits 0, non-finite steps skipped / stopping, 1 vs 8 devices (data parallel and FSDP), two
-processes with jax.distributed, and config validation."""
+exits 0, non-finite steps skipped / stopping, 1 vs 8 devices (data parallel and FSDP), and
+config validation. Several processes: tests/test_launch.py."""
 
 import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -163,22 +162,6 @@ def test_eight_devices_match_one(tmp_path, data_dir, mesh):
     _, b = _params(eight)
     for k in a:
         np.testing.assert_allclose(b[k], a[k], rtol=0, atol=1e-5 * max(1.0, np.abs(a[k]).max()), err_msg=k)
-
-
-def test_two_processes_with_jax_distributed(tmp_path, data_dir):
-    w = _workdir(tmp_path, data_dir, "dist")
-    with socket.socket() as s:
-        s.bind(("localhost", 0))
-        port = s.getsockname()[1]
-    procs = [subprocess.Popen(_cmd(w, "--config.train.log_every=1", extra=(
-        f"--coordinator_address=localhost:{port}", "--num_processes=2", f"--process_id={i}")),
-        env=_env(devices=2), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
-    outs = [p.communicate(timeout=600) for p in procs]
-    for p, (_, err) in zip(procs, outs):
-        assert p.returncode == 0, err[-3000:]
-    a, b = _summary(w), _summary(w, "summary_process1.json")
-    assert _losses(a) == _losses(b) and len(_losses(a)) == 8
-    assert _params(w)[0] == 8
 
 
 def test_bad_config_values_are_refused():
