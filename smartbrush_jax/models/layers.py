@@ -14,6 +14,7 @@ Parameter *names* follow diffusers/transformers module names, so the weight mapp
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any, Optional
 
 import flax.linen as nn
@@ -108,6 +109,13 @@ def embed(num_embeddings: int, features: int, name: str, param_dtype: Dtype, ini
     )
 
 
+ATTENTION_IMPLEMENTATIONS = (None, "", "xla", "cudnn", "chunked")
+
+# Target size of one [B, N, chunk, Tk] float32 score block in the "chunked" attention:
+# small enough to stay in the last-level cache of a CPU core (see bench/CPU_PROFILE.md).
+CHUNK_SCORE_BYTES = 4 << 20
+
+
 def multi_head_attention(
     q: jax.Array,
     k: jax.Array,
@@ -117,21 +125,162 @@ def multi_head_attention(
     mask: Optional[jax.Array] = None,
     implementation: Optional[str] = None,
 ) -> jax.Array:
-    """Scaled dot-product attention through `jax.nn.dot_product_attention`.
+    """Scaled dot-product attention.
 
     q: [B, Tq, C], k/v: [B, Tk, C] with C = num_heads * head_dim; mask: broadcastable to
-    [B, N, Tq, Tk] bool (True = attend). Returns [B, Tq, C]. `implementation=None` lets JAX
-    pick (cuDNN flash attention on GPU for bf16/fp16, XLA elsewhere); "xla" or "cudnn"
-    force one.
+    [B, N, Tq, Tk] bool (True = attend). Returns [B, Tq, C]. `implementation=None` (or "")
+    lets `jax.nn.dot_product_attention` pick (cuDNN flash attention on GPU for bf16/fp16,
+    XLA elsewhere); "xla" or "cudnn" force one. "chunked" is our query-blocked attention
+    with a flash-style backward (`chunked_attention`): the fast choice on CPU, where XLA
+    otherwise materialises and re-reads the full [B, N, Tq, Tk] probabilities.
     """
+    if implementation not in ATTENTION_IMPLEMENTATIONS:
+        raise ValueError(f"attention implementation {implementation!r}; one of {ATTENTION_IMPLEMENTATIONS}")
     b, tq, c = q.shape
     tk = k.shape[1]
     head_dim = c // num_heads
     q = q.reshape(b, tq, num_heads, head_dim)
     k = k.reshape(b, tk, num_heads, head_dim)
     v = v.reshape(b, tk, num_heads, head_dim)
-    out = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=is_causal, implementation=implementation)
+    if implementation == "chunked":
+        out = chunked_attention(q, k, v, mask=mask, is_causal=is_causal)
+    else:
+        out = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=is_causal,
+                                           implementation=implementation or None)
     return out.reshape(b, tq, c)
+
+
+def chunked_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    mask: Optional[jax.Array] = None,
+    is_causal: bool = False,
+    query_chunk: Optional[int] = None,
+) -> jax.Array:
+    """`jax.nn.dot_product_attention` semantics ([B, T, N, H] in and out, softmax in float32,
+    masked logits set to -0.7 * finfo.max) computed one block of queries at a time.
+
+    Forward: for each block of `query_chunk` queries, scores, a fused max/exp/sum and the
+    value product, keeping only the output and the row max and 1/sum. Backward (custom
+    VJP): recomputes each block's probabilities from those row statistics and accumulates
+    dK/dV. Peak memory is one [B, N, chunk, Tk] block instead of the full score tensor,
+    and each block stays in cache. `query_chunk=None` sizes blocks to `CHUNK_SCORE_BYTES`.
+    """
+    b, tq, n, h = q.shape
+    tk = k.shape[1]
+    if query_chunk is None:
+        query_chunk = max(8, CHUNK_SCORE_BYTES // (4 * b * n * tk))
+    qc = min(tq, query_chunk)
+    n_chunks = -(-tq // qc)
+    pad = n_chunks * qc - tq
+    if mask is not None:
+        mask = jnp.asarray(mask, bool)
+        mask = mask.reshape((1,) * (4 - mask.ndim) + mask.shape)
+    if is_causal:
+        causal = jnp.tril(jnp.ones((tq, tk), dtype=bool))[None, None]
+        mask = causal if mask is None else jnp.logical_and(mask, causal)
+    # [B, T, N, H] -> [B, N, T, H]; queries padded to a whole number of chunks.
+    qt, kt, vt = (x.transpose(0, 2, 1, 3) for x in (q, k, v))
+    if pad:
+        qt = jnp.pad(qt, ((0, 0), (0, 0), (0, pad), (0, 0)))
+    if mask is not None and mask.shape[2] != 1 and n_chunks > 1:
+        if pad:
+            mask = jnp.pad(mask, ((0, 0), (0, 0), (0, pad), (0, 0)), constant_values=True)
+        # [mb, mn, n_chunks * qc, mk] -> [n_chunks, mb, mn, qc, mk]
+        mask = jnp.moveaxis(mask.reshape(mask.shape[:2] + (n_chunks, qc, mask.shape[3])), 2, 0)
+        mask_chunked = True
+    else:
+        mask_chunked = False
+    out = _chunked_attention_core(qt, kt, vt, mask, n_chunks, mask_chunked)
+    if pad:
+        out = out[:, :, :tq]
+    return out.transpose(0, 2, 1, 3)
+
+
+def _attention_block(qb, k, mask_b, scale):
+    """float32 logits of one query block [B, N, qc, H] against all keys, masked."""
+    s = jnp.einsum("bnqh,bnkh->bnqk", qb, k, preferred_element_type=jnp.float32) * jnp.float32(scale)
+    if mask_b is not None:
+        s = jnp.where(mask_b, s, jnp.float32(-0.7 * jnp.finfo(jnp.float32).max))
+    return s
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _chunked_attention_core(q, k, v, mask, n_chunks, mask_chunked):
+    return _chunked_attention_fwd(q, k, v, mask, n_chunks, mask_chunked)[0]
+
+
+def _split_chunks(x, n_chunks):
+    """[B, N, n_chunks * qc, ...] -> [n_chunks, B, N, qc, ...]."""
+    return jnp.moveaxis(x.reshape(x.shape[:2] + (n_chunks, -1) + x.shape[3:]), 2, 0)
+
+
+def _merge_chunks(x):
+    """[n_chunks, B, N, qc, ...] -> [B, N, n_chunks * qc, ...]."""
+    x = jnp.moveaxis(x, 0, 2)
+    return x.reshape(x.shape[:2] + (-1,) + x.shape[4:])
+
+
+def _chunked_attention_fwd(q, k, v, mask, n_chunks, mask_chunked):
+    scale = 1.0 / float(q.shape[-1]) ** 0.5
+
+    def block(xs):
+        qb, mb = xs
+        s = _attention_block(qb, k, mb, scale)
+        m = jnp.max(s, axis=-1, keepdims=True)
+        p = jnp.exp(s - m)
+        denom = jnp.sum(p, axis=-1, keepdims=True)
+        o = jnp.einsum("bnqk,bnkh->bnqh", p.astype(v.dtype), v, preferred_element_type=jnp.float32) / denom
+        # max and 1/sum kept apart: m + log(sum) would round to m for fully masked rows
+        return o.astype(q.dtype), (m[..., 0], 1.0 / denom[..., 0])
+
+    if n_chunks == 1:
+        out, stats = block((q, mask))
+    else:
+        qs = _split_chunks(q, n_chunks)
+        if mask is None or mask_chunked:
+            out, stats = jax.lax.map(block, (qs, mask))
+        else:
+            out, stats = jax.lax.map(lambda qb: block((qb, mask)), qs)
+        out, stats = _merge_chunks(out), tuple(_merge_chunks(x) for x in stats)
+    return out, (q, k, v, mask, out, stats)
+
+
+def _chunked_attention_bwd(n_chunks, mask_chunked, res, dout):
+    q, k, v, mask, out, (m, inv_l) = res
+    scale = 1.0 / float(q.shape[-1]) ** 0.5
+    delta = jnp.sum(dout.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)
+
+    def block(carry, xs):
+        dk, dv = carry
+        qb, dob, mrow, il, db, mb = xs
+        s = _attention_block(qb, k, mb, scale)
+        p = jnp.exp(s - mrow[..., None]) * il[..., None]
+        dv = dv + jnp.einsum("bnqk,bnqh->bnkh", p.astype(dob.dtype), dob, preferred_element_type=jnp.float32)
+        dp = jnp.einsum("bnqh,bnkh->bnqk", dob, v, preferred_element_type=jnp.float32)
+        ds = p * (dp - db[..., None]) * jnp.float32(scale)
+        if mb is not None:  # masked logits are constants: no gradient (matters for fully masked rows)
+            ds = jnp.where(mb, ds, jnp.float32(0))
+        ds = ds.astype(q.dtype)
+        dqb = jnp.einsum("bnqk,bnkh->bnqh", ds, k, preferred_element_type=jnp.float32)
+        dk = dk + jnp.einsum("bnqk,bnqh->bnkh", ds, qb, preferred_element_type=jnp.float32)
+        return (dk, dv), dqb.astype(q.dtype)
+
+    zeros = (jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32))
+    if n_chunks == 1:
+        (dk, dv), dq = block(zeros, (q, dout, m, inv_l, delta, mask))
+    else:
+        xs = tuple(_split_chunks(x, n_chunks) for x in (q, dout, m, inv_l, delta))
+        if mask is None or mask_chunked:
+            (dk, dv), dq = jax.lax.scan(block, zeros, xs + (mask,))
+        else:
+            (dk, dv), dq = jax.lax.scan(lambda c, x: block(c, x + (mask,)), zeros, xs)
+        dq = _merge_chunks(dq)
+    return dq, dk.astype(k.dtype), dv.astype(v.dtype), None
+
+
+_chunked_attention_core.defvjp(_chunked_attention_fwd, _chunked_attention_bwd)
 
 
 def upsample_nearest_2x(x: jax.Array) -> jax.Array:
