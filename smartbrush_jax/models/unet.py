@@ -8,11 +8,17 @@ exactly as diffusers adds `class_labels`, so the model exports to a stock
 `UNet2DConditionModel` called with `class_labels=s`.
 
 Inputs and outputs are channels-last: sample `[B, H, W, C_in]`, output `[B, H, W, C_out]`.
+
+`remat` (a key of `REMAT_POLICIES`) rematerialises every resnet block and every
+transformer (`nn.remat` with a `jax.checkpoint` policy): the backward pass recomputes
+their activations instead of keeping them, trading FLOPs for memory. Parameter names and
+values do not change with it.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any, Optional, Tuple, Union
 
@@ -36,6 +42,16 @@ Dtype = Any
 
 _DOWN_TYPES = ("CrossAttnDownBlock2D", "DownBlock2D")
 _UP_TYPES = ("CrossAttnUpBlock2D", "UpBlock2D")
+# What the backward pass may keep from the forward of a rematerialised block (the rest is
+# recomputed). "none": no remat, keep everything; "full": keep only the block's inputs;
+# "dots_saveable": keep matmul and convolution outputs; "dots_with_no_batch_dims_saveable":
+# keep the dense layers' outputs only (not convolutions, not the attention matmuls).
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots_saveable": jax.checkpoint_policies.dots_saveable,
+    "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
 # diffusers options this port implements only at their default value: a config that
 # changes one of them describes another architecture, and loading it must fail loudly.
 _FIXED_OPTIONS = {
@@ -71,6 +87,19 @@ def _per_block(value, n: int, name: str) -> Tuple[int, ...]:
             raise ValueError(f"UNet config: {name} has {len(value)} entries, expected {n} (one per block)")
         return tuple(int(v) for v in value)
     return (int(value),) * n
+
+
+@functools.lru_cache(maxsize=None)
+def remat_class(cls: type, remat: str) -> type:
+    """`cls` itself for remat "none", else `nn.remat(cls)` with that policy. The wrapped
+    class takes the same `name=`, so the parameter tree is unchanged. `prevent_cse` stays
+    on: without a scan around it, XLA would otherwise merge the recomputation back into
+    the forward pass and keep the activations after all."""
+    if remat not in REMAT_POLICIES:
+        raise ValueError(f"remat {remat!r} is not one of {sorted(REMAT_POLICIES)}")
+    if remat == "none":
+        return cls
+    return nn.remat(cls, policy=REMAT_POLICIES[remat], prevent_cse=True)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -322,17 +351,19 @@ class _Block(nn.Module):
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     attention_impl: Optional[str] = None
+    remat: str = "none"
 
     @nn.compact
     def __call__(self, h, temb, context, skips=()):
         sp, kw = self.spec, dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        resnet, transformer = remat_class(ResnetBlock2D, self.remat), remat_class(Transformer2DModel, self.remat)
         skips, outputs = list(skips), []
         for j in range(sp.num_layers):
             if self.up:
                 h = jnp.concatenate([h, skips.pop()], axis=-1)
-            h = ResnetBlock2D(sp.out_channels, sp.groups, sp.eps, name=f"resnets_{j}", **kw)(h, temb)
+            h = resnet(sp.out_channels, sp.groups, sp.eps, name=f"resnets_{j}", **kw)(h, temb)
             if sp.attention:
-                h = Transformer2DModel(
+                h = transformer(
                     sp.num_heads, sp.depth, sp.groups, sp.use_linear_projection,
                     attention_impl=self.attention_impl, name=f"attentions_{j}", **kw,
                 )(h, context)
@@ -352,16 +383,18 @@ class _MidBlock(nn.Module):
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     attention_impl: Optional[str] = None
+    remat: str = "none"
 
     @nn.compact
     def __call__(self, h, temb, context):
         sp, kw = self.spec, dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        h = ResnetBlock2D(sp.out_channels, sp.groups, sp.eps, name="resnets_0", **kw)(h, temb)
-        h = Transformer2DModel(
+        resnet, transformer = remat_class(ResnetBlock2D, self.remat), remat_class(Transformer2DModel, self.remat)
+        h = resnet(sp.out_channels, sp.groups, sp.eps, name="resnets_0", **kw)(h, temb)
+        h = transformer(
             sp.num_heads, sp.depth, sp.groups, sp.use_linear_projection,
             attention_impl=self.attention_impl, name="attentions_0", **kw,
         )(h, context)
-        return ResnetBlock2D(sp.out_channels, sp.groups, sp.eps, name="resnets_1", **kw)(h, temb)
+        return resnet(sp.out_channels, sp.groups, sp.eps, name="resnets_1", **kw)(h, temb)
 
 
 class UNet2DConditionModel(nn.Module):
@@ -370,13 +403,15 @@ class UNet2DConditionModel(nn.Module):
 
     `class_labels` carries SmartBrush's precision level `s`; it is required when the
     config has `num_class_embeddings` (as in diffusers). `dtype` is the compute dtype
-    (bf16 for training), `param_dtype` the storage dtype (fp32 master weights).
+    (bf16 for training), `param_dtype` the storage dtype (fp32 master weights). `remat`:
+    a key of `REMAT_POLICIES` (the module docstring).
     """
 
     config: UNetConfig
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     attention_impl: Optional[str] = None
+    remat: str = "none"
 
     @nn.compact
     def __call__(
@@ -388,7 +423,9 @@ class UNet2DConditionModel(nn.Module):
     ) -> jax.Array:
         cfg = self.config
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        blk = dict(attention_impl=self.attention_impl, **kw)
+        if self.remat not in REMAT_POLICIES:
+            raise ValueError(f"remat {self.remat!r} is not one of {sorted(REMAT_POLICIES)}")
+        blk = dict(attention_impl=self.attention_impl, remat=self.remat, **kw)
         n_blocks = len(cfg.block_out_channels)
 
         # -- time embedding, plus the precision-level embedding (diffusers `class_labels`)
