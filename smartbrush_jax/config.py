@@ -8,6 +8,8 @@ from __future__ import annotations
 import ml_collections
 
 DTYPES = ("float32", "bfloat16")
+# `models.unet.REMAT_POLICIES` (kept here too so that reading a config imports no JAX)
+REMAT = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable")
 
 
 class ConfigError(ValueError):
@@ -32,7 +34,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.autoencoder = "vae"  # "vae" (SD's, from init_from) or "identity" (pixel space)
     c.model.num_levels = 10  # precision levels S
     c.model.dtype = "float32"  # compute dtype; parameters stay float32
-    c.model.attention_impl = ""  # "", "xla" or "cudnn"
+    c.model.attention_impl = ""  # "" (JAX picks), "xla", "cudnn" or "chunked" (query-blocked; fastest on CPU)
+    c.model.remat = "none"  # U-Net activation rematerialisation, one of REMAT (models/unet.py)
 
     c.data = ml_collections.ConfigDict()
     c.data.prepared_dirs = ()
@@ -46,6 +49,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.read_threads = 4
     c.data.max_bad_fraction = 0.05
     c.data.seed = 0
+    c.data.prefetch_to_device = 1  # batches sharded onto the devices ahead of the step (0: none)
 
     c.loss = ml_collections.ConfigDict()
     c.loss.dice_weight = 0.01
@@ -101,7 +105,11 @@ def validate(c: ml_collections.ConfigDict, num_devices: int | None = None, proce
          f"must be 'vae' or 'identity', got {c.model.autoencoder!r}")
     need(c.model.autoencoder == "identity" or c.model.init_from, "model.autoencoder",
          "'vae' needs model.init_from (SD weights); train from scratch in pixel space with 'identity'")
-    need(c.model.attention_impl in ("", "xla", "cudnn"), "model.attention_impl", "must be '', 'xla' or 'cudnn'")
+    need(c.model.attention_impl in ("", "xla", "cudnn", "chunked"), "model.attention_impl",
+         "must be '', 'xla', 'cudnn' or 'chunked'")
+    need(c.model.remat in REMAT, "model.remat",
+         f"must be one of {REMAT} (what the backward pass keeps; see models/unet.py), got {c.model.remat!r}")
+    need(c.data.prefetch_to_device >= 0, "data.prefetch_to_device", f"must be >= 0, got {c.data.prefetch_to_device}")
     need(c.loss.eps_region in ("all", "mask"), "loss.eps_region", f"must be 'all' or 'mask', got {c.loss.eps_region!r}")
     need(0.0 <= c.loss.text_dropout <= 1.0, "loss.text_dropout", "must be in [0, 1]")
     need(c.optim.lr > 0, "optim.lr", f"must be > 0, got {c.optim.lr}")

@@ -31,6 +31,9 @@ flags.DEFINE_integer("num_processes", None, "number of processes (multi-process 
 flags.DEFINE_integer("process_id", None, "this process's index (multi-process runs)")
 flags.DEFINE_bool("distributed", False, "call jax.distributed.initialize() with the cluster's auto-detection")
 
+# what the step reads from a batch: `image` from prepared folders, `latent_mean`/`latent_logvar` from latent caches
+BATCH_KEYS = ("image", "latent_mean", "latent_logvar", "mask", "latent_mask", "tokens")
+
 
 class TrainingError(RuntimeError):
     """The run cannot go on (e.g. too many non-finite steps in a row)."""
@@ -131,10 +134,11 @@ def run(config, workdir: str) -> dict:
     check_every = max(1, min(config.train.log_every, config.train.max_nonfinite_in_a_row))
     step = start
     t0 = time.time()
+    batches = DevicePrefetch(data_iter, lambda local: (local["skips"].sum(0), sharding.shard_batch(
+        mesh, {k: local[k] for k in BATCH_KEYS if k in local})), config.data.prefetch_to_device)
     while step < config.train.steps:
-        local = next(data_iter)
-        skips = local["skips"].sum(0) if skips is None else skips + local["skips"].sum(0)
-        batch = sharding.shard_batch(mesh, {k: local[k] for k in ("image", "mask", "latent_mask", "tokens")})
+        batch_skips, batch = batches.next()
+        skips = batch_skips if skips is None else skips + batch_skips
         if step == start:  # compile here (the call below reuses it) for XLA's FLOP count
             flop_report = flops.step_report(step_fn.lower(state, frozen, batch).compile(), model_flops,
                                             jax.device_count(), peak)
@@ -142,6 +146,8 @@ def run(config, workdir: str) -> dict:
             window = (time.time(), step)  # throughput is measured between log points
         state, metrics = step_fn(state, frozen, batch)
         step += 1
+        if step < config.train.steps:
+            batches.fill()  # read and transfer the next batch while the device runs this step
         for h in hooks:
             h(step)
         if step % check_every == 0 or step % config.train.log_every == 0 or step == config.train.steps:
@@ -163,7 +169,7 @@ def run(config, workdir: str) -> dict:
         stopping = _stop(stop, pcount)
         if step % config.train.checkpoint_every == 0 or step == config.train.steps or stopping:
             if int(jax.device_get(state["nonfinite_streak"])) == 0:
-                checkpoints.save(mngr, step, state, data_iter, force=True)
+                checkpoints.save(mngr, step, state, batches.consumed_state(), force=True)
         if config.train.sample_every and (step % config.train.sample_every == 0 or step == config.train.steps):
             iou = sampler(state["ema"], frozen, step, writer)
             history.append({"step": step, "heldout_iou": iou})
@@ -184,6 +190,51 @@ def run(config, workdir: str) -> dict:
     return summary
 
 
+class DevicePrefetch:
+    """Up to `size` batches read from `data_iter` and already sharded onto the devices
+    (`put(local_batch)` starts the host-to-device copies, which run while the current step
+    computes). A checkpoint must hold the iterator state of the batches the steps actually
+    consumed, so each queued batch keeps the state from before it was read:
+    `consumed_state()` is that of the oldest one. `size=0`: read on demand, no queue."""
+
+    def __init__(self, data_iter, put, size: int):
+        import collections
+
+        self._it, self._put, self._size = data_iter, put, int(size)
+        self._queue = collections.deque()
+
+    def fill(self) -> None:
+        while len(self._queue) < self._size:
+            self._read()
+
+    def next(self):
+        if not self._queue:
+            self._read()
+        return self._queue.popleft()[1]
+
+    def consumed_state(self):
+        """Something `checkpoints.save` stores as the data iterator: the state before
+        the first batch not yet handed out."""
+        return _IteratorState(self._queue[0][0] if self._queue else self._it.get_state())
+
+    def _read(self) -> None:
+        state = self._it.get_state() if self._size else None
+        self._queue.append((state, self._put(next(self._it))))
+
+
+class _IteratorState:
+    """A frozen iterator state for Grain's checkpoint handler, which stores
+    `get_state()` of an object that is not a `grain.DatasetIterator` as bytes (here the
+    same JSON it writes for a `DatasetIterator`, so `CheckpointRestore` into the real
+    iterator reads it back)."""
+
+    def __init__(self, state):
+        self._json = json.dumps(state, indent=4).encode()
+
+    def get_state(self) -> bytes:
+        return self._json
+
+
 def _reasons():
     from smartbrush_jax.data.validate import SKIP_REASONS
 
@@ -201,11 +252,16 @@ def _stop(stop: dict, pcount: int) -> bool:
 
 def setup_data(config, workdir: str):
     """DataConfigs for training and held-out samples, and the tokenizer."""
-    from smartbrush_jax.data.pipeline import DataConfig
+    from smartbrush_jax.data.pipeline import DataConfig, latent_cache, uncached_dirs
     from smartbrush_jax.pretrained import load_tokenizer
 
     dirs = list(config.data.prepared_dirs)
-    heldout_dirs = dirs
+    heldout_dirs = uncached_dirs(dirs)  # samples show images: a latent cache's source folder
+    cache = latent_cache(dirs) if dirs else None
+    if cache and os.path.realpath(cache["vae"]) != os.path.realpath(config.model.init_from or "-"):
+        logging.warning("the latent cache was encoded with the VAE of %s, the run's model.init_from is %r: "
+                        "the latents are only right if the two VAEs are the same", cache["vae"],
+                        config.model.init_from)
     tok_dir = config.model.tokenizer
     if config.model.init_from and not tok_dir and os.path.isdir(os.path.join(config.model.init_from, "tokenizer")):
         tok_dir = os.path.join(config.model.init_from, "tokenizer")
@@ -217,7 +273,7 @@ def setup_data(config, workdir: str):
         raise ValueError("config.model.tokenizer: no tokenizer (give a folder, or init_from a diffusers folder)")
     tokenizer = load_tokenizer(tok_dir)
     pcount = jax.process_count()
-    factor = 1 if config.model.autoencoder == "identity" else 8
+    factor = 1 if config.model.autoencoder == "identity" else _vae_factor(config.model.init_from)
     common = dict(tokenizer_dir=tok_dir, resolution=config.data.resolution, latent_factor=factor,
                   caption_mix=config.data.caption_mix, min_mask_area=config.data.min_mask_area,
                   read_threads=config.data.read_threads, max_bad_fraction=config.data.max_bad_fraction)
@@ -226,6 +282,15 @@ def setup_data(config, workdir: str):
     heldout = DataConfig(prepared_dirs=heldout_dirs, weights={"seg": 1.0}, seed=config.data.seed + 1,
                          batch_size=config.train.num_sample_examples, shuffle=False, **common)
     return train, heldout, tokenizer
+
+
+def _vae_factor(init_from: str) -> int:
+    """The downsampling factor of a diffusers folder's VAE (8 for a single SD v1 file)."""
+    path = os.path.join(init_from, "vae", "config.json")
+    if not os.path.isfile(path):
+        return 8
+    with open(path) as f:
+        return 2 ** (len(json.load(f).get("block_out_channels", (0, 0, 0, 0))) - 1)
 
 
 def build_synthetic(config, root: str):

@@ -50,6 +50,7 @@ class Models:
 def build_models(config, tokenizer_vocab_size: Optional[int] = None) -> Models:
     dtype = jnp.bfloat16 if config.model.dtype == "bfloat16" else jnp.float32
     attn = config.model.attention_impl or None
+    unet_kw = dict(dtype=dtype, attention_impl=attn, remat=config.model.remat)
     levels = config.model.num_levels
     if config.model.init_from:
         path = config.model.init_from
@@ -61,7 +62,7 @@ def build_models(config, tokenizer_vocab_size: Optional[int] = None) -> Models:
             raise ValueError(f"{path}: the U-Net has {sd.unet_config.num_class_embeddings} precision levels, "
                              f"config.model.num_levels={levels} needs {levels + 1}")
         vae = None if config.model.autoencoder == "identity" else AutoencoderKL(sd.vae_config, dtype=dtype)
-        return Models(UNet2DConditionModel(sd.unet_config, dtype=dtype, attention_impl=attn),
+        return Models(UNet2DConditionModel(sd.unet_config, **unet_kw),
                       CLIPTextModel(sd.text_config, dtype=dtype, attention_impl=attn), vae,
                       sd.vae_config.latent_channels if vae else 3,
                       2 ** (len(sd.vae_config.block_out_channels) - 1) if vae else 1,
@@ -77,7 +78,7 @@ def build_models(config, tokenizer_vocab_size: Optional[int] = None) -> Models:
     if text_cfg.hidden_size != unet_cfg.cross_attention_dim:
         raise ValueError(f"config.model.text.hidden_size {text_cfg.hidden_size} must equal "
                          f"config.model.unet.cross_attention_dim {unet_cfg.cross_attention_dim}")
-    return Models(UNet2DConditionModel(unet_cfg, dtype=dtype, attention_impl=attn),
+    return Models(UNet2DConditionModel(unet_cfg, **unet_kw),
                   CLIPTextModel(text_cfg, dtype=dtype, attention_impl=attn), None, channels, 1, 1.0, None,
                   NoiseSchedule())
 
@@ -177,11 +178,18 @@ def make_train_step(models: Models, config, tx, empty_tokens: np.ndarray):
 
 
 def encode(models: Models, frozen, batch, rng):
-    """Batch images/masks -> (latents [B,h,w,C] float32, masks [B,h,w] float32 in {0,1})."""
-    pixels = batch["image"].astype(jnp.float32) / 127.5 - 1.0
-    if models.vae is None:
-        return pixels, (batch["mask"] > 0).astype(jnp.float32)
-    mean, logvar = models.vae.apply({"params": frozen["vae"]}, pixels, method=models.vae.encode)
+    """Batch images/masks -> (latents [B,h,w,C] float32, masks [B,h,w] float32 in {0,1}).
+    A batch from a latent cache carries the VAE's `latent_mean`/`latent_logvar` instead of
+    `image`: the encoder is skipped, z is drawn the same way."""
+    if "latent_mean" in batch:
+        if models.vae is None:
+            raise ValueError("a latent-cache batch needs a VAE model (config.model.autoencoder='vae')")
+        mean, logvar = batch["latent_mean"].astype(jnp.float32), batch["latent_logvar"].astype(jnp.float32)
+    else:
+        pixels = batch["image"].astype(jnp.float32) / 127.5 - 1.0
+        if models.vae is None:
+            return pixels, (batch["mask"] > 0).astype(jnp.float32)
+        mean, logvar = models.vae.apply({"params": frozen["vae"]}, pixels, method=models.vae.encode)
     z = mean + jnp.exp(0.5 * logvar) * jax.random.normal(rng, mean.shape, mean.dtype)
     frac = batch["latent_mask"]
     # a latent cell is the object's when most of it is; tiny objects keep their best cells

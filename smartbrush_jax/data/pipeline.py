@@ -15,6 +15,13 @@ A batch (per host) is a dict of numpy arrays:
     source       [B] str                 "coco", "openimages", "laion", "shapes", ...
     id           [B] str                 the record's id ("coco:123")
     skips        [B, len(SKIP_REASONS)]  records dropped (by reason) since the previous example
+
+Latent caches (`python -m smartbrush_jax.data.latents`: K fixed crops per record, their
+VAE moments precomputed) give instead of `image`:
+    latent_mean    [B, R/f, R/f, C] float32  the VAE encoder's mean of the stored crop
+    latent_logvar  [B, R/f, R/f, C] float32  and its log-variance (z is sampled at train time)
+There is no random crop then (augmentation is the K crops fixed in the cache, as in
+MosaicML's SD recipe); the caption/label choice and tokenization still happen here.
 The iterator's state (`get_state`/`set_state`, or Orbax via `grain.checkpoint`) restores
 exactly the same next batches.
 """
@@ -25,7 +32,7 @@ import dataclasses
 import json
 import os
 import threading
-from typing import Dict, Sequence
+from typing import Dict, Optional, Sequence
 
 import grain
 import numpy as np
@@ -77,18 +84,61 @@ def component_files(prepared_dirs: Sequence[str]) -> Dict[str, list]:
     """{"seg": [paths], "t2i": [paths]} from the metadata of prepared folders."""
     files = {"seg": [], "t2i": []}
     for d in prepared_dirs:
-        meta_path = os.path.join(d, "metadata.json")
-        if not os.path.isfile(meta_path):
-            raise FileNotFoundError(f"{d}: no metadata.json (run `python -m smartbrush_jax.data.prepare` first)")
-        with open(meta_path) as f:
-            meta = json.load(f)
+        meta = _read_meta(d)
         for name, comp in meta["components"].items():
             files.setdefault(name, []).extend(os.path.join(d, p) for p in comp["files"])
     return files
 
 
+def _read_meta(d: str) -> dict:
+    meta_path = os.path.join(d, "metadata.json")
+    if not os.path.isfile(meta_path):
+        raise FileNotFoundError(f"{d}: no metadata.json (run `python -m smartbrush_jax.data.prepare` first)")
+    with open(meta_path) as f:
+        return json.load(f)
+
+
+def latent_cache(prepared_dirs: Sequence[str]) -> Optional[dict]:
+    """The "latents" metadata entry when the folders are latent caches (`latents.py`),
+    None when they are plain prepared folders; DataError when they are a mix, or caches
+    of different resolutions, latent factors or VAEs."""
+    entries = {d: _read_meta(d).get("latents") for d in prepared_dirs}
+    cached = [d for d, e in entries.items() if e]
+    if not cached:
+        return None
+    if len(cached) != len(entries):
+        plain = [d for d, e in entries.items() if not e]
+        raise DataError(f"data.prepared_dirs mixes latent caches {cached} with prepared folders {plain}: cache all "
+                        "of them (`python -m smartbrush_jax.data.latents`) or none")
+    keys = ("resolution", "latent_factor", "channels", "vae", "scaling_factor")
+    first = entries[cached[0]]
+    for d in cached[1:]:
+        diff = {k: (first.get(k), entries[d].get(k)) for k in keys if first.get(k) != entries[d].get(k)}
+        if diff:
+            raise DataError(f"latent caches {cached[0]} and {d} differ: {diff}")
+    return first
+
+
+def uncached_dirs(prepared_dirs: Sequence[str]) -> list:
+    """The prepared folders (with images) that latent caches were made from; plain
+    prepared folders are returned as they are (held-out samples need images)."""
+    out = []
+    for d in prepared_dirs:
+        entry = _read_meta(d).get("latents") if os.path.isfile(os.path.join(d, "metadata.json")) else None
+        out.append(entry["prepared"] if entry else d)
+    return out
+
+
 def make_dataset(cfg: DataConfig, process_index: int = 0, process_count: int = 1) -> grain.IterDataset:
-    """The batched, mixed, per-host IterDataset for one process of `process_count`."""
+    """The batched, mixed, per-host IterDataset for one process of `process_count`.
+
+    Latent caches (folders written by `python -m smartbrush_jax.data.latents`) give
+    `latent_mean`/`latent_logvar` instead of `image` (see the module docstring)."""
+    cache = latent_cache(cfg.prepared_dirs)
+    if cache is not None and (cache["resolution"], cache["latent_factor"]) != (cfg.resolution, cfg.latent_factor):
+        raise DataError(f"the latent cache {cfg.prepared_dirs[0]} holds {cache['resolution']} px crops with latent "
+                        f"factor {cache['latent_factor']}, but the config trains at {cfg.resolution} px with factor "
+                        f"{cfg.latent_factor}: rebuild it with --resolution {cfg.resolution} (and the run's VAE)")
     files = component_files(cfg.prepared_dirs)
     transform = ExampleTransform(cfg)
     parts, weights = {}, {}
@@ -152,6 +202,17 @@ class ExampleTransform:
             return {"skip": e.reason, "id": rid}
 
     def example(self, rec: dict, rng: np.random.Generator) -> dict:
+        if "latent_mean" in rec:
+            return self.cached_example(rec, rng)
+        ex = self.crop(rec, rng)
+        del ex["box"]
+        ex["tokens"] = self.tokens(ex.pop("text"))
+        return ex
+
+    def crop(self, rec: dict, rng: np.random.Generator) -> dict:
+        """A prepared record -> the random crop: {"image", "mask", "latent_mask", "text",
+        "is_t2i", "source", "id", "box": (x0, y0, side)}; the text (caption or label) is not tokenized yet. The
+        crop half of `example`, shared with the latent cache (`latents.py`)."""
         cfg = self.cfg
         image = decode_image(rec["image"], cfg.max_pixels)
         h, w = image.shape[:2]
@@ -159,25 +220,62 @@ class ExampleTransform:
         if is_t2i:
             mask = np.ones((h, w), bool)
             box = (0, 0, w, h)
-            text = check_caption(rec.get("caption", ""))
         else:
             mask = check_mask(decode_mask(rec["mask"]), (h, w), cfg.min_mask_area)
             ys, xs = np.nonzero(mask)
             box = (xs.min(), ys.min(), xs.max() + 1, ys.max() + 1)
-            caption = check_caption(rec.get("caption", ""))
-            label = check_caption(rec.get("label", ""))
-            text = caption if caption and (not label or rng.random() < cfg.caption_mix) else label
+        text = self.choose_text(rec, rng)
         x0, y0, side = object_crop(box, w, h, rng, cfg.crop_context, full=is_t2i)
         r = cfg.resolution
         crop = Image.fromarray(image).crop((x0, y0, x0 + side, y0 + side)).resize((r, r), Image.Resampling.BICUBIC)
         mcrop = Image.fromarray(mask).crop((x0, y0, x0 + side, y0 + side)).resize((r, r), Image.Resampling.NEAREST)
         mask_r = np.asarray(mcrop, bool)
-        f = cfg.latent_factor
-        latent = mask_r.reshape(r // f, f, r // f, f).mean(axis=(1, 3)).astype(np.float32)
-        tokens = self.tokenizer(text, padding="max_length", max_length=cfg.max_tokens, truncation=True).input_ids
-        return {"image": np.asarray(crop, np.uint8), "mask": mask_r.astype(np.uint8), "latent_mask": latent,
-                "tokens": np.asarray(tokens, np.int32), "is_t2i": np.bool_(is_t2i),
-                "source": np.str_(rec.get("source", "")), "id": np.str_(rec.get("id", ""))}
+        return {"image": np.asarray(crop, np.uint8), "mask": mask_r.astype(np.uint8),
+                "latent_mask": self.latent_mask(mask_r), "text": text, "is_t2i": np.bool_(is_t2i),
+                "source": np.str_(rec.get("source", "")), "id": np.str_(rec.get("id", "")),
+                "box": (x0, y0, side)}
+
+    def cached_example(self, rec: dict, rng: np.random.Generator) -> dict:
+        """A record of a latent cache (`latents.py`): the stored crop's VAE moments and mask;
+        only the text (caption or label) is drawn here. No random crop: augmentation is
+        the K crops fixed when the cache was written."""
+        r = self.cfg.resolution
+        shape = tuple(rec["latent_shape"])
+        dtype = np.dtype(rec.get("latent_dtype", "float16"))
+        moments = []
+        for k in ("latent_mean", "latent_logvar"):
+            if len(rec[k]) != int(np.prod(shape)) * dtype.itemsize:
+                raise Skip("corrupt_record", f"{k}: {len(rec[k])} bytes for {shape} {dtype}")
+            moments.append(np.frombuffer(rec[k], dtype).reshape(shape).astype(np.float32))
+        try:
+            mask = decode_mask(rec["mask"])
+        except Exception as e:  # PIL raises many types for garbage
+            raise Skip("corrupt_record", f"mask: {e}") from None
+        if mask.shape != (r, r):
+            raise Skip("corrupt_record", f"cached mask {mask.shape} at resolution {r}")
+        is_t2i = rec.get("kind") == "t2i"
+        return {"latent_mean": moments[0], "latent_logvar": moments[1], "mask": mask.astype(np.uint8),
+                "latent_mask": self.latent_mask(mask), "tokens": self.tokens(self.choose_text(rec, rng)),
+                "is_t2i": np.bool_(is_t2i), "source": np.str_(rec.get("source", "")),
+                "id": np.str_(rec.get("id", ""))}
+
+    def choose_text(self, rec: dict, rng: np.random.Generator) -> str:
+        """Image-text: the caption; objects: the caption with probability `caption_mix`
+        (when there is one), else the class label."""
+        if rec.get("kind") == "t2i":
+            return check_caption(rec.get("caption", ""))
+        caption = check_caption(rec.get("caption", ""))
+        label = check_caption(rec.get("label", ""))
+        return caption if caption and (not label or rng.random() < self.cfg.caption_mix) else label
+
+    def latent_mask(self, mask_r: np.ndarray) -> np.ndarray:
+        """Bool [R, R] -> the mask's area fraction per latent cell [R/f, R/f] float32."""
+        r, f = self.cfg.resolution, self.cfg.latent_factor
+        return mask_r.reshape(r // f, f, r // f, f).mean(axis=(1, 3)).astype(np.float32)
+
+    def tokens(self, text: str) -> np.ndarray:
+        ids = self.tokenizer(text, padding="max_length", max_length=self.cfg.max_tokens, truncation=True).input_ids
+        return np.asarray(ids, np.int32)
 
 
 def object_crop(box, w: int, h: int, rng: np.random.Generator, context=(1.2, 3.0), full: bool = False):
