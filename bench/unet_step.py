@@ -208,12 +208,13 @@ def jax_setup(cfg, args, remat, attention):
 
 
 def jax_attention(cfg, args, remat, batch):
-    """(model, init, step, attention): cuDNN attention on GPU unless tracing refuses it
-    (cuDNN's limits are checked while lowering), then XLA's."""
+    """(model, init, step, attention): the platform's fastest attention: cuDNN on GPU unless
+    tracing refuses it (cuDNN's limits are checked while lowering), then XLA's; on CPU our
+    query-chunked attention (bench/CPU_PROFILE.md)."""
     import jax
 
     gpu = jax.devices()[0].platform == "gpu"
-    impls = [args.attention] if args.attention != "auto" else (["cudnn", "xla"] if gpu else ["xla"])
+    impls = [args.attention] if args.attention != "auto" else (["cudnn", "xla"] if gpu else ["chunked"])
     for i, impl in enumerate(impls):
         model, init, step = jax_setup(cfg, args, remat, impl)
         try:
@@ -380,8 +381,8 @@ def main(argv=None):
     ap.add_argument("--latent", type=int, help="latent height = width (default: the config's; smaller to smoke-test)")
     ap.add_argument("--dtype", choices=("float32", "bfloat16"), help="compute dtype (default: the config's)")
     ap.add_argument("--remat", default="none", help="ours: model.remat for the timed step")
-    ap.add_argument("--attention", default="auto", choices=("auto", "xla", "cudnn"),
-                    help="ours: auto = cudnn on GPU (xla if it fails), xla elsewhere")
+    ap.add_argument("--attention", default="auto", choices=("auto", "xla", "cudnn", "chunked"),
+                    help="ours: auto = cudnn on GPU (xla if it fails), chunked on CPU")
     ap.add_argument("--no-compile", action="store_true", help="PyTorch: no torch.compile (it is used on CUDA only)")
     ap.add_argument("--side", default="both", choices=("both", "ours", "torch"))
     ap.add_argument("--find-max-batch", action="store_true",
