@@ -36,24 +36,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import torch
-
-# The `tiny` config and batch of bench/unet_step.py (copied so this script does not follow
-# that file's interface).
-CONFIGS = {
-    "tiny": dict(unet=dict(block_out_channels=(64, 128, 256, 256), layers_per_block=2, cross_attention_dim=256,
-                           attention_head_dim=8, in_channels=5, out_channels=5, num_class_embeds=11),
-                 batch=8, latent=32, tokens=77),
-}
-
-
-def make_batch(cfg, seed=0):
-    rng = np.random.default_rng(seed)
-    b, s, c = cfg["batch"], cfg["latent"], cfg["unet"]["cross_attention_dim"]
-    return dict(x=rng.standard_normal((b, s, s, 5)).astype(np.float32),
-                t=rng.integers(0, 1000, b).astype(np.int32),
-                ctx=rng.standard_normal((b, cfg["tokens"], c)).astype(np.float32),
-                s=rng.integers(0, 11, b).astype(np.int32),
-                target=rng.standard_normal((b, s, s, 5)).astype(np.float32))
+from _torch_step import torch_step  # bench/ is sys.path[0] when this runs as a script
+from unet_step import CONFIGS, make_batch
 
 ROWS = []
 
@@ -113,45 +97,12 @@ def jax_step(cfg, batch, attention):
     return run, compiled, state, arrays
 
 
-def torch_step(cfg, batch):
-    from diffusers import UNet2DConditionModel
-
-    torch.manual_seed(0)
-    model = UNet2DConditionModel(**cfg["unet"]).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=1e-2)
-    x = torch.from_numpy(batch["x"]).permute(0, 3, 1, 2).contiguous()
-    target = torch.from_numpy(batch["target"]).permute(0, 3, 1, 2).contiguous()
-    t, ctx, s = (torch.from_numpy(batch[k]) for k in ("t", "ctx", "s"))
-
-    def run():
-        opt.zero_grad(set_to_none=True)
-        out = model(x, t.long(), ctx, class_labels=s.long()).sample
-        loss = torch.nn.functional.mse_loss(out, target)
-        loss.backward()
-        opt.step()
-        return loss.item()
-
-    return run, model
-
-
 TORCH_WORKER = r"""
 import json, sys, time
-import numpy as np, torch
-from diffusers import UNet2DConditionModel
-cfg = json.loads(sys.argv[1]); b = np.load(sys.argv[2])
-torch.manual_seed(0)
-model = UNet2DConditionModel(**cfg).train()
-opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=1e-2)
-x = torch.from_numpy(b["x"]).permute(0, 3, 1, 2).contiguous()
-target = torch.from_numpy(b["target"]).permute(0, 3, 1, 2).contiguous()
-t, ctx, s = (torch.from_numpy(b[k]) for k in ("t", "ctx", "s"))
-def step():
-    opt.zero_grad(set_to_none=True)
-    out = model(x, t.long(), ctx, class_labels=s.long()).sample
-    loss = torch.nn.functional.mse_loss(out, target)
-    loss.backward()
-    opt.step()
-    return loss.item()
+import numpy as np
+sys.path.insert(0, sys.argv[3])
+from _torch_step import torch_step  # no JAX in this process
+step, _ = torch_step({"unet": json.loads(sys.argv[1])}, dict(np.load(sys.argv[2])))
 print("ready", flush=True)
 for line in sys.stdin:
     t0 = time.perf_counter(); step(); print(time.perf_counter() - t0, flush=True)
@@ -169,7 +120,8 @@ def part_step(cfg, batch, args):
     os.close(fd)
     np.savez(path, **batch)
     unet = {k: list(v) if isinstance(v, tuple) else v for k, v in cfg["unet"].items()}
-    proc = subprocess.Popen([sys.executable, "-c", TORCH_WORKER, json.dumps(unet), path],
+    proc = subprocess.Popen([sys.executable, "-c", TORCH_WORKER, json.dumps(unet), path,
+                             os.path.dirname(os.path.abspath(__file__))],
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     assert proc.stdout.readline().strip() == "ready"
 
