@@ -423,8 +423,6 @@ class UNet2DConditionModel(nn.Module):
     ) -> jax.Array:
         cfg = self.config
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        if self.remat not in REMAT_POLICIES:
-            raise ValueError(f"remat {self.remat!r} is not one of {sorted(REMAT_POLICIES)}")
         blk = dict(attention_impl=self.attention_impl, remat=self.remat, **kw)
         n_blocks = len(cfg.block_out_channels)
 
