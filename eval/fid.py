@@ -20,6 +20,7 @@ weights are local files. Bad input: `error: ...` and exit code 2.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -75,7 +76,7 @@ def run(args) -> dict:
     import torch
 
     from smartbrush_jax.metrics import ClipScorer, EvalSet, bbox_mask, load_inception, local_crop
-    from smartbrush_jax.pytorch import SamplerSettings, SmartBrushPipeline
+    from smartbrush_jax.pytorch import SmartBrushPipeline
 
     for p in args.add_row:
         if not os.path.isfile(p):
@@ -87,12 +88,11 @@ def run(args) -> dict:
     inception = load_inception(args.inception, args.device)
     clip = ClipScorer(args.clip, args.device)
     pipe = SmartBrushPipeline.from_pretrained(args.model, device=args.device)
-    sampler = pipe.sampler
-    sampler = SamplerSettings(**{**sampler.__dict__, **({"num_steps": args.steps} if args.steps else {}),
-                                 **({"guidance_scale": args.guidance} if args.guidance is not None else {})})
+    sampler = dataclasses.replace(pipe.sampler, **({"num_steps": args.steps} if args.steps else {}),
+                                  **({"guidance_scale": args.guidance} if args.guidance is not None else {}))
     resolution = args.resolution or pipe.settings.get("resolution", 512)
     settings = {"model": os.path.abspath(args.model), "data": os.path.abspath(args.data), "num": len(evalset),
-                "seed": args.seed, "resolution": resolution, "sampler": sampler.__dict__,
+                "seed": args.seed, "resolution": resolution, "sampler": dataclasses.asdict(sampler),
                 "prompt_field": args.prompt_field}
     _check_resume(args.out, settings)
     torch.manual_seed(args.seed)

@@ -19,6 +19,7 @@ ours on the same random input and prints the relative difference.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import shutil
@@ -130,13 +131,10 @@ def write_diffusers_folder(sd, out: str, settings: dict) -> None:
 
 def _settings(cfg: dict, workdir: str, step: int, ema: bool) -> dict:
     """smartbrush.json: what the PyTorch pipeline and eval need beyond the components."""
-    from smartbrush_jax.diffusion import SamplerConfig
     from smartbrush_jax.pytorch.pipeline import SETTINGS_VERSION
+    from smartbrush_jax.sampler_config import SamplerConfig
 
-    sampler = SamplerConfig()
-    sampler_cfg = {k: getattr(sampler, k) for k in ("num_steps", "guidance_scale", "eta", "use_predicted_mask",
-                                                    "mask_warmup", "mask_threshold", "mask_dilate",
-                                                    "min_predicted_fraction")}
+    sampler_cfg = dataclasses.asdict(SamplerConfig())
     sampler_cfg.update(cfg.get("sampler", {}))
     return {
         "format_version": SETTINGS_VERSION,

@@ -10,7 +10,6 @@ step) and the same image handling (`smartbrush_jax.compositing`). No JAX needed.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 from typing import Any, Callable, Optional
@@ -20,23 +19,14 @@ import torch
 import torch.nn.functional as F
 
 from smartbrush_jax.compositing import InpaintResult, check_inputs, finish, model_inputs, working_size
+from smartbrush_jax.sampler_config import SamplerConfig
 
 SETTINGS_FILE = "smartbrush.json"
 SETTINGS_VERSION = 1
 
 
-@dataclasses.dataclass(frozen=True)
-class SamplerSettings:
-    """The knobs of `smartbrush_jax.diffusion.SamplerConfig`, with the same meaning."""
-
-    num_steps: int = 50
-    guidance_scale: float = 7.5
-    eta: float = 0.0
-    use_predicted_mask: bool = True
-    mask_warmup: float = 0.3
-    mask_threshold: float = 0.5
-    mask_dilate: int = 1
-    min_predicted_fraction: float = 0.02
+# the sampler's knobs are one dataclass on both sides (`smartbrush_jax.sampler_config`)
+SamplerSettings = SamplerConfig
 
 
 class PipelineError(ValueError):
