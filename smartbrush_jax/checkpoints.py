@@ -2,6 +2,7 @@
 plus `model.json` (what rebuilds the models) and the tokenizer, in the workdir.
 
     workdir/checkpoints/<step>/{state,data}   async, keep-last-N plus keep-every-K
+    workdir/checkpoints/<step>.corrupt/       a step that failed to restore, moved aside
     workdir/model.json                        U-Net/text/VAE configs, autoencoder kind
     workdir/tokenizer/                        the tokenizer the run used
 """
@@ -11,16 +12,24 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from typing import Any, Optional
+import sys
+from typing import Any, Callable, Optional
 
 import grain
 import orbax.checkpoint as ocp
+from absl import logging
+
+
+class CheckpointError(RuntimeError):
+    """No checkpoint of the run can be restored (the message says what each attempt raised)."""
 
 
 def manager(workdir: str, keep_last: int, keep_every: int, async_save: bool = True) -> ocp.CheckpointManager:
+    # cleanup_tmp_directories: a save killed mid-way leaves `<step>.orbax-checkpoint-tmp-*`
+    # (never a finished-looking step); it is removed when the next run opens the manager
     options = ocp.CheckpointManagerOptions(
         max_to_keep=max(keep_last, 1), keep_period=keep_every or None, create=True,
-        enable_async_checkpointing=async_save)
+        enable_async_checkpointing=async_save, cleanup_tmp_directories=True)
     return ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, "checkpoints")), options=options,
                                  item_names=("state", "data"))
 
@@ -38,25 +47,93 @@ def restore(mngr: ocp.CheckpointManager, step: int, abstract_state: Any, data_it
     return mngr.restore(step, args=ocp.args.Composite(**items))["state"]
 
 
+def restore_newest_intact(mngr: ocp.CheckpointManager, abstract_state: Any, data_iter: Optional[Any] = None,
+                          all_agree: Callable[[bool], bool] = bool, is_primary: bool = True):
+    """(step, state) of the newest checkpoint that restores, or (None, None) when there is
+    none. A newer step that fails (a truncated file left by a host that died mid-write, a
+    half-copied folder) is moved aside to `<step>.corrupt` and logged, but only once an
+    older step has restored: when every step fails, the cause is more likely the run's
+    config than the files, so nothing is moved and CheckpointError says what each raised.
+    `all_agree(ok)`: True when every process restored the step (several processes read
+    different shards of it)."""
+    failed = []
+    for step in sorted(mngr.all_steps(), reverse=True):
+        try:
+            state, ok = restore(mngr, step, abstract_state, data_iter), True
+        except Exception as e:  # TensorStore, JSON, Orbax metadata: a damaged step raises many kinds
+            state, ok = None, False
+            failed.append((step, f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"))
+        if all_agree(ok):
+            for bad, reason in failed:
+                _move_aside(mngr, bad, reason, is_primary)
+            if failed:
+                all_agree(True)  # an all-gather: every process waits for the renames before listing again
+                mngr.reload()
+            return step, state
+        if ok:
+            failed.append((step, "another process could not restore its part"))
+    if failed:
+        raise CheckpointError(f"{mngr.directory}: no checkpoint could be restored (nothing was moved or deleted): "
+                              + "; ".join(f"step {s}: {r}" for s, r in failed))
+    return None, None
+
+
+def _move_aside(mngr: ocp.CheckpointManager, step: int, reason: str, is_primary: bool) -> None:
+    src = os.path.join(str(mngr.directory), str(step))
+    dst = src + ".corrupt"
+    n = 1
+    while os.path.exists(dst):
+        n += 1
+        dst = f"{src}.corrupt{n}"
+    msg = f"checkpoint step {step} cannot be restored ({reason}); moved to {dst}, resuming from an older step"
+    logging.warning(msg)
+    print(f"warning: {msg}", file=sys.stderr)
+    if is_primary:
+        os.rename(src, dst)
+
+
 def restore_params(workdir: str, step: Optional[int] = None, ema: bool = True):
-    """The U-Net params (EMA by default) of a run, on the host, for inpainting and export."""
+    """The U-Net params (EMA by default) of a run, on the host, for inpainting and export.
+    Without `step`: the newest step that restores (a damaged newer one is reported and
+    skipped, never moved: readers do not change a run)."""
+    step, state = restore_state(workdir, step)
+    return step, state["ema" if ema else "params"]
+
+
+def restore_state(workdir: str, step: Optional[int] = None, like: Any = None):
+    """(step, the whole train state) of a run, on this process's first device, whatever
+    topology saved it (8 devices, a pod): every array is restored whole from the shapes
+    the checkpoint records. `like`: a state (or its eval_shape) whose tree structure the
+    result takes (optax's state classes instead of plain dicts), so the step can run on it."""
     ckpt_dir = os.path.abspath(os.path.join(workdir, "checkpoints"))
     if not os.path.isdir(ckpt_dir):
         raise FileNotFoundError(f"{workdir}: no checkpoints/ folder: not a training workdir, or nothing saved yet")
     import jax
 
     mngr = ocp.CheckpointManager(ckpt_dir, item_names=("state", "data"),
-                                 item_handlers={"state": ocp.StandardCheckpointHandler()})
-    step = mngr.latest_step() if step is None else step
-    if step is None:
+                                 item_handlers={"state": ocp.StandardCheckpointHandler()},
+                                 options=ocp.CheckpointManagerOptions(read_only=True))
+    steps = sorted(mngr.all_steps(), reverse=True) if step is None else [step]
+    if not steps:
         raise FileNotFoundError(f"{workdir}: no finished checkpoint")
-    # The run may have used another topology (8 devices, a pod): restore every array whole
-    # onto this process's first device, from the shapes the checkpoint records.
-    meta = mngr.item_metadata(step)["state"]
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    target = jax.tree_util.tree_map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), meta)
-    state = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))["state"]
-    return step, state["ema" if ema else "params"]
+    errors = []
+    for s in steps:
+        try:
+            meta = mngr.item_metadata(s)["state"] if like is None else like
+            target = jax.tree_util.tree_map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), meta)
+            state = mngr.restore(s, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))["state"]
+        except Exception as e:  # a damaged step: try the next older one
+            if step is not None:
+                raise CheckpointError(f"{ckpt_dir}/{s} cannot be restored: {type(e).__name__}: "
+                                      f"{str(e).splitlines()[0][:300]}") from None
+            errors.append(f"step {s}: {type(e).__name__}: {str(e).splitlines()[0][:300]}")
+            continue
+        if errors:
+            print(f"warning: {ckpt_dir}: using step {s}; newer steps cannot be restored ({'; '.join(errors)})",
+                  file=sys.stderr)
+        return s, state
+    raise CheckpointError(f"{ckpt_dir}: no checkpoint can be restored: {'; '.join(errors)}")
 
 
 def write_run_files(workdir: str, model_config: dict, tokenizer_dir: str, frozen=None) -> None:

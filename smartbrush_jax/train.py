@@ -13,9 +13,9 @@ import os
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # clu's TensorBoard writer imports TensorFlow
 
 import json  # noqa: E402
-import signal  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
+import traceback  # noqa: E402
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -43,15 +43,31 @@ def main(argv) -> None:
     del argv
     if FLAGS.config is None or FLAGS.workdir is None:
         raise app.UsageError("--config and --workdir are required")
+    from smartbrush_jax.checkpoints import CheckpointError
+
     try:
         run(FLAGS.config, FLAGS.workdir)
-    except (TrainingError, ValueError, FileNotFoundError) as e:
+    except (TrainingError, ValueError, FileNotFoundError, CheckpointError) as e:
         logging.error("%s", e)
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2 if not isinstance(e, TrainingError) else 1)
 
 
 def run(config, workdir: str) -> dict:
+    """Trains to `config.train.steps` and returns the summary, or stops at SIGTERM after
+    saving (then the summary has `"stopped": True` and no summary.json is written, so a
+    job script can tell); the SIGTERM handler is installed for this call only."""
+    import contextlib
+
+    from smartbrush_jax.preemption import StopRequest
+
+    with contextlib.ExitStack() as cleanup:  # undone in reverse order, whatever happens
+        stop = StopRequest().install()  # before any slow start-up work
+        cleanup.callback(stop.uninstall)
+        return _run(config, workdir, stop, cleanup)
+
+
+def _run(config, workdir: str, stop, cleanup) -> dict:
     from smartbrush_jax import checkpoints, flops, sharding
     from smartbrush_jax.config import validate
     from smartbrush_jax.train_state import build_models, make_optimizer
@@ -64,6 +80,8 @@ def run(config, workdir: str) -> dict:
         jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
     elif FLAGS.distributed:
         jax.distributed.initialize()
+    if stop.attach_to_jax():
+        logging.info("SIGTERM is handled by JAX's preemption service (the stop step is agreed between processes)")
     pidx, pcount = jax.process_index(), jax.process_count()
     validate(config, jax.device_count(), pcount)
     os.makedirs(workdir, exist_ok=True)
@@ -85,13 +103,16 @@ def run(config, workdir: str) -> dict:
     from smartbrush_jax.data.pipeline import make_dataset
 
     data_iter = iter(make_dataset(data_cfg, pidx, pcount))
+    cleanup.callback(data_iter.close)  # ends Grain's worker processes and frees their shared memory
     mngr = checkpoints.manager(workdir, config.train.keep_last, config.train.keep_every)
-    start = 0
-    if mngr.latest_step() is not None:
-        start = mngr.latest_step()
-        abstract = jax.tree_util.tree_map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                                          state, state_shardings)
-        state = checkpoints.restore(mngr, start, abstract, data_iter)
+    abstract = jax.tree_util.tree_map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                                      state, state_shardings)
+    start, restored = checkpoints.restore_newest_intact(mngr, abstract, data_iter, _all_agree if pcount > 1 else bool,
+                                                        is_primary=pidx == 0)
+    if start is None:
+        start = 0
+    else:
+        state = restored
         logging.info("resumed from step %d", start)
         print(f"resumed from step {start}", file=sys.stderr)
     if pidx == 0:
@@ -117,8 +138,10 @@ def run(config, workdir: str) -> dict:
     peak = config.train.peak_tflops * 1e12 or flops.peak_flops_per_device(jax.devices()[0])
     flop_report = {}
 
-    # ------------------------------------------------------------------ metrics, signals
+    # ------------------------------------------------------------------ metrics
     from clu import metric_writers, periodic_actions
+
+    from smartbrush_jax.prefetch import DevicePrefetch
 
     writer = metric_writers.create_default_writer(workdir, just_logging=pidx > 0)
     hooks = [periodic_actions.ReportProgress(num_train_steps=config.train.steps, writer=writer,
@@ -126,8 +149,6 @@ def run(config, workdir: str) -> dict:
     if config.train.profile_steps and pidx == 0:
         hooks.append(periodic_actions.Profile(num_profile_steps=config.train.profile_steps, logdir=workdir,
                                               first_profile=start + 10))
-    stop = {"sigterm": False}
-    signal.signal(signal.SIGTERM, lambda *_: stop.__setitem__("sigterm", True))
 
     # ------------------------------------------------------------------ train loop
     history, skips = [], None
@@ -136,8 +157,53 @@ def run(config, workdir: str) -> dict:
     t0 = time.time()
     batches = DevicePrefetch(data_iter, lambda local: (local["skips"].sum(0), sharding.shard_batch(
         mesh, {k: local[k] for k in BATCH_KEYS if k in local})), config.data.prefetch_to_device)
+
+    def finish_early(read_error=None) -> dict:
+        """SIGTERM (or, on one process, a data pipeline that failed): save this step unless
+        it is in a non-finite streak, say which checkpoint is the latest, and return."""
+        streak = int(jax.device_get(state["nonfinite_streak"]))
+        if streak == 0 and step > start:
+            checkpoints.save(mngr, step, state, batches.consumed_state(), force=True)
+        mngr.wait_until_finished()
+        writer.flush()
+        why = "SIGTERM" if read_error is None or stop.signalled else f"data pipeline failed ({read_error})"
+        if read_error is not None and why == "SIGTERM":
+            logging.warning("after SIGTERM the data pipeline failed (%s); the checkpoint holds the batches "
+                            "consumed before it", read_error)
+        latest = mngr.latest_step()
+        if streak:
+            saved = f"step {step} not saved ({streak} non-finite steps in a row); latest checkpoint: {latest}"
+        elif step > start:
+            saved = f"checkpoint at step {step} saved"
+        else:
+            saved = f"no step taken since start-up; latest checkpoint: {latest}"
+        logging.info("%s: %s; exiting", why, saved)
+        print(f"{why}: {saved}; exiting", file=sys.stderr)
+        if why != "SIGTERM":
+            traceback.print_exception(read_error)
+            raise TrainingError(f"{why} at step {step}: {saved}") from read_error
+        return {"steps": step, "stopped": True, "latest_checkpoint": mngr.latest_step()}
+
+    from smartbrush_jax.data.pipeline import DataError
+
+    def read(take: bool):
+        """The next batch (take) or a refill of the device queue; an exception from the
+        data pipeline on one process ends the run through finish_early (several processes
+        cannot save alone: the error propagates and the last periodic checkpoint resumes)."""
+        try:
+            return batches.next() if take else batches.fill()
+        except Exception as e:
+            if pcount > 1 or isinstance(e, DataError):
+                raise
+            return e
+
+    if not stop.coordinated and stop.signalled:
+        return finish_early()  # SIGTERM while loading, restoring or building data: nothing to save
     while step < config.train.steps:
-        batch_skips, batch = batches.next()
+        got = read(take=True)
+        if isinstance(got, Exception):
+            return finish_early(got)
+        batch_skips, batch = got
         skips = batch_skips if skips is None else skips + batch_skips
         if step == start:  # compile here (the call below reuses it) for XLA's FLOP count
             flop_report = flops.step_report(step_fn.lower(state, frozen, batch).compile(), model_flops,
@@ -146,8 +212,11 @@ def run(config, workdir: str) -> dict:
             window = (time.time(), step)  # throughput is measured between log points
         state, metrics = step_fn(state, frozen, batch)
         step += 1
-        if step < config.train.steps:
-            batches.fill()  # read and transfer the next batch while the device runs this step
+        stopping = stop.should_stop(step)  # on every process at every step (JAX's sync point needs it)
+        if step < config.train.steps and not stopping:
+            got = read(take=False)  # read and transfer the next batch while the device runs this step
+            if isinstance(got, Exception):
+                return finish_early(got)
         for h in hooks:
             h(step)
         if step % check_every == 0 or step % config.train.log_every == 0 or step == config.train.steps:
@@ -166,20 +235,19 @@ def run(config, workdir: str) -> dict:
                 scalars.update(speed)
                 writer.write_scalars(step, scalars)
                 history.append({"step": step, **{k: scalars[k] for k in ("loss", "mse", "dice", "iou")}, **speed})
-        stopping = _stop(stop, pcount)
-        if step % config.train.checkpoint_every == 0 or step == config.train.steps or stopping:
-            if int(jax.device_get(state["nonfinite_streak"])) == 0:
+        if stopping:
+            return finish_early()
+        if step % config.train.checkpoint_every == 0 or step == config.train.steps:
+            streak = int(jax.device_get(state["nonfinite_streak"]))
+            if streak == 0:
                 checkpoints.save(mngr, step, state, batches.consumed_state(), force=True)
+            else:
+                logging.warning("step %d: checkpoint skipped (%d non-finite steps in a row); the latest is step %s",
+                                step, streak, mngr.latest_step())
         if config.train.sample_every and (step % config.train.sample_every == 0 or step == config.train.steps):
             iou = sampler(state["ema"], frozen, step, writer)
             history.append({"step": step, "heldout_iou": iou})
             window = (time.time(), step)  # sampling is not training time
-        if stopping:
-            mngr.wait_until_finished()
-            logging.info("SIGTERM: saved step %d, exiting", step)
-            print(f"SIGTERM: checkpoint at step {step} saved; exiting", file=sys.stderr)
-            writer.flush()
-            sys.exit(0)
     mngr.wait_until_finished()
     writer.flush()
     summary = {"steps": step, "seconds": time.time() - t0, "history": history, "flops": flop_report,
@@ -190,64 +258,17 @@ def run(config, workdir: str) -> dict:
     return summary
 
 
-class DevicePrefetch:
-    """Up to `size` batches read from `data_iter` and already sharded onto the devices
-    (`put(local_batch)` starts the host-to-device copies, which run while the current step
-    computes). A checkpoint must hold the iterator state of the batches the steps actually
-    consumed, so each queued batch keeps the state from before it was read:
-    `consumed_state()` is that of the oldest one. `size=0`: read on demand, no queue."""
+def _all_agree(ok: bool) -> bool:
+    """True when `ok` on every process (an all-gather: also a barrier)."""
+    from jax.experimental import multihost_utils
 
-    def __init__(self, data_iter, put, size: int):
-        import collections
-
-        self._it, self._put, self._size = data_iter, put, int(size)
-        self._queue = collections.deque()
-
-    def fill(self) -> None:
-        while len(self._queue) < self._size:
-            self._read()
-
-    def next(self):
-        if not self._queue:
-            self._read()
-        return self._queue.popleft()[1]
-
-    def consumed_state(self):
-        """Something `checkpoints.save` stores as the data iterator: the state before
-        the first batch not yet handed out."""
-        return _IteratorState(self._queue[0][0] if self._queue else self._it.get_state())
-
-    def _read(self) -> None:
-        state = self._it.get_state() if self._size else None
-        self._queue.append((state, self._put(next(self._it))))
-
-
-class _IteratorState:
-    """A frozen iterator state for Grain's checkpoint handler, which stores
-    `get_state()` of an object that is not a `grain.DatasetIterator` as bytes (here the
-    same JSON it writes for a `DatasetIterator`, so `CheckpointRestore` into the real
-    iterator reads it back)."""
-
-    def __init__(self, state):
-        self._json = json.dumps(state, indent=4).encode()
-
-    def get_state(self) -> bytes:
-        return self._json
+    return bool(np.min(multihost_utils.process_allgather(np.array([int(ok)], np.int32))))
 
 
 def _reasons():
     from smartbrush_jax.data.validate import SKIP_REASONS
 
     return SKIP_REASONS
-
-
-def _stop(stop: dict, pcount: int) -> bool:
-    """SIGTERM on any process stops all of them at the same step."""
-    if pcount == 1:
-        return stop["sigterm"]
-    from jax.experimental import multihost_utils
-
-    return bool(np.max(multihost_utils.process_allgather(np.array([stop["sigterm"]], np.int32))))
 
 
 def setup_data(config, workdir: str):

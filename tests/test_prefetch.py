@@ -1,6 +1,7 @@
 """The trainer's device prefetch: batches read ahead are not counted as consumed, so a
 checkpoint taken mid-queue resumes at the first batch no step has seen (the end-to-end
-version is test_train.py::test_resume_after_sigkill_is_exact)."""
+version is test_train.py::test_resume_after_sigkill_is_exact); a read that fails (Grain's
+workers killed) leaves the state of the batches consumed before it."""
 
 import json
 
@@ -8,7 +9,7 @@ import grain
 import numpy as np
 import pytest
 
-from smartbrush_jax.train import DevicePrefetch
+from smartbrush_jax.prefetch import DevicePrefetch
 
 
 def _iterator():
@@ -33,3 +34,36 @@ def test_checkpointed_state_is_that_of_the_consumed_batches(size):
     np.testing.assert_array_equal(np.stack(seen), np.stack(expected[:4]))
     np.testing.assert_array_equal(put(next(resumed)), expected[4])
     np.testing.assert_array_equal(put(next(resumed)), expected[5])
+
+
+class _FailingAt:
+    """An iterator that raises like a Grain pipeline whose workers were killed, at read `n`."""
+
+    def __init__(self, it, n):
+        self.it, self.n, self.reads = it, n, 0
+
+    def get_state(self):
+        return self.it.get_state()
+
+    def __next__(self):
+        self.reads += 1
+        if self.reads == self.n:
+            raise RuntimeError("Worker process was terminated unexpectedly with exit code -15")
+        return next(self.it)
+
+
+@pytest.mark.parametrize("size", [0, 1, 3])
+def test_a_failed_read_keeps_the_state_of_the_consumed_batches(size):
+    put = lambda b: np.asarray(b)  # noqa: E731
+    batches = DevicePrefetch(_FailingAt(_iterator(), 6), put, size)
+    seen = []
+    with pytest.raises(RuntimeError, match="terminated"):
+        while True:
+            seen.append(batches.next())
+            batches.fill()
+    resumed = _iterator()
+    resumed.set_state(json.loads(batches.consumed_state().get_state().decode()))
+    straight = _iterator()
+    expected = [next(straight) for _ in range(len(seen) + 1)]
+    np.testing.assert_array_equal(np.stack(seen), np.stack(expected[:-1]))
+    np.testing.assert_array_equal(next(resumed), expected[-1])  # the first batch no step has seen

@@ -160,8 +160,11 @@ def make_dataset(cfg: DataConfig, process_index: int = 0, process_count: int = 1
         weights[name] = weight
     mixed = grain.IterDataset.mix(parts, weights)
     if cfg.num_workers > 0:
+        from smartbrush_jax.preemption import ignore_sigterm  # the main process saves, then ends the workers
+
         mixed = mixed.mp_prefetch(grain.MultiprocessingOptions(num_workers=cfg.num_workers,
-                                                               per_worker_buffer_size=cfg.worker_buffer))
+                                                               per_worker_buffer_size=cfg.worker_buffer),
+                                  worker_init_fn=ignore_sigterm)
     counted = CountSkips(mixed, cfg.max_bad_fraction, cfg.min_examples_for_check)
     return counted.batch(cfg.batch_size, drop_remainder=True)
 
