@@ -85,7 +85,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.max_nonfinite_in_a_row = 20
     c.train.profile_steps = 0  # > 0: capture a profile of this many steps after warm-up
     c.train.peak_tflops = 0.0  # per-device peak for MFU; 0 = bf16 dense peak of the device kind (none on CPU)
-    c.train.debug_nan_steps = ()  # test hook: steps whose loss is replaced by NaN
+    c.train.debug_nan_steps = ()  # test hook: steps (0-based) whose gradients are replaced by inf
 
     c.mesh = ml_collections.ConfigDict()
     c.mesh.shape = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})

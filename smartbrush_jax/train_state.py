@@ -152,8 +152,9 @@ def make_train_step(models: Models, config, tx, empty_tokens: np.ndarray):
                                    k_loss, acp, loss_cfg)
 
         (loss, parts), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
-        if nan_steps:  # test hook: plant a non-finite loss at these steps
-            loss = jnp.where(jnp.isin(state["step"], jnp.asarray(nan_steps)), jnp.nan, loss)
+        if nan_steps:  # test hook: a non-finite gradient (the loss stays finite) at these steps
+            hit = jnp.isin(state["step"], jnp.asarray(nan_steps))
+            grads = jax.tree_util.tree_map(lambda g: jnp.where(hit, jnp.inf, g), grads)
         grad_norm = optax.global_norm(grads)
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)

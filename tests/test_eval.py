@@ -73,6 +73,34 @@ def test_eval_end_to_end_and_resume(demo_run, demo_export, weights, tmp_path):
             assert (gen[~region] == item.image[~region]).all()  # the background is untouched
             assert not (pred & ~region).any()
 
+    # the numbers are those of the cached generations: recomputed here from the PNGs
+    from smartbrush_jax.metrics import (
+        INPUT_SIZE,
+        ClipScorer,
+        fid_from_features,
+        inception_features,
+        load_inception,
+        local_crop,
+        resize_uint8,
+    )
+
+    inception, clip = load_inception(weights[0]), ClipScorer(weights[1])
+    real = inception_features(inception, [resize_uint8(it.image, INPUT_SIZE) for it in items])
+    real_crops = inception_features(inception, [local_crop(it.image, it.mask) for it in items])
+    prompts = [it.prompt for it in items]
+    for mask_type in ("accurate", "bbox"):
+        gen = [np.asarray(Image.open(os.path.join(out, "generated", mask_type, f"{it.key}.png")).convert("RGB"))
+               for it in items]
+        crops = [local_crop(g, it.mask) for g, it in zip(gen, items)]
+        expected = {"fid": fid_from_features(real, inception_features(inception, [resize_uint8(g, INPUT_SIZE)
+                                                                                  for g in gen])),
+                    "local_fid": fid_from_features(real_crops, inception_features(inception, crops)),
+                    "clip": float(np.mean(clip(crops, prompts)))}
+        for name, value in expected.items():
+            assert results["metrics"][mask_type][name] == pytest.approx(value, rel=1e-6, abs=1e-9), (mask_type, name)
+    assert results["clip_real"] == pytest.approx(float(np.mean(clip([local_crop(it.image, it.mask) for it in items],
+                                                                    prompts))), rel=1e-6)
+
     again = _run(demo_export, data, weights, out, "--num", "3", "--steps", "2")
     assert again.returncode == 0, again.stderr[-3000:]
     assert again.stderr.count("cached") == 6 and " generated " not in again.stderr

@@ -313,7 +313,7 @@ def _sbatch(tmp_path, mode):
     os.utime(old, (time.time() - 3600, time.time() - 3600))
     env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", FAKE_DIR=str(tmp_path), FAKE_MODE=mode,
                WORKDIR=str(workdir), SLURM_JOB_ID="4242", SLURM_SUBMIT_DIR=ROOT, SLURM_JOB_NUM_NODES="2",
-               SLURM_JOB_NODELIST="gpu[01-02]", SLURM_NTASKS="16")
+               SLURM_JOB_NODELIST="gpu[01-02]", SLURM_NTASKS="16", SLURM_CPUS_PER_TASK="7")
     env.pop("XLA_FLAGS", None)
     p = subprocess.run(["bash", SLURM, "--config.train.steps=5"], capture_output=True, text=True, env=env,
                        timeout=60, cwd=str(tmp_path))
@@ -325,7 +325,7 @@ def test_slurm_job_runs_the_trainer_and_requeues_a_stopped_run(tmp_path, mode, r
     p, workdir = _sbatch(tmp_path, mode)
     assert p.returncode == rc, p.stderr
     srun = (tmp_path / "srun_args").read_text().strip()
-    assert srun == (f"--kill-on-bad-exit=1 {ROOT}/.venv/bin/python -m smartbrush_jax.train "
+    assert srun == (f"--kill-on-bad-exit=1 --cpus-per-task=7 {ROOT}/.venv/bin/python -m smartbrush_jax.train "
                     f"--config=configs/gpu_h100.py --workdir={workdir} --distributed --config.train.steps=5")
     assert (tmp_path / "scontrol").exists() == requeued
     if requeued:

@@ -2,145 +2,139 @@
 exits 0, non-finite steps skipped / stopping, 1 vs 8 devices (data parallel and FSDP), and
 config validation. Several processes: tests/test_launch.py."""
 
-import json
 import os
-import shutil
 import signal
 import subprocess
-import sys
 import time
 
 import numpy as np
 import pytest
+from train_helpers import (
+    ROOT,
+    assert_trees_equal,
+    cmd,
+    copy_run,
+    env,
+    flat,
+    losses,
+    state,
+    summary,
+    tiny_config,
+    train,
+)
 
 from smartbrush_jax.config import ConfigError, base_config, validate
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CONFIG = os.path.join(ROOT, "tests", "configs", "tiny_train.py")
+
+@pytest.fixture
+def data_dir(tiny_run):
+    return tiny_run
 
 
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    """The micro config's synthetic data, built once and copied into each workdir."""
-    work = tmp_path_factory.mktemp("train_data")
-    proc = _train(str(work), "--config.train.steps=1")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return str(work / "data")
+def _workdir(tmp_path, tiny_run, name):
+    return copy_run(tiny_run, tmp_path / name, data_only=True)
 
 
-def _cmd(workdir, *overrides, extra=()):
-    return [sys.executable, "-m", "smartbrush_jax.train", f"--config={CONFIG}", f"--workdir={workdir}",
-            *overrides, *extra]
-
-
-def _env(devices=1):
-    env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3")
-    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
-    return env
-
-
-def _train(workdir, *overrides, devices=1, timeout=600):
-    return subprocess.run(_cmd(workdir, *overrides), capture_output=True, text=True, timeout=timeout,
-                          env=_env(devices), cwd=ROOT)
-
-
-def _workdir(tmp_path, data_dir, name):
-    w = tmp_path / name
-    shutil.copytree(data_dir, w / "data")
-    return str(w)
-
-
-def _params(workdir, step=None, item="params"):
-    from smartbrush_jax.checkpoints import restore_params
-
-    s, p = restore_params(workdir, step, ema=item == "ema")
-    return s, _flat(p)
-
-
-def _flat(tree, prefix=""):
-    out = {}
-    for k, v in tree.items():
-        if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}/"))
-        else:
-            out[f"{prefix}{k}"] = np.asarray(v)
-    return out
-
-
-def _summary(workdir, name="summary.json"):
-    with open(os.path.join(workdir, name)) as f:
-        return json.load(f)
-
-
-def _losses(summary):
-    return [h["loss"] for h in summary["history"] if "loss" in h]
+def _params(workdir, step=None):
+    return state(workdir, step, item="params")
 
 
 def test_resume_after_sigkill_is_exact(tmp_path, data_dir):
     steps = ["--config.train.steps=40", "--config.train.checkpoint_every=5", "--config.train.log_every=1"]
     straight = _workdir(tmp_path, data_dir, "straight")
-    proc = _train(straight, *steps)
+    proc = train(straight, *steps)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    losses = _losses(_summary(straight))
-    assert np.mean(losses[-4:]) < np.mean(losses[:4])  # the loss falls
+    ref_losses = losses(summary(straight))
+    assert np.mean(ref_losses[-4:]) < np.mean(ref_losses[:4])  # the loss falls
     # FLOP accounting: model TFLOP/s in every log entry (no MFU: a CPU has no peak in the
     # table); XLA's count of the step is near the analytic 3x U-Net forward (it adds the
     # text encoder, AdamW, EMA and elementwise work, and skips padded conv taps)
-    history = [h for h in _summary(straight)["history"] if "loss" in h]
+    history = [h for h in summary(straight)["history"] if "loss" in h]
     assert len(history) == 40 and all(h["tflops_per_s"] > 0 and "mfu" not in h for h in history)
-    assert 0.9 < _summary(straight)["flops"]["xla_over_model"] < 1.3
+    assert 0.9 < summary(straight)["flops"]["xla_over_model"] < 1.3
 
     killed = _workdir(tmp_path, data_dir, "killed")
-    p = subprocess.Popen(_cmd(killed, *steps), env=_env(), cwd=ROOT, stdout=subprocess.DEVNULL,
+    p = subprocess.Popen(cmd(killed, *steps), env=env(), cwd=ROOT, stdout=subprocess.DEVNULL,
                          stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
-    rng = np.random.default_rng()
+    rng = np.random.default_rng(20261201)  # seeded: a failure names a kill point that can be replayed
     target = int(rng.integers(1, 4)) * 5  # kill after checkpoint 5, 10 or 15 has landed
+    delay = float(rng.uniform(0, 0.3))
     while not os.path.isdir(os.path.join(killed, "checkpoints", str(target))) and time.time() < deadline:
         time.sleep(0.02)
-    time.sleep(float(rng.uniform(0, 0.3)))
+    time.sleep(delay)
     p.send_signal(signal.SIGKILL)
     p.wait()
-    proc = _train(killed, *steps)
+    proc = train(killed, *steps)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "resumed from step" in proc.stderr
-    s1, a = _params(straight)
-    s2, b = _params(killed)
+    assert "resumed from step" in proc.stderr, f"kill after checkpoint {target} + {delay:.2f} s"
+    s1, a = state(straight)
+    s2, b = state(killed)
     assert s1 == s2 == 40
-    assert a.keys() == b.keys()
-    for k in a:
-        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+    assert a.keys() == b.keys() and any(k.startswith("opt_state/") for k in a)
+    # params, EMA (what export and inpainting use), Adam moments and counts, rng, counters
+    assert_trees_equal(a, b)
     # the same examples were seen: the losses of the last logged steps agree
-    assert _losses(_summary(killed))[-5:] == losses[-5:]
+    assert losses(summary(killed))[-5:] == ref_losses[-5:]
 
 
-def test_sigterm_saves_and_exits_zero_then_resumes(tmp_path, data_dir):
-    w = _workdir(tmp_path, data_dir, "term")
-    p = subprocess.Popen(_cmd(w, "--config.train.steps=100000", "--config.train.checkpoint_every=1000"),
-                         env=_env(), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 300
-    while not os.path.isfile(os.path.join(w, "model.json")) and time.time() < deadline:
-        time.sleep(0.05)
-    time.sleep(3.0)  # let it take some steps
-    p.send_signal(signal.SIGTERM)
-    _, err = p.communicate(timeout=300)
-    assert p.returncode == 0, err[-3000:]
-    assert "SIGTERM: checkpoint at step" in err
-    step = int(err.split("SIGTERM: checkpoint at step ")[1].split(" ")[0].rstrip(";"))
-    assert os.path.isdir(os.path.join(w, "checkpoints", str(step)))
-    proc = _train(w, f"--config.train.steps={step + 2}")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert f"resumed from step {step}" in proc.stderr
+def test_nonfinite_gradient_leaves_the_state_unchanged(tmp_path, data_dir):
+    """inf planted in the gradients (the loss stays finite) at step index 3: the update is
+    skipped, so the state the step returns equals checkpoint 3 bit for bit (params, Adam
+    state, EMA); the run goes on, counts it, and skips the checkpoint of the bad step."""
+    import jax
 
+    from smartbrush_jax.checkpoints import restore_state
+    from smartbrush_jax.data.pipeline import make_dataset
+    from smartbrush_jax.train import setup_data
+    from smartbrush_jax.train_state import build_models, make_optimizer, make_train_step
 
-def test_nonfinite_steps_are_skipped_then_stop_the_run(tmp_path, data_dir):
     w = _workdir(tmp_path, data_dir, "nan_once")
-    proc = _train(w, "--config.train.debug_nan_steps=(3,)")
+    proc = train(w, "--config.train.debug_nan_steps=(3,)", "--config.train.checkpoint_every=1",
+                 "--config.train.log_every=1", "--config.train.steps=5")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert _summary(w)["nonfinite_total"] == 1
+    assert summary(w)["nonfinite_total"] == 1
+    assert "step 4: checkpoint skipped (1 non-finite steps in a row); the latest is step 3" in proc.stderr
+    assert sorted(os.listdir(os.path.join(w, "checkpoints"))) == ["1", "2", "3", "5"]
 
+    # the step function itself, on checkpoint 3 and a batch of the run's data
+    config = tiny_config()
+    config.train.debug_nan_steps = (3,)
+    train_cfg, _, tokenizer = setup_data(config, w)
+    models = build_models(config, len(tokenizer))
+    tx = make_optimizer(config)
+    empty = np.asarray(tokenizer("", padding="max_length", max_length=77, truncation=True).input_ids, np.int32)
+    step_fn = jax.jit(make_train_step(models, config, tx, empty))
+    batch = next(iter(make_dataset(train_cfg)))
+    batch = {k: batch[k] for k in ("image", "mask", "latent_mask", "tokens")}
+    from flax.core import meta
+
+    from smartbrush_jax.train_state import init_state_fn
+
+    like = meta.unbox(jax.eval_shape(init_state_fn(models, tx, config.train.seed)))
+    _, before = restore_state(w, 3, like=like)
+    after, metrics = step_fn(before, _frozen(w, models), batch)
+    assert not np.isfinite(float(metrics["grad_norm"])) and np.isfinite(float(metrics["loss"]))
+    assert int(after["step"]) == 4 and int(after["nonfinite_streak"]) == 1
+    kept = ("params/", "opt_state/", "ema/")
+    assert_trees_equal(flat(jax.device_get(before)), flat(jax.device_get(after)), kept)
+    # a finite step changes all three (checkpoint 2 -> 3): the comparison above can fail
+    two, three = flat(jax.device_get(restore_state(w, 2, like=like)[1])), flat(jax.device_get(before))
+    for k in kept:
+        assert any(not np.array_equal(two[x], three[x]) for x in two if x.startswith(k)), k
+
+
+def _frozen(workdir, models):
+    """The frozen (random) text encoder a from-scratch run saved beside its checkpoints."""
+    from smartbrush_jax.checkpoints import load_workdir
+
+    _, sd = load_workdir(workdir)
+    return {"text": sd.text_params}
+
+
+def test_nonfinite_steps_in_a_row_stop_the_run(tmp_path, data_dir):
     w = _workdir(tmp_path, data_dir, "nan_many")
-    proc = _train(w, "--config.train.debug_nan_steps=(4,5,6)", "--config.train.log_every=1")
+    proc = train(w, "--config.train.debug_nan_steps=(4,5,6)", "--config.train.log_every=1")
     assert proc.returncode == 1
     assert "3 non-finite steps in a row" in proc.stderr and "last good checkpoint is step 4" in proc.stderr
     step, params = _params(w)
@@ -152,12 +146,12 @@ def test_nonfinite_steps_are_skipped_then_stop_the_run(tmp_path, data_dir):
                                             "--config.mesh.fsdp=True"])], ids=lambda m: m[0])
 def test_eight_devices_match_one(tmp_path, data_dir, mesh):
     one = _workdir(tmp_path, data_dir, "one")
-    proc = _train(one, "--config.train.log_every=1")
+    proc = train(one, "--config.train.log_every=1")
     assert proc.returncode == 0, proc.stderr[-3000:]
     eight = _workdir(tmp_path, data_dir, "eight")
-    proc = _train(eight, "--config.train.log_every=1", *mesh[1], devices=8)
+    proc = train(eight, "--config.train.log_every=1", *mesh[1], devices=8)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    np.testing.assert_allclose(_losses(_summary(eight)), _losses(_summary(one)), rtol=1e-5)
+    np.testing.assert_allclose(losses(summary(eight)), losses(summary(one)), rtol=1e-5)
     _, a = _params(one)
     _, b = _params(eight)
     for k in a:
@@ -197,7 +191,7 @@ def test_bad_config_values_are_refused():
 
 
 def test_unknown_config_field_is_a_clear_error(tmp_path):
-    proc = _train(str(tmp_path / "w"), "--config.train.stepz=3", timeout=120)
+    proc = train(str(tmp_path / "w"), "--config.train.stepz=3", timeout=120)
     assert proc.returncode != 0
     assert "stepz" in proc.stderr
 
