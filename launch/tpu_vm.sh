@@ -34,7 +34,8 @@ usage: launch/tpu_vm.sh [options] [-- TRAINER_ARGS...]
   --skip-setup              reuse the code and venv already on the workers (env SKIP_SETUP=1)
   --no-gcsfuse              pass a gs:// workdir to the trainer as is (env GCSFUSE=0)
   --detach                  start training under nohup and return (env DETACH=1); log in ~/smartbrush/train.log
-  --delete                  delete the slice when the run ends, also on failure (env KEEP_VM=0)
+  --delete                  delete the slice when the run ends, also on failure, if this run
+                            created it (env KEEP_VM=0); a slice that was there is kept
   --dry-run                 print every command instead of running it
   TRAINER_ARGS              more trainer flags, e.g. --config.model.init_from=... (after --)
 EOF
@@ -122,11 +123,13 @@ else
   echo "+ $(quote "${TPU[@]}" describe "$TPU_NAME" "${GCLOUD_LOC[@]}" --format='value(state)')" >&2
   state="$("${TPU[@]}" describe "$TPU_NAME" "${GCLOUD_LOC[@]}" --format='value(state)' 2>/dev/null || true)"
 fi
+created=0  # --delete removes only a VM this run created, never one it found
 if [[ -z "$state" ]]; then
   create=("${TPU[@]}" create "$TPU_NAME" "${GCLOUD_LOC[@]}" --accelerator-type="$ACCELERATOR_TYPE"
           --version="$RUNTIME_VERSION")
   ((SPOT == 0)) || create+=(--spot)
   run "${create[@]}"
+  created=1
 elif [[ "$state" != READY ]]; then
   echo "tpu_vm.sh: TPU VM $TPU_NAME exists in state $state, not READY; delete it" \
        "(${TPU[*]} delete $TPU_NAME --zone=$ZONE) or wait, then run again" >&2
@@ -135,14 +138,45 @@ else
   echo "reusing TPU VM $TPU_NAME ($state)" >&2
 fi
 
+delete_vm() { run "${TPU[@]}" delete "$TPU_NAME" "${GCLOUD_LOC[@]}" --quiet; }
 if ((KEEP_VM == 0)); then
-  delete_vm() { run "${TPU[@]}" delete "$TPU_NAME" "${GCLOUD_LOC[@]}" --quiet; }
-  ((DRY_RUN)) || trap delete_vm EXIT  # also when a step below fails
+  if ((created)); then
+    ((DRY_RUN)) || trap delete_vm EXIT  # also when a step below fails
+  else
+    echo "tpu_vm.sh: --delete: $TPU_NAME existed before this run, so it is kept" >&2
+    KEEP_VM=1
+  fi
 fi
 
 ssh_all() {  # ssh_all COMMAND: run a shell command on every worker, output streamed here
   run "${TPU[@]}" ssh "$TPU_NAME" "${GCLOUD_LOC[@]}" --worker=all --command="$1"
 }
+
+# ---------------------------------------------------------------------- a run already there?
+# Relaunching over a live run would start a second trainer on the same chips (and the
+# setup below replaces the code under it): refuse while any worker has a trainer running
+# in ~/smartbrush. The pattern's [.] keeps pgrep from matching this check's own shell.
+if ((created == 0)); then
+  running_check='for p in $(pgrep -f "smartbrush_jax[.]train" || true); do
+  if [ "$(readlink "/proc/$p/cwd" 2>/dev/null)" = "$HOME/smartbrush" ]; then
+    echo "SMARTBRUSH_RUNNING $(hostname) pid $p"
+  fi
+done'
+  if ((DRY_RUN)); then
+    ssh_all "$running_check"
+  else
+    echo "+ (on every worker) is a trainer running in ~/smartbrush?" >&2
+    found="$("${TPU[@]}" ssh "$TPU_NAME" "${GCLOUD_LOC[@]}" --worker=all --command="$running_check" 2>&1 || true)"
+    if grep -q SMARTBRUSH_RUNNING <<<"$found"; then
+      echo "tpu_vm.sh: a trainer is already running on $TPU_NAME:" >&2
+      grep SMARTBRUSH_RUNNING <<<"$found" | sed 's/^.*SMARTBRUSH_RUNNING /  /' >&2
+      echo "tpu_vm.sh: not starting a second one. Follow it with" \
+           "'${TPU[*]} ssh $TPU_NAME --zone=$ZONE --worker=0 --command=\"tail -f ~/smartbrush/train.log\"'," \
+           "or stop it ('... --worker=all --command=\"pkill -TERM -f smartbrush_jax.train\"': it saves and exits)" >&2
+      exit 1
+    fi
+  fi
+fi
 
 # ---------------------------------------------------------------------- code and environment
 # The tarball holds the checked-out commit plus uncommitted changes to tracked files
@@ -163,7 +197,7 @@ if ((SKIP_SETUP == 0)); then
   # none; torch's CPU build (it is only used off the TPU path: export, parity tests).
   setup="set -euo pipefail
 mkdir -p ~/smartbrush && cd ~/smartbrush
-find . -mindepth 1 -maxdepth 1 ! -name .venv -exec rm -rf {} +
+find . -mindepth 1 -maxdepth 1 ! -name .venv ! -name '*.log' -exec rm -rf {} +  # keep the venv and old logs
 tar -xzf ~/smartbrush.tar.gz
 if ! command -v python3.11 >/dev/null; then
   sudo add-apt-repository -y ppa:deadsnakes/ppa && sudo apt-get update -q
@@ -197,12 +231,12 @@ if ((GCSFUSE)) && [[ "$WORKDIR" == gs://* ]]; then
 mountpoint -q \$HOME/gcs/$(quote "$bucket") || gcsfuse --implicit-dirs $(quote "$bucket") \$HOME/gcs/$(quote "$bucket")
 "
 fi
-train="PYTHONUNBUFFERED=1 .venv/bin/python -m smartbrush_jax.train --config=$(quote "$CONFIG") --workdir=$remote_workdir --distributed"
+train=".venv/bin/python -m smartbrush_jax.train --config=$(quote "$CONFIG") --workdir=$remote_workdir --distributed"
 ((${#TRAINER_ARGS[@]} == 0)) || train+=" $(quote "${TRAINER_ARGS[@]}")"
 if ((DETACH)); then
   ssh_all "set -euo pipefail
 cd ~/smartbrush
-${mount}nohup $train > train.log 2>&1 < /dev/null &
+${mount}PYTHONUNBUFFERED=1 nohup $train >> train.log 2>&1 < /dev/null &
 echo \"\$(hostname): training in the background, log in ~/smartbrush/train.log\""
   echo "follow the logs: $(quote "${TPU[@]}" ssh "$TPU_NAME" "${GCLOUD_LOC[@]}" --worker=0 \
        --command='tail -f ~/smartbrush/train.log')"
@@ -211,6 +245,6 @@ else
   # (Ctrl-C, a dropped connection) hangs up the trainers: use --detach for long runs.
   ssh_all "set -euo pipefail
 cd ~/smartbrush
-${mount}$train 2>&1 | sed -u \"s/^/[\$(hostname)] /\""
+${mount}PYTHONUNBUFFERED=1 $train 2>&1 | sed -u \"s/^/[\$(hostname)] /\""
 fi
-((DRY_RUN == 0 || KEEP_VM == 1)) || delete_vm
+((DRY_RUN == 0 || KEEP_VM == 1)) || delete_vm  # (a real run deletes through the EXIT trap)
