@@ -29,11 +29,9 @@ import time
 import numpy as np
 from PIL import Image
 
+from smartbrush_jax.errors import InputError, run_command
+
 MASK_TYPES = ("accurate", "bbox")
-
-
-class UsageError(Exception):
-    pass
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -59,14 +57,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        results = run(args)
-    except UsageError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except ValueError as e:  # MetricsError, PipelineError: bad files or folders
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return run_command(lambda: _main(args))
+
+
+def _main(args) -> int:
+    results = run(args)  # MetricsError, PipelineError (bad files or folders) are InputErrors: exit 2
     print(render_table([results] + [_read_json(p) for p in args.add_row]))
     print(f"wrote {args.out}/results.json, results.md, examples.png")
     return 0
@@ -80,9 +75,9 @@ def run(args) -> dict:
 
     for p in args.add_row:
         if not os.path.isfile(p):
-            raise UsageError(f"--add-row {p}: no such file")
+            raise InputError(f"--add-row {p}: no such file")
     if args.num is not None and args.num < 1:
-        raise UsageError("--num must be >= 1")
+        raise InputError("--num must be >= 1")
     # everything that can be wrong is checked before the first generation
     evalset = EvalSet(args.data, limit=args.num, prompt_field=args.prompt_field)
     inception = load_inception(args.inception, args.device)
@@ -177,13 +172,18 @@ def _generate(pipe, out, mask_type, item, mask, level, seed, sampler, resolution
 
 
 def _check_resume(out: str, settings: dict) -> None:
-    """A re-used OUT must have been made with the same settings (its cache would mix otherwise)."""
+    """A re-used OUT must be an evaluation folder made with the same settings (its cache
+    would mix otherwise); it may not be, hold or lie inside the model or the data."""
+    from smartbrush_jax.outputs import check_output
+
+    check_output(out, [settings["model"], settings["data"]], lambda d: os.path.isfile(os.path.join(d, "run.json")),
+                 overwrite=True, what="evaluation folder")
     path = os.path.join(out, "run.json")
     if os.path.isfile(path):
         old = _read_json(path)
         diff = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
         if diff:
-            raise UsageError(f"{out} holds a run with other settings ({', '.join(diff)} differ): "
+            raise InputError(f"{out} holds a run with other settings ({', '.join(diff)} differ): "
                              "choose another --out or delete it")
         print(f"resuming in {out}", file=sys.stderr)
     os.makedirs(out, exist_ok=True)

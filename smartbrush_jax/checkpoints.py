@@ -19,9 +19,12 @@ import grain
 import orbax.checkpoint as ocp
 from absl import logging
 
+from smartbrush_jax.errors import InputError
 
-class CheckpointError(RuntimeError):
-    """No checkpoint of the run can be restored (the message says what each attempt raised)."""
+
+class CheckpointError(InputError):
+    """Not a training run, nothing saved yet, or no checkpoint of it can be restored (the
+    message says what each attempt raised)."""
 
 
 def manager(workdir: str, keep_last: int, keep_every: int, async_save: bool = True) -> ocp.CheckpointManager:
@@ -107,7 +110,7 @@ def restore_state(workdir: str, step: Optional[int] = None, like: Any = None):
     result takes (optax's state classes instead of plain dicts), so the step can run on it."""
     ckpt_dir = os.path.abspath(os.path.join(workdir, "checkpoints"))
     if not os.path.isdir(ckpt_dir):
-        raise FileNotFoundError(f"{workdir}: no checkpoints/ folder: not a training workdir, or nothing saved yet")
+        raise CheckpointError(f"{workdir}: no checkpoints/ folder: not a training workdir, or nothing saved yet")
     import jax
 
     mngr = ocp.CheckpointManager(ckpt_dir, item_names=("state", "data"),
@@ -115,7 +118,7 @@ def restore_state(workdir: str, step: Optional[int] = None, like: Any = None):
                                  options=ocp.CheckpointManagerOptions(read_only=True))
     steps = sorted(mngr.all_steps(), reverse=True) if step is None else [step]
     if not steps:
-        raise FileNotFoundError(f"{workdir}: no finished checkpoint")
+        raise CheckpointError(f"{workdir}: no finished checkpoint")
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     errors = []
     for s in steps:
@@ -175,7 +178,7 @@ def load_workdir(workdir: str, step: Optional[int] = None, ema: bool = True):
     if cfg.get("init_from"):
         path = cfg["init_from"]
         base = load_diffusers_folder(path, components=("vae", "text_encoder")) if os.path.isdir(path) else \
-            load_single_file(path)
+            load_single_file(path, ema=False)  # only its VAE and text encoder are used: no EMA copy of those
         sd.text_config, sd.text_params = base.text_config, base.text_params
         sd.vae_config, sd.vae_params, sd.scheduler_config = base.vae_config, base.vae_params, base.scheduler_config
     else:
@@ -197,6 +200,6 @@ def _as_jax(tree):
 def read_model_config(workdir: str) -> dict:
     path = os.path.join(workdir, "model.json")
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"{workdir}: no model.json: not a training workdir")
+        raise CheckpointError(f"{workdir}: no model.json: not a training workdir")
     with open(path) as f:
         return json.load(f)

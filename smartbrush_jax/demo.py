@@ -19,6 +19,7 @@ import numpy as np
 from PIL import Image
 
 from smartbrush_jax.data.synthetic import COLOURS
+from smartbrush_jax.errors import InputError, run_command
 
 
 def other_colour(label: str) -> str:
@@ -28,6 +29,10 @@ def other_colour(label: str) -> str:
 
 
 def main(argv=None) -> int:
+    return run_command(lambda: _main(argv))
+
+
+def _main(argv) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--workdir", default="runs/demo")
     ap.add_argument("--out", default=None, help="default: WORKDIR/inpaint")
@@ -48,13 +53,8 @@ def main(argv=None) -> int:
 
     raw = os.path.join(args.workdir, "data", "raw_heldout")
     if not os.path.isfile(os.path.join(raw, "annotations.json")):
-        print(f"error: {raw}/annotations.json missing: train the demo first (make demo)", file=sys.stderr)
-        return 2
-    try:
-        step, sd = load_workdir(args.workdir)
-    except FileNotFoundError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        raise InputError(f"{raw}/annotations.json missing: train the demo first (make demo)")
+    step, sd = load_workdir(args.workdir)
     inpainter = Inpainter(sd)
     levels = [int(x) for x in args.levels.split(",")]
     out = args.out or os.path.join(args.workdir, "inpaint")

@@ -20,34 +20,37 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
-import shutil
 import sys
 from typing import Optional
 
 import numpy as np
 
+from smartbrush_jax.diffusers_writer import write_diffusers_folder, write_json
+from smartbrush_jax.errors import InputError, run_command
 
-class ExportError(Exception):
+
+class ExportError(InputError):
     """Bad input to the export: reported as `error: ...`, exit code 2."""
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="smartbrush-export", description=__doc__.split("\n\n")[0])
     p.add_argument("--workdir", required=True, help="training workdir (holds checkpoints/ and model.json)")
-    p.add_argument("--out", required=True, help="folder to write (must not exist, unless --overwrite)")
+    p.add_argument("--out", required=True, help="folder to write (must not exist, unless --overwrite); never "
+                                              "inside or around --workdir")
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
     p.add_argument("--ema", dest="ema", action="store_true", default=True, help="export the EMA weights (default)")
     p.add_argument("--no-ema", dest="ema", action="store_false", help="export the raw training weights")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out that is an export")
     p.add_argument("--verify", action="store_true", help="compare diffusers' U-Net output with ours after export")
     return p
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    try:
+
+    def command() -> int:
         path = export_workdir(args.workdir, args.out, step=args.step, ema=args.ema, overwrite=args.overwrite)
         if args.verify:
             err = verify_unet(args.workdir, path, step=args.step, ema=args.ema)
@@ -55,78 +58,40 @@ def main(argv=None) -> int:
             if err > 1e-4:
                 print("error: the exported U-Net does not reproduce ours", file=sys.stderr)
                 return 1
-    except (ExportError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+        return 0
+
+    return run_command(command)
+
+
+def is_export(folder: str) -> bool:
+    """A folder `smartbrush-export` wrote (its marker: smartbrush.json beside model_index.json)."""
+    return all(os.path.isfile(os.path.join(folder, n)) for n in ("smartbrush.json", "model_index.json"))
 
 
 def export_workdir(workdir: str, out: str, step: Optional[int] = None, ema: bool = True,
                    overwrite: bool = False) -> str:
     """Write the diffusers folder for `workdir`'s checkpoint; returns `out`."""
     from smartbrush_jax.checkpoints import load_workdir, read_model_config
+    from smartbrush_jax.outputs import building, check_output
 
-    if os.path.exists(out) and not overwrite and (not os.path.isdir(out) or os.listdir(out)):
-        raise ExportError(f"{out} exists: choose another --out or pass --overwrite")
+    check_output(out, [workdir], is_export, overwrite, what="SmartBrush export")
     cfg = read_model_config(workdir)
     try:
         step, sd = load_workdir(workdir, step, ema)
     except ValueError as e:  # WeightsError: a frozen text encoder that does not fit model.json
         raise ExportError(f"{workdir}: {e}") from e
     _check_shapes(sd.unet(), sd.unet_params, f"{workdir} step {step}")
-    tmp = out.rstrip("/") + ".partial"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
     print(f"exporting {workdir} step {step} ({'EMA' if ema else 'raw'} weights) to {out}", file=sys.stderr)
-    write_diffusers_folder(sd, tmp, settings=_settings(cfg, workdir, step, ema))
-    if os.path.exists(out):
-        shutil.rmtree(out)
-    os.replace(tmp, out)
+    with building(out) as tmp:
+        write_export(sd, tmp, _settings(cfg, workdir, step, ema))
     return out
 
 
-def write_diffusers_folder(sd, out: str, settings: dict) -> None:
-    """`sd` (a `pretrained.StableDiffusion` with a SmartBrush U-Net) as a diffusers folder."""
-    import diffusers
-    import jax
-    from safetensors.numpy import save_file
-
-    from smartbrush_jax.diffusion import NoiseSchedule
-    from smartbrush_jax.weights import flax_to_torch
-
-    def weights(params, folder, name, config):
-        os.makedirs(os.path.join(out, folder))
-        state = {k: np.ascontiguousarray(v, np.float32) for k, v in flax_to_torch(jax.device_get(params)).items()}
-        save_file(state, os.path.join(out, folder, name), metadata={"format": "pt"})
-        _write_json(os.path.join(out, folder, "config.json"), config)
-
-    version = {"_diffusers_version": diffusers.__version__}
-    weights(sd.unet_params, "unet", "diffusion_pytorch_model.safetensors", {**sd.unet_config.to_diffusers(), **version})
-    weights(sd.text_params, "text_encoder", "model.safetensors", {**sd.text_config.to_transformers(),
-                                                                  "torch_dtype": "float32"})
-    if sd.vae_config is not None:
-        weights(sd.vae_params, "vae", "diffusion_pytorch_model.safetensors", {**sd.vae_config.to_diffusers(),
-                                                                            **version})
-    sd.tokenizer.save_pretrained(os.path.join(out, "tokenizer"))
-    source = getattr(sd.tokenizer, "name_or_path", "")
-    for name in ("vocab.json", "merges.txt"):  # the slow-tokenizer files too, for tools that read only those
-        if os.path.isfile(os.path.join(source, name)) and not os.path.exists(os.path.join(out, "tokenizer", name)):
-            shutil.copy(os.path.join(source, name), os.path.join(out, "tokenizer", name))
-    schedule = NoiseSchedule.from_diffusers(sd.scheduler_config)
-    os.makedirs(os.path.join(out, "scheduler"))
-    _write_json(os.path.join(out, "scheduler", "scheduler_config.json"), {
-        "_class_name": "DDIMScheduler", **version, "num_train_timesteps": schedule.num_train_timesteps,
-        "beta_start": schedule.beta_start, "beta_end": schedule.beta_end, "beta_schedule": schedule.beta_schedule,
-        "set_alpha_to_one": schedule.set_alpha_to_one, "steps_offset": schedule.steps_offset,
-        "clip_sample": False, "prediction_type": "epsilon", "timestep_spacing": "leading"})
-    _write_json(os.path.join(out, "model_index.json"), {
-        "_class_name": "SmartBrushPipeline", **version,
-        "unet": ["diffusers", "UNet2DConditionModel"],
-        "vae": ["diffusers", "AutoencoderKL"] if sd.vae_config is not None else [None, None],
-        "text_encoder": ["transformers", "CLIPTextModel"],
-        "tokenizer": ["transformers", "CLIPTokenizer"],
-        "scheduler": ["diffusers", "DDIMScheduler"]})
-    _write_json(os.path.join(out, "smartbrush.json"), settings)
+def write_export(sd, out: str, settings: dict) -> None:
+    """`sd` (a `pretrained.StableDiffusion` with a SmartBrush U-Net) as a diffusers folder
+    plus `smartbrush.json`."""
+    write_diffusers_folder(sd, out, pipeline="SmartBrushPipeline")
+    write_json(os.path.join(out, "smartbrush.json"), settings)
 
 
 def _settings(cfg: dict, workdir: str, step: int, ema: bool) -> dict:
@@ -186,12 +151,6 @@ def verify_unet(workdir: str, folder: str, step: Optional[int] = None, ema: bool
         ref = model(torch.from_numpy(x).permute(0, 3, 1, 2), torch.from_numpy(t).long(), torch.from_numpy(ctx),
                     class_labels=torch.from_numpy(levels).long()).sample.permute(0, 2, 3, 1).numpy()
     return float(np.abs(ref - ours).max() / np.abs(ours).max())
-
-
-def _write_json(path: str, obj: dict) -> None:
-    with open(path, "w") as f:
-        json.dump(obj, f, indent=2)
-        f.write("\n")
 
 
 if __name__ == "__main__":

@@ -22,10 +22,9 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from smartbrush_jax.diffusion import SamplerConfig
+from smartbrush_jax.errors import InputError, run_command
 
-
-class UsageError(Exception):
-    """Bad input from the user: printed as `error: ...`, exit code 2."""
+MAX_PIXELS = 8192 * 8192  # larger images are refused before they are decoded
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -34,6 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="diffusers folder or single-file SD checkpoint")
     p.add_argument("--tokenizer", help="tokenizer folder (vocab.json, merges.txt); needed for a single file")
+    p.add_argument("--ema", choices=("auto", "ema", "raw"), default="auto",
+                   help="a single-file -full-ema release: its EMA U-Net (auto: when present) or the raw one")
     p.add_argument("--image", required=True, help="input image (any format Pillow reads)")
     region = p.add_mutually_exclusive_group(required=True)
     region.add_argument("--mask", help="mask PNG, white = region to fill")
@@ -61,31 +62,29 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        return run(args)
-    except UsageError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return run_command(lambda: run(args))
 
 
 def run(args) -> int:
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise InputError(f"--out {args.out} is a file: give a folder (it is created if missing)")
     image = read_image(args.image)
     h, w = image.shape[:2]
     mask = read_mask(args.mask, (h, w)) if args.mask else box_mask(args.box, (h, w))
     if not mask.any():
-        raise UsageError("the mask is empty: mark the region to fill in white")
+        raise InputError("the mask is empty: mark the region to fill in white")
     try:
         sampler = SamplerConfig(num_steps=args.steps, guidance_scale=args.guidance, eta=args.eta,
                                 use_predicted_mask=not args.no_predicted_mask, mask_warmup=args.mask_warmup,
                                 mask_threshold=args.mask_threshold, mask_dilate=args.mask_dilate)
     except ValueError as e:
-        raise UsageError(str(e)) from None
+        raise InputError(str(e)) from None
     if args.num_samples < 1 or args.resolution < 8 or args.feather < 0:
-        raise UsageError("--num-samples must be >= 1, --resolution >= 8 and --feather >= 0")
+        raise InputError("--num-samples must be >= 1, --resolution >= 8 and --feather >= 0")
 
-    inpainter = load_inpainter(args.checkpoint, args.tokenizer, args.levels)
+    inpainter = load_inpainter(args.checkpoint, args.tokenizer, args.levels, args.ema)
     if not 0 <= args.precision <= inpainter.num_levels:
-        raise UsageError(f"--precision must be in [0, {inpainter.num_levels}] for this model, got {args.precision}")
+        raise InputError(f"--precision must be in [0, {inpainter.num_levels}] for this model, got {args.precision}")
     _, truncated = inpainter.tokenize(args.prompt)
     if truncated:
         warn(f"the prompt is longer than {inpainter.max_tokens} tokens and was truncated")
@@ -111,13 +110,12 @@ def run(args) -> int:
     return 0
 
 
-def load_inpainter(checkpoint: str, tokenizer: str | None, levels: int):
+def load_inpainter(checkpoint: str, tokenizer: str | None, levels: int, ema: str = "auto"):
     from smartbrush_jax.inpainting import Inpainter
-    from smartbrush_jax.pretrained import load_diffusers_folder, load_single_file, to_smartbrush
-    from smartbrush_jax.weights import WeightsError
+    from smartbrush_jax.pretrained import ema_choice, load_diffusers_folder, load_single_file, to_smartbrush
 
     if levels < 1:
-        raise UsageError(f"--levels must be >= 1, got {levels}")
+        raise InputError(f"--levels must be >= 1, got {levels}")
     try:
         if os.path.isfile(os.path.join(checkpoint, "model.json")):  # a training workdir
             from smartbrush_jax.checkpoints import load_workdir
@@ -128,13 +126,15 @@ def load_inpainter(checkpoint: str, tokenizer: str | None, levels: int):
             sd = load_diffusers_folder(checkpoint, components=_components(checkpoint))
         elif os.path.isfile(checkpoint):
             if tokenizer is None:
-                raise UsageError("a single-file checkpoint holds no tokenizer: pass --tokenizer DIR "
+                raise InputError("a single-file checkpoint holds no tokenizer: pass --tokenizer DIR "
                                  "(a folder with vocab.json and merges.txt)")
-            sd = load_single_file(checkpoint, tokenizer_dir=tokenizer)
+            sd = load_single_file(checkpoint, tokenizer_dir=tokenizer, ema=ema_choice(ema))
         else:
-            raise UsageError(f"--checkpoint {checkpoint}: no such file or folder")
-    except (WeightsError, FileNotFoundError) as e:
-        raise UsageError(str(e)) from None
+            raise InputError(f"--checkpoint {checkpoint}: no such file or folder")
+    except InputError:
+        raise
+    except FileNotFoundError as e:
+        raise InputError(str(e)) from None
     if sd.unet_config.in_channels == 4 and sd.unet_config.num_class_embeddings is None:
         warn(f"{checkpoint} is a plain Stable Diffusion U-Net: adding SmartBrush's mask channels and {levels} "
              "precision levels, untrained (zero), so this behaves like SD with background preservation")
@@ -142,7 +142,7 @@ def load_inpainter(checkpoint: str, tokenizer: str | None, levels: int):
     try:
         return Inpainter(sd)
     except ValueError as e:
-        raise UsageError(f"{checkpoint}: {e}") from None
+        raise InputError(f"{checkpoint}: {e}") from None
 
 
 def _components(folder: str) -> tuple:
@@ -159,28 +159,38 @@ def _components(folder: str) -> tuple:
     return COMPONENTS
 
 
-def read_image(path: str) -> np.ndarray:
-    """RGB uint8 [H, W, 3], EXIF orientation applied."""
+def read_image(path: str, max_pixels: int = MAX_PIXELS, flag: str = "--image") -> np.ndarray:
+    """RGB uint8 [H, W, 3], EXIF orientation applied; an image over `max_pixels` is
+    refused from its header, before it is decoded."""
     if not os.path.isfile(path):
-        raise UsageError(f"--image {path}: no such file")
+        raise InputError(f"{flag} {path}: no such file")
     try:
         with Image.open(path) as im:
+            if im.width * im.height > max_pixels:
+                raise InputError(f"{flag} {path} is {im.width}x{im.height} pixels, over the limit of "
+                                 f"{max_pixels / 1e6:.0f} megapixels: downscale it first")
             im = ImageOps.exif_transpose(im)
             return np.asarray(im.convert("RGB"))
+    except Image.DecompressionBombError as e:  # raised by open() for the largest images
+        raise InputError(f"{flag} {path} is too large to decode safely ({e}): downscale it first") from None
     except (UnidentifiedImageError, OSError, ValueError) as e:
-        raise UsageError(f"--image {path}: cannot read the image ({e})") from None
+        raise InputError(f"{flag} {path}: cannot read the image ({e})") from None
 
 
 def read_mask(path: str, size: tuple[int, int]) -> np.ndarray:
     """Bool [H, W] at the image's size; white (> 0.5) = region."""
     if not os.path.isfile(path):
-        raise UsageError(f"--mask {path}: no such file")
+        raise InputError(f"--mask {path}: no such file")
     try:
         with Image.open(path) as im:
+            if im.width * im.height > MAX_PIXELS:
+                raise InputError(f"--mask {path} is {im.width}x{im.height} pixels, over the limit")
             im = ImageOps.exif_transpose(im)
             m = im.convert("L")
+    except Image.DecompressionBombError as e:
+        raise InputError(f"--mask {path} is too large to decode safely ({e})") from None
     except (UnidentifiedImageError, OSError, ValueError) as e:
-        raise UsageError(f"--mask {path}: cannot read the mask ({e})") from None
+        raise InputError(f"--mask {path}: cannot read the mask ({e})") from None
     if (m.height, m.width) != size:
         warn(f"--mask {path} is {m.width}x{m.height}, the image {size[1]}x{size[0]}: resized (nearest neighbour)")
         m = m.resize((size[1], size[0]), Image.Resampling.NEAREST)
@@ -195,11 +205,11 @@ def box_mask(spec: str, size: tuple[int, int]) -> np.ndarray:
     try:
         x0, y0, x1, y1 = (int(v) for v in spec.split(","))
     except ValueError:
-        raise UsageError(f"--box {spec!r}: expected four integers X0,Y0,X1,Y1") from None
+        raise InputError(f"--box {spec!r}: expected four integers X0,Y0,X1,Y1") from None
     if x0 >= x1 or y0 >= y1:
-        raise UsageError(f"--box {spec}: needs X0 < X1 and Y0 < Y1")
+        raise InputError(f"--box {spec}: needs X0 < X1 and Y0 < Y1")
     if x1 <= 0 or y1 <= 0 or x0 >= w or y0 >= h:
-        raise UsageError(f"--box {spec} lies outside the {w}x{h} image")
+        raise InputError(f"--box {spec} lies outside the {w}x{h} image")
     if x0 < 0 or y0 < 0 or x1 > w or y1 > h:
         warn(f"--box {spec} extends past the {w}x{h} image: clipped")
     mask = np.zeros((h, w), bool)

@@ -43,14 +43,14 @@ def main(argv) -> None:
     del argv
     if FLAGS.config is None or FLAGS.workdir is None:
         raise app.UsageError("--config and --workdir are required")
-    from smartbrush_jax.checkpoints import CheckpointError
+    from smartbrush_jax.errors import InputError
 
     try:
         run(FLAGS.config, FLAGS.workdir)
-    except (TrainingError, ValueError, FileNotFoundError, CheckpointError) as e:
+    except (TrainingError, InputError) as e:  # bad input: exit 2; a run that cannot go on: 1; bugs: traceback
         logging.error("%s", e)
         print(f"error: {e}", file=sys.stderr)
-        sys.exit(2 if not isinstance(e, TrainingError) else 1)
+        sys.exit(2 if isinstance(e, InputError) else 1)
 
 
 def run(config, workdir: str) -> dict:
@@ -69,7 +69,7 @@ def run(config, workdir: str) -> dict:
 
 def _run(config, workdir: str, stop, cleanup) -> dict:
     from smartbrush_jax import checkpoints, flops, sharding
-    from smartbrush_jax.config import validate
+    from smartbrush_jax.config import ConfigError, validate
     from smartbrush_jax.train_state import build_models, make_optimizer
 
     # ------------------------------------------------------------------ processes, config
@@ -93,7 +93,7 @@ def _run(config, workdir: str, stop, cleanup) -> dict:
     empty_tokens = np.asarray(tokenizer("", padding="max_length", max_length=77, truncation=True).input_ids,
                               np.int32)
     if data_cfg.resolution % models.latent_factor:
-        raise ValueError(f"config.data.resolution {data_cfg.resolution} is not a multiple of the autoencoder's "
+        raise ConfigError(f"config.data.resolution {data_cfg.resolution} is not a multiple of the autoencoder's "
                          f"factor {models.latent_factor}")
     mesh = sharding.make_mesh(dict(config.mesh.shape), dict(config.mesh.dcn_shape))
     rules = sharding.rules_from_config(config.mesh.fsdp)
@@ -159,17 +159,14 @@ def _run(config, workdir: str, stop, cleanup) -> dict:
         mesh, {k: local[k] for k in BATCH_KEYS if k in local})), config.data.prefetch_to_device)
 
     def finish_early(read_error=None) -> dict:
-        """SIGTERM (or, on one process, a data pipeline that failed): save this step unless
-        it is in a non-finite streak, say which checkpoint is the latest, and return."""
+        """SIGTERM, or on one process a data pipeline that failed: save this step unless it
+        is in a non-finite streak, say which checkpoint is the latest; then return (SIGTERM)
+        or raise (DataError: too many bad records, exit 2; anything else: exit 1)."""
         streak = int(jax.device_get(state["nonfinite_streak"]))
         if streak == 0 and step > start:
             checkpoints.save(mngr, step, state, batches.consumed_state(), force=True)
         mngr.wait_until_finished()
         writer.flush()
-        why = "SIGTERM" if read_error is None or stop.signalled else f"data pipeline failed ({read_error})"
-        if read_error is not None and why == "SIGTERM":
-            logging.warning("after SIGTERM the data pipeline failed (%s); the checkpoint holds the batches "
-                            "consumed before it", read_error)
         latest = mngr.latest_step()
         if streak:
             saved = f"step {step} not saved ({streak} non-finite steps in a row); latest checkpoint: {latest}"
@@ -177,12 +174,17 @@ def _run(config, workdir: str, stop, cleanup) -> dict:
             saved = f"checkpoint at step {step} saved"
         else:
             saved = f"no step taken since start-up; latest checkpoint: {latest}"
-        logging.info("%s: %s; exiting", why, saved)
-        print(f"{why}: {saved}; exiting", file=sys.stderr)
-        if why != "SIGTERM":
-            traceback.print_exception(read_error)
-            raise TrainingError(f"{why} at step {step}: {saved}") from read_error
-        return {"steps": step, "stopped": True, "latest_checkpoint": mngr.latest_step()}
+        if read_error is None or stop.signalled:
+            if read_error is not None:
+                logging.warning("after SIGTERM the data pipeline failed (%s); the checkpoint holds the batches "
+                                "consumed before it", read_error)
+            logging.info("SIGTERM: %s; exiting", saved)
+            print(f"SIGTERM: {saved}; exiting", file=sys.stderr)
+            return {"steps": step, "stopped": True, "latest_checkpoint": latest}
+        if isinstance(read_error, DataError):
+            raise DataError(f"{read_error} (at step {step}: {saved})") from read_error
+        traceback.print_exception(read_error)
+        raise TrainingError(f"data pipeline failed ({read_error}) at step {step}: {saved}") from read_error
 
     from smartbrush_jax.data.pipeline import DataError
 
@@ -193,7 +195,7 @@ def _run(config, workdir: str, stop, cleanup) -> dict:
         try:
             return batches.next() if take else batches.fill()
         except Exception as e:
-            if pcount > 1 or isinstance(e, DataError):
+            if pcount > 1:
                 raise
             return e
 
@@ -273,6 +275,7 @@ def _reasons():
 
 def setup_data(config, workdir: str):
     """DataConfigs for training and held-out samples, and the tokenizer."""
+    from smartbrush_jax.config import ConfigError
     from smartbrush_jax.data.pipeline import DataConfig, latent_cache, uncached_dirs
     from smartbrush_jax.pretrained import load_tokenizer
 
@@ -291,7 +294,7 @@ def setup_data(config, workdir: str):
         dirs, heldout_dirs = [train_dir] + dirs, [heldout_dir]
         tok_dir = tok_dir or synth_tok
     if not tok_dir:
-        raise ValueError("config.model.tokenizer: no tokenizer (give a folder, or init_from a diffusers folder)")
+        raise ConfigError("config.model.tokenizer: no tokenizer (give a folder, or init_from a diffusers folder)")
     tokenizer = load_tokenizer(tok_dir)
     pcount = jax.process_count()
     factor = 1 if config.model.autoencoder == "identity" else _vae_factor(config.model.init_from)
@@ -329,7 +332,8 @@ def build_synthetic(config, root: str):
         for name, scenes, seed, out in (("train", n, 0, train_dir), ("heldout", max(8, n // 20), 1, heldout_dir)):
             raw = write_dataset(os.path.join(root, f"raw_{name}"), scenes, size, seed)
             args = ["--out", out, "--coco-annotations", raw["annotations"], "--coco-images", raw["images"],
-                    "--captions", raw["captions"], "--webdataset", raw["image_text"]]
+                    "--captions", raw["captions"], "--webdataset", raw["image_text"],
+                    "--overwrite"]  # a folder of an earlier, interrupted build of this run
             if prepare_main(args) != 0:
                 raise RuntimeError("preparing the synthetic set failed")
         words = list(COLOURS) + list(SHAPES) + ["a", "small", "large", "with", "thin", "black", "outline", "on",
@@ -415,12 +419,45 @@ class Samples:
         return mean_iou
 
 
-if __name__ == "__main__":
-    flags.mark_flags_as_required(["config", "workdir"])
-    app.run(main)
+def check_config_file(argv) -> None:
+    """ml_collections loads `--config` while absl parses the flags, where any problem is a
+    traceback: look at the file first and exit 2 with one line saying what is wrong."""
+    path = None
+    for i, a in enumerate(argv[1:], 1):
+        if a.startswith("--config="):
+            path = a.split("=", 1)[1]
+        elif a == "--config" and i + 1 < len(argv):
+            path = argv[i + 1]
+    if path is None:
+        return
+    path = path.split(":", 1)[0]  # `file.py:arg` passes an argument to get_config
+    problem = None
+    if not os.path.isfile(path):
+        problem = "no such file"
+    elif not path.endswith(".py"):
+        problem = "not a Python config file (configs/*.py, defining get_config())"
+    else:
+        import importlib.util
+
+        try:
+            spec = importlib.util.spec_from_file_location("smartbrush_config_check", path)
+            module = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(module)
+            if not callable(getattr(module, "get_config", None)):
+                problem = "defines no get_config()"
+        except Exception as e:  # whatever the file raises: SyntaxError, NameError, ImportError, ...
+            problem = f"cannot be loaded ({type(e).__name__}: {e})"
+    if problem:
+        print(f"error: --config {path}: {problem}", file=sys.stderr)
+        sys.exit(2)
 
 
 def console():
-    """Entry point of the `smartbrush-train` console script."""
+    """Entry point of the `smartbrush-train` console script (and of `python -m`)."""
+    check_config_file(sys.argv)
     flags.mark_flags_as_required(["config", "workdir"])
     app.run(main)
+
+
+if __name__ == "__main__":
+    console()

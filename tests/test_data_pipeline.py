@@ -186,8 +186,8 @@ def test_object_crop_keeps_the_object_inside():
 def test_config_errors(prepared, tmp_path):
     with pytest.raises(ValueError, match="not a multiple of latent_factor"):
         DataConfig(resolution=30, latent_factor=8)
-    with pytest.raises(FileNotFoundError, match="no metadata.json"):
+    with pytest.raises(DataError, match="no metadata.json"):
         make_dataset(DataConfig(prepared_dirs=[str(tmp_path)]))
     os.makedirs(tmp_path / "x", exist_ok=True)
-    with pytest.raises(FileNotFoundError, match="component 'extra' has weight"):
+    with pytest.raises(DataError, match="component .extra. has weight"):
         make_dataset(_cfg(prepared, weights={"seg": 0.5, "extra": 0.5}))

@@ -2,10 +2,12 @@
 counts by reason, good records pixel-exact with the right labels."""
 
 import numpy as np
+import pytest
 from data_fixtures import write_coco, write_openimages, write_webdataset
 
 from smartbrush_jax.data.sources import read_captions, read_coco, read_openimages, read_webdataset
 from smartbrush_jax.data.validate import SKIP_REASONS, Counter
+from smartbrush_jax.errors import InputError
 
 
 def test_coco_polygons_rle_and_planted_problems(tmp_path):
@@ -55,9 +57,10 @@ def test_captions_side_file(tmp_path):
     p = tmp_path / "c.jsonl"
     p.write_text('{"annotation_id": 5, "caption": "a  red\\nstar"}\n\n{"annotation_id": "x", "caption": "b"}\n')
     assert read_captions(str(p)) == {"5": "a red star", "x": "b"}
+    # a line another tool wrote badly is counted and skipped; a file with no caption line is refused
+    p.write_bytes(b'{"annotation_id": 1, "caption": "ok"}\n{"annotation_id": 2, "caption": "caf\xe9"}\n{"id": 5}\n')
+    counts = Counter()
+    assert read_captions(str(p), counts) == {"1": "ok"} and counts["bad_caption"] == 2
     p.write_text('{"id": 5}\n')
-    try:
+    with pytest.raises(InputError, match="c.jsonl:1"):
         read_captions(str(p))
-        raise AssertionError("should fail")
-    except ValueError as e:
-        assert "c.jsonl:1" in str(e)

@@ -17,7 +17,7 @@ from sd_fixtures import rel_err
 
 from smartbrush_jax.checkpoints import load_workdir
 from smartbrush_jax.diffusion import NoiseSchedule, SamplerConfig, sample
-from smartbrush_jax.export import _settings, main, write_diffusers_folder
+from smartbrush_jax.export import _settings, main, write_export
 from smartbrush_jax.pretrained import load_diffusers_folder, to_smartbrush
 from smartbrush_jax.pytorch import PipelineError, SamplerSettings, SmartBrushPipeline
 
@@ -87,7 +87,7 @@ def latent_export(sd_folder, tmp_path_factory):
     sd.unet_params["conv_out"]["bias"] = jnp.asarray(bias)
     path = str(tmp_path_factory.mktemp("latent_export") / "model")
     os.makedirs(path)
-    write_diffusers_folder(sd, path, _settings({"num_levels": 10, "autoencoder": "vae"}, path, 0, True))
+    write_export(sd, path, _settings({"num_levels": 10, "autoencoder": "vae"}, path, 0, True))
     return sd, path
 
 

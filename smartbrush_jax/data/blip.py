@@ -12,18 +12,20 @@ from typing import List, Sequence
 
 import numpy as np
 
+from smartbrush_jax.errors import InputError
+
 
 class BlipCaptioner:
     def __init__(self, model_dir: str, batch_size: int = 16, max_new_tokens: int = 30, margin: float = 0.1):
         from transformers import BlipForConditionalGeneration, BlipProcessor
 
         if not os.path.isdir(model_dir):
-            raise ValueError(f"--blip-model {model_dir}: not a folder")
+            raise InputError(f"--blip-model {model_dir}: not a folder")
         try:
             self.processor = BlipProcessor.from_pretrained(model_dir, local_files_only=True)
             self.model = BlipForConditionalGeneration.from_pretrained(model_dir, local_files_only=True).eval()
         except (OSError, ValueError) as e:
-            raise ValueError(f"--blip-model {model_dir}: cannot load a BLIP captioning model ({e})") from None
+            raise InputError(f"--blip-model {model_dir}: cannot load a BLIP captioning model ({e})") from None
         self.batch_size = batch_size
         self.max_new_tokens = max_new_tokens
         self.margin = margin

@@ -40,13 +40,10 @@ from smartbrush_jax.data.prepare import FORMAT_VERSION as PREPARED_FORMAT_VERSIO
 from smartbrush_jax.data.prepare import ShardWriter
 from smartbrush_jax.data.records import RecordError, encode_mask, pack_record, unpack_record
 from smartbrush_jax.data.validate import SKIP_REASONS, Counter, Skip
+from smartbrush_jax.errors import InputError, run_command
 
 FORMAT_VERSION = 1
 _COMPONENT_IDS = {"seg": 0, "t2i": 1}
-
-
-class UsageError(ValueError):
-    """Bad command-line input (exit code 2)."""
 
 
 def crop_rng(seed: int, component: str, index: int, crop: int) -> np.random.Generator:
@@ -59,7 +56,9 @@ def build_parser():
     p = argparse.ArgumentParser(prog="smartbrush-latents", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--prepared", required=True, help="a folder written by `python -m smartbrush_jax.data.prepare`")
-    p.add_argument("--out", required=True, help="the cache folder to write")
+    p.add_argument("--out", required=True, help="the cache folder to write (new, or a cache to replace with "
+                                              "--overwrite)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out that is a latent cache")
     p.add_argument("--vae", required=True, help="a diffusers SD folder with vae/ (the VAE the run trains with)")
     p.add_argument("--resolution", type=int, required=True, help="crop size in pixels (config.data.resolution)")
     p.add_argument("--crops", type=int, default=1, help="crops per record (K records each)")
@@ -75,18 +74,28 @@ def build_parser():
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        meta = cache_latents(args)
-    except UsageError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return run_command(lambda: _report(cache_latents(args), args.out))
+
+
+def _report(meta: dict, out: str) -> int:
     for k, c in meta["components"].items():
         print(f"{k}: {c['count']} crops in {len(c['files'])} shard(s) from {meta['source_records'][k]} records")
     for k, s in meta["skipped"].items():
         if s:
             print(f"skipped ({k}): {s}")
-    print(os.path.join(args.out, "metadata.json"))
+    print(os.path.join(out, "metadata.json"))
     return 0
+
+
+def is_latent_cache(folder: str) -> bool:
+    """A folder this command wrote: its metadata.json has a `latents` entry."""
+    import json
+
+    try:
+        with open(os.path.join(folder, "metadata.json")) as f:
+            return bool(json.load(f).get("latents"))
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def _check_args(args):
@@ -94,19 +103,24 @@ def _check_args(args):
 
     meta_path = os.path.join(args.prepared, "metadata.json")
     if not os.path.isdir(args.prepared):
-        raise UsageError(f"--prepared {args.prepared}: no such folder")
+        raise InputError(f"--prepared {args.prepared}: no such folder")
     if not os.path.isfile(meta_path):
-        raise UsageError(f"--prepared {args.prepared}: no metadata.json (run `python -m smartbrush_jax.data.prepare`)")
-    with open(meta_path) as f:
-        meta = json.load(f)
+        raise InputError(f"--prepared {args.prepared}: no metadata.json (run `python -m smartbrush_jax.data.prepare`)")
+    try:
+        with open(meta_path) as f:
+            meta = json.load(f)
+        meta["components"].items()
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise InputError(f"--prepared {args.prepared}: unreadable metadata.json ({type(e).__name__}: {e})") from None
     if meta.get("latents"):
-        raise UsageError(f"--prepared {args.prepared} is already a latent cache; give the prepared folder it came from")
-    if os.path.realpath(args.out) == os.path.realpath(args.prepared):
-        raise UsageError("--out must be another folder than --prepared")
+        raise InputError(f"--prepared {args.prepared} is already a latent cache; give the prepared folder it came from")
     if not os.path.isfile(os.path.join(args.vae, "vae", "config.json")):
-        raise UsageError(f"--vae {args.vae}: no vae/config.json (expected a diffusers Stable Diffusion folder)")
+        raise InputError(f"--vae {args.vae}: no vae/config.json (expected a diffusers Stable Diffusion folder)")
     if args.crops < 1 or args.batch < 1 or args.resolution < 1 or args.shard_size < 1:
-        raise UsageError("--crops, --batch, --resolution and --shard-size must be positive")
+        raise InputError("--crops, --batch, --resolution and --shard-size must be positive")
+    from smartbrush_jax.outputs import check_output
+
+    check_output(args.out, [args.prepared, args.vae], is_latent_cache, args.overwrite, what="latent cache")
     return meta
 
 
@@ -127,14 +141,14 @@ def cache_latents(args) -> dict:
         with open(os.path.join(args.vae, "vae", "config.json")) as f:
             n_blocks = len(json.load(f)["block_out_channels"])
     except (ValueError, KeyError, TypeError) as e:
-        raise UsageError(f"--vae {args.vae}: unreadable vae/config.json ({e})") from None
+        raise InputError(f"--vae {args.vae}: unreadable vae/config.json ({e})") from None
     factor = 2 ** (n_blocks - 1)
     if args.resolution % factor:
-        raise UsageError(f"--resolution {args.resolution} is not a multiple of the VAE's factor {factor}")
+        raise InputError(f"--resolution {args.resolution} is not a multiple of the VAE's factor {factor}")
     try:
         sd = load_diffusers_folder(args.vae, components=("vae",))
     except WeightsError as e:
-        raise UsageError(f"--vae {args.vae}: {e}") from None
+        raise InputError(f"--vae {args.vae}: {e}") from None
     dtype = jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32
     vae = AutoencoderKL(sd.vae_config, dtype=dtype)
     channels = sd.vae_config.latent_channels
@@ -144,64 +158,66 @@ def cache_latents(args) -> dict:
     cfg = DataConfig(resolution=args.resolution, latent_factor=factor, crop_context=tuple(args.crop_context),
                      max_pixels=int(src_meta.get("max_pixels", DataConfig.max_pixels)))
     transform = ExampleTransform(cfg)
-    os.makedirs(args.out, exist_ok=True)
-    r, B, h = args.resolution, args.batch, args.resolution // factor
-    components, skipped, source_records = {}, {}, {}
-    start, done = time.time(), 0
-    for name, comp in src_meta["components"].items():
-        writer = ShardWriter(args.out, name, args.shard_size)
-        counts, per_source = Counter(), Counter()
-        pending: List[tuple] = []  # (fields, image crop)
+    from smartbrush_jax.outputs import building
 
-        def flush():
-            if not pending:
-                return
-            pixels = np.zeros((B, r, r, 3), np.float32)
-            for j, (_, image) in enumerate(pending):
-                pixels[j] = image.astype(np.float32) / 127.5 - 1.0
-            mean, logvar = jax.device_get(encode(params, jnp.asarray(pixels)))
-            for j, (fields, _) in enumerate(pending):
-                fields["latent_mean"] = np.asarray(mean[j], np.float16).tobytes()
-                fields["latent_logvar"] = np.asarray(logvar[j], np.float16).tobytes()
-                writer.write(pack_record(fields))
-            pending.clear()
+    with building(args.out) as out_dir:  # swapped in when complete
+        r, B, h = args.resolution, args.batch, args.resolution // factor
+        components, skipped, source_records = {}, {}, {}
+        start, done = time.time(), 0
+        for name, comp in src_meta["components"].items():
+            writer = ShardWriter(out_dir, name, args.shard_size)
+            counts, per_source = Counter(), Counter()
+            pending: List[tuple] = []  # (fields, image crop)
 
-        files = [os.path.join(args.prepared, p) for p in comp["files"]]
-        src = grain.sources.ArrayRecordDataSource(files) if files else []
-        for i in range(len(src)):
-            try:
-                crops = _record_crops(transform, src[i], args, name, i, [h, h, channels])
-            except Skip as e:
-                counts[e.reason] += 1
-                continue
-            for fields, image in crops:
-                per_source[fields["source"]] += 1
-                pending.append((fields, image))
-                if len(pending) == B:
-                    flush()
-            done += 1
-            if args.progress_every and done % args.progress_every == 0:
-                print(f"  latents: {done} records ({done / (time.time() - start):.1f}/s) [{name}]", file=sys.stderr)
-        flush()
-        components[name] = {"count": writer.count, "files": writer.close(), "sources": dict(per_source)}
-        skipped[name] = {k: counts[k] for k in SKIP_REASONS if counts.get(k)}
-        source_records[name] = len(src)
-    meta = {
-        "format_version": PREPARED_FORMAT_VERSION,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
-        "components": components,
-        "classes": src_meta.get("classes", []),
-        "skipped": skipped,
-        "source_records": source_records,
-        "latents": {"resolution": r, "latent_factor": factor, "channels": channels, "crops": args.crops,
-                    "vae": os.path.abspath(args.vae), "scaling_factor": sd.vae_config.scaling_factor,
-                    "format_version": FORMAT_VERSION, "dtype": "float16", "latent_shape": [h, h, channels],
-                    "seed": args.seed, "crop_context": list(args.crop_context), "vae_dtype": args.dtype,
-                    "prepared": os.path.abspath(args.prepared)},
-    }
-    with open(os.path.join(args.out, "metadata.json"), "w") as f:
-        json.dump(meta, f, indent=2)
-    print(f"  latents: {done} records in {time.time() - start:.0f}s", file=sys.stderr)
+            def flush():
+                if not pending:
+                    return
+                pixels = np.zeros((B, r, r, 3), np.float32)
+                for j, (_, image) in enumerate(pending):
+                    pixels[j] = image.astype(np.float32) / 127.5 - 1.0
+                mean, logvar = jax.device_get(encode(params, jnp.asarray(pixels)))
+                for j, (fields, _) in enumerate(pending):
+                    fields["latent_mean"] = np.asarray(mean[j], np.float16).tobytes()
+                    fields["latent_logvar"] = np.asarray(logvar[j], np.float16).tobytes()
+                    writer.write(pack_record(fields))
+                pending.clear()
+
+            files = [os.path.join(args.prepared, p) for p in comp["files"]]
+            src = grain.sources.ArrayRecordDataSource(files) if files else []
+            for i in range(len(src)):
+                try:
+                    crops = _record_crops(transform, src[i], args, name, i, [h, h, channels])
+                except Skip as e:
+                    counts[e.reason] += 1
+                    continue
+                for fields, image in crops:
+                    per_source[fields["source"]] += 1
+                    pending.append((fields, image))
+                    if len(pending) == B:
+                        flush()
+                done += 1
+                if args.progress_every and done % args.progress_every == 0:
+                    print(f"  latents: {done} records ({done / (time.time() - start):.1f}/s) [{name}]", file=sys.stderr)
+            flush()
+            components[name] = {"count": writer.count, "files": writer.close(), "sources": dict(per_source)}
+            skipped[name] = {k: counts[k] for k in SKIP_REASONS if counts.get(k)}
+            source_records[name] = len(src)
+        meta = {
+            "format_version": PREPARED_FORMAT_VERSION,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            "components": components,
+            "classes": src_meta.get("classes", []),
+            "skipped": skipped,
+            "source_records": source_records,
+            "latents": {"resolution": r, "latent_factor": factor, "channels": channels, "crops": args.crops,
+                        "vae": os.path.abspath(args.vae), "scaling_factor": sd.vae_config.scaling_factor,
+                        "format_version": FORMAT_VERSION, "dtype": "float16", "latent_shape": [h, h, channels],
+                        "seed": args.seed, "crop_context": list(args.crop_context), "vae_dtype": args.dtype,
+                        "prepared": os.path.abspath(args.prepared)},
+        }
+        with open(os.path.join(out_dir, "metadata.json"), "w") as f:
+            json.dump(meta, f, indent=2)
+        print(f"  latents: {done} records in {time.time() - start:.0f}s", file=sys.stderr)
     return meta
 
 
@@ -211,12 +227,12 @@ def _record_crops(transform, data: bytes, args, component: str, index: int, shap
 
     try:
         rec = unpack_record(data)
-    except RecordError as e:
+        text = {k: check_caption(rec.get(k, "")) for k in ("label", "caption")}
+        crops = [transform.crop(rec, crop_rng(args.seed, component, index, k)) for k in range(args.crops)]
+    except RecordError as e:  # whatever does not parse or decode, as the training pipeline counts it
         raise Skip("corrupt_record", str(e)) from None
-    text = {k: check_caption(rec.get(k, "")) for k in ("label", "caption")}
     out = []
-    for k in range(args.crops):
-        c = transform.crop(rec, crop_rng(args.seed, component, index, k))
+    for k, c in enumerate(crops):
         fields = {"id": str(rec.get("id", "")), "source": str(rec.get("source", "")),
                   "kind": str(rec.get("kind", component)), **text, "crop": k,
                   "box": [int(v) for v in c["box"]], "mask": encode_mask(c["mask"] > 0),

@@ -38,15 +38,18 @@ import grain
 import numpy as np
 from PIL import Image
 
-from smartbrush_jax.data.records import RecordError, decode_mask, unpack_record
+from smartbrush_jax.config import ConfigError
+from smartbrush_jax.data.records import RecordError, decode_mask, field, unpack_record
 from smartbrush_jax.data.validate import SKIP_REASONS, Skip, check_caption, check_mask, decode_image
+from smartbrush_jax.errors import InputError
 from smartbrush_jax.pretrained import load_tokenizer
 
 _TOKENIZER_LOCK = threading.Lock()
 
 
-class DataError(RuntimeError):
-    """Too much of the data is bad: the message names examples."""
+class DataError(InputError):
+    """Data that cannot be trained on (too many bad records, a folder that is not a
+    prepared set, caches that do not match): the message names the folder or examples."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,11 +76,11 @@ class DataConfig:
 
     def __post_init__(self):
         if self.resolution % self.latent_factor:
-            raise ValueError(f"resolution {self.resolution} is not a multiple of latent_factor {self.latent_factor}")
+            raise ConfigError(f"resolution {self.resolution} is not a multiple of latent_factor {self.latent_factor}")
         if not 0.0 <= self.caption_mix <= 1.0:
-            raise ValueError(f"caption_mix must be in [0, 1], got {self.caption_mix}")
+            raise ConfigError(f"caption_mix must be in [0, 1], got {self.caption_mix}")
         if any(w < 0 for w in self.weights.values()) or not any(w > 0 for w in self.weights.values()):
-            raise ValueError(f"weights must be >= 0 with one > 0, got {self.weights}")
+            raise ConfigError(f"weights must be >= 0 with one > 0, got {self.weights}")
 
 
 def component_files(prepared_dirs: Sequence[str]) -> Dict[str, list]:
@@ -93,7 +96,8 @@ def component_files(prepared_dirs: Sequence[str]) -> Dict[str, list]:
 def _read_meta(d: str) -> dict:
     meta_path = os.path.join(d, "metadata.json")
     if not os.path.isfile(meta_path):
-        raise FileNotFoundError(f"{d}: no metadata.json (run `python -m smartbrush_jax.data.prepare` first)")
+        raise DataError(f"{d}: no metadata.json: not a prepared folder (run `python -m smartbrush_jax.data.prepare` "
+                        "first)")
     with open(meta_path) as f:
         return json.load(f)
 
@@ -146,10 +150,10 @@ def make_dataset(cfg: DataConfig, process_index: int = 0, process_count: int = 1
         if weight <= 0:
             continue
         if not files.get(name):
-            raise FileNotFoundError(f"component {name!r} has weight {weight} but no records in {cfg.prepared_dirs}")
+            raise DataError(f"component {name!r} has weight {weight} but no records in {cfg.prepared_dirs}")
         ds = grain.MapDataset.source(grain.sources.ArrayRecordDataSource(files[name]))
         if len(ds) < process_count:
-            raise ValueError(f"component {name!r} has {len(ds)} records for {process_count} processes")
+            raise DataError(f"component {name!r} has {len(ds)} records for {process_count} processes")
         ds = ds[process_index::process_count]
         if cfg.shuffle:
             ds = ds.shuffle(seed=cfg.seed + 7919 * i)
@@ -195,12 +199,11 @@ class ExampleTransform:
     def __call__(self, data: bytes, rng: np.random.Generator) -> dict:
         rid = "?"
         try:
-            try:
-                rec = unpack_record(data)
-            except RecordError as e:
-                raise Skip("corrupt_record", str(e)) from None
-            rid = rec.get("id", "?")
+            rec = unpack_record(data)
+            rid = str(rec.get("id", "?"))
             return self.example(rec, rng)
+        except RecordError:  # written by another tool, or damaged: whatever does not parse or decode
+            return {"skip": "corrupt_record", "id": rid}
         except Skip as e:
             return {"skip": e.reason, "id": rid}
 
@@ -217,14 +220,14 @@ class ExampleTransform:
         "is_t2i", "source", "id", "box": (x0, y0, side)}; the text (caption or label) is not tokenized yet. The
         crop half of `example`, shared with the latent cache (`latents.py`)."""
         cfg = self.cfg
-        image = decode_image(rec["image"], cfg.max_pixels)
+        image = decode_image(field(rec, "image"), cfg.max_pixels)
         h, w = image.shape[:2]
         is_t2i = rec.get("kind") == "t2i"
         if is_t2i:
             mask = np.ones((h, w), bool)
             box = (0, 0, w, h)
         else:
-            mask = check_mask(decode_mask(rec["mask"]), (h, w), cfg.min_mask_area)
+            mask = check_mask(decode_mask(field(rec, "mask")), (h, w), cfg.min_mask_area)
             ys, xs = np.nonzero(mask)
             box = (xs.min(), ys.min(), xs.max() + 1, ys.max() + 1)
         text = self.choose_text(rec, rng)
@@ -243,19 +246,22 @@ class ExampleTransform:
         only the text (caption or label) is drawn here. No random crop: augmentation is
         the K crops fixed when the cache was written."""
         r = self.cfg.resolution
-        shape = tuple(rec["latent_shape"])
-        dtype = np.dtype(rec.get("latent_dtype", "float16"))
+        shape = field(rec, "latent_shape", list)
+        if len(shape) != 3 or not all(isinstance(d, int) and d > 0 for d in shape):
+            raise RecordError(f"latent_shape {shape!r}")
+        try:
+            dtype = np.dtype(rec.get("latent_dtype", "float16"))
+        except TypeError:
+            raise RecordError(f"latent_dtype {rec.get('latent_dtype')!r}") from None
         moments = []
         for k in ("latent_mean", "latent_logvar"):
-            if len(rec[k]) != int(np.prod(shape)) * dtype.itemsize:
-                raise Skip("corrupt_record", f"{k}: {len(rec[k])} bytes for {shape} {dtype}")
-            moments.append(np.frombuffer(rec[k], dtype).reshape(shape).astype(np.float32))
-        try:
-            mask = decode_mask(rec["mask"])
-        except Exception as e:  # PIL raises many types for garbage
-            raise Skip("corrupt_record", f"mask: {e}") from None
+            data = field(rec, k)
+            if len(data) != int(np.prod(shape)) * dtype.itemsize:
+                raise RecordError(f"{k}: {len(data)} bytes for {shape} {dtype}")
+            moments.append(np.frombuffer(data, dtype).reshape(shape).astype(np.float32))
+        mask = decode_mask(field(rec, "mask"))
         if mask.shape != (r, r):
-            raise Skip("corrupt_record", f"cached mask {mask.shape} at resolution {r}")
+            raise RecordError(f"cached mask {mask.shape} at resolution {r}")
         is_t2i = rec.get("kind") == "t2i"
         return {"latent_mean": moments[0], "latent_logvar": moments[1], "mask": mask.astype(np.uint8),
                 "latent_mask": self.latent_mask(mask), "tokens": self.tokens(self.choose_text(rec, rng)),

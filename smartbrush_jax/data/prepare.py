@@ -12,6 +12,11 @@ Writes `seg-NNNNN-of-MMMMM.array_record` (object-mask examples), `t2i-...` (imag
 examples) and `metadata.json` (counts per source, classes, skipped records by reason).
 Every example is decoded and checked once here (`validate.py`), so training reads clean
 records. Records are plain bytes + JSON (`records.py`), never pickles.
+
+Every input is checked before any work (exit 2 with `error: ...`). `--out` must be new
+(or, with `--overwrite`, a prepared folder); it is written as `OUT.partial` and renamed
+when complete. A source that fails mid-way (a truncated shard, a file that vanished) is
+counted, what it gave before is kept, and the run goes on.
 """
 
 from __future__ import annotations
@@ -25,8 +30,17 @@ import time
 from typing import Dict, Iterable, List
 
 from smartbrush_jax.data.records import encode_mask, pack_record
-from smartbrush_jax.data.sources import RawExample, read_captions, read_coco, read_openimages, read_webdataset
-from smartbrush_jax.data.validate import SKIP_REASONS, Counter
+from smartbrush_jax.data.sources import (
+    RawExample,
+    check_openimages,
+    load_coco,
+    read_captions,
+    read_coco,
+    read_openimages,
+    read_webdataset,
+)
+from smartbrush_jax.data.validate import ALL_REASONS, Counter
+from smartbrush_jax.errors import InputError, run_command
 
 FORMAT_VERSION = 1
 
@@ -86,7 +100,7 @@ def prepare(out: str, readers: Dict[str, Iterable[RawExample]], counts: Dict[str
     start, n = time.time(), 0
     for name, reader in readers.items():
         pending: List[RawExample] = []
-        for ex in reader:
+        for ex in _guarded(reader, name, counts.setdefault(name, Counter())):
             if captioner is not None and ex.kind == "seg" and not ex.caption:
                 pending.append(ex)
                 if len(pending) >= captioner.batch_size:
@@ -104,8 +118,8 @@ def prepare(out: str, readers: Dict[str, Iterable[RawExample]], counts: Dict[str
         "components": {k: {"count": w.count, "files": w.close(), "sources": dict(per_source[k])}
                        for k, w in writers.items()},
         "classes": sorted(classes),
-        "skipped": {name: {r: c.get(r, 0) for r in SKIP_REASONS if c.get(r, 0)} for name, c in counts.items()},
-        "other_counts": {name: {r: v for r, v in c.items() if r not in SKIP_REASONS} for name, c in counts.items()},
+        "skipped": {name: {r: c.get(r, 0) for r in ALL_REASONS if c.get(r, 0)} for name, c in counts.items()},
+        "other_counts": {name: {r: v for r, v in c.items() if r not in ALL_REASONS} for name, c in counts.items()},
         **(extra_meta or {}),
     }
     if generated:
@@ -116,6 +130,41 @@ def prepare(out: str, readers: Dict[str, Iterable[RawExample]], counts: Dict[str
     if progress:
         print(f"  prepare: {n} examples in {time.time() - start:.0f}s", file=sys.stderr)
     return meta
+
+
+def _guarded(reader, name: str, counts: Counter):
+    """The reader's examples until it ends or fails: a failure mid-way (a shard cut short,
+    a file gone, a reader's bug) is counted `unreadable_source` with a warning and its
+    traceback; what it yielded before stays written, and the next source is read."""
+    import traceback
+
+    n = 0
+    it = iter(reader)
+    while True:
+        try:
+            ex = next(it)
+        except StopIteration:
+            return
+        except InputError:
+            raise
+        except Exception as e:
+            counts["unreadable_source"] += 1
+            print(f"warning: {name}: reading stopped after {n} examples ({type(e).__name__}: {e}); they are kept, "
+                  "the other sources are read", file=sys.stderr)
+            traceback.print_exc(file=sys.stderr)
+            return
+        n += 1
+        yield ex
+
+
+def is_prepared(folder: str) -> bool:
+    """A folder this command wrote: our metadata.json, not a latent cache's."""
+    try:
+        with open(os.path.join(folder, "metadata.json")) as f:
+            meta = json.load(f)
+        return "format_version" in meta and "components" in meta and not meta.get("latents")
+    except (OSError, ValueError, TypeError):
+        return False
 
 
 def _write(ex, writers, per_source, classes):
@@ -139,7 +188,8 @@ def _flush(pending, captioner, writers, per_source, classes, generated) -> int:
 def build_parser():
     p = argparse.ArgumentParser(prog="smartbrush-prepare", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", required=True)
+    p.add_argument("--out", required=True, help="the folder to write (new, or a prepared folder with --overwrite)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out that is a prepared folder")
     p.add_argument("--coco-annotations")
     p.add_argument("--coco-images")
     p.add_argument("--openimages-csv")
@@ -158,13 +208,17 @@ def build_parser():
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        readers, counts, captioner = _readers(args)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    meta = prepare(args.out, readers, counts, args.shard_size, captioner,
-                   extra_meta={"min_mask_area": args.min_mask_area, "max_pixels": args.max_pixels})
+    return run_command(lambda: _main(args))
+
+
+def _main(args) -> int:
+    from smartbrush_jax.outputs import building, check_output
+
+    readers, counts, captioner, inputs = _readers(args)  # every input checked before any work
+    check_output(args.out, inputs, is_prepared, args.overwrite, what="prepared folder")
+    with building(args.out) as tmp:
+        meta = prepare(tmp, readers, counts, args.shard_size, captioner,
+                       extra_meta={"min_mask_area": args.min_mask_area, "max_pixels": args.max_pixels})
     for k, c in meta["components"].items():
         print(f"{k}: {c['count']} examples in {len(c['files'])} shard(s) {c['sources']}")
     for name, s in meta["skipped"].items():
@@ -175,18 +229,28 @@ def main(argv=None) -> int:
 
 
 def _readers(args):
-    captions = read_captions(args.captions) if args.captions else {}
-    if args.captions and not os.path.isfile(args.captions):
-        raise ValueError(f"--captions {args.captions}: no such file")
-    readers, counts = {}, {}
+    """(readers, counts, captioner, input paths), every input checked first: InputError."""
+    if args.shard_size < 1 or args.blip_batch < 1 or args.max_pixels < 1:
+        raise InputError("--shard-size, --blip-batch and --max-pixels must be >= 1")
+    if not 0.0 <= args.min_mask_area < 1.0:
+        raise InputError(f"--min-mask-area is a fraction of the image in [0, 1), got {args.min_mask_area}")
+    readers, counts, inputs = {}, {}, [args.captions]
+    caption_counts = Counter()
+    captions = read_captions(args.captions, caption_counts)
+    if caption_counts:
+        counts["captions"] = caption_counts  # lines of the side-file that were skipped
     if args.coco_annotations or args.coco_images:
         _need(args, "coco_annotations", "coco_images")
         counts["coco"] = Counter()
-        readers["coco"] = read_coco(args.coco_annotations, args.coco_images, counts["coco"], args.min_mask_area,
-                                    captions, args.max_pixels)
+        coco = load_coco(args.coco_annotations)
+        readers["coco"] = read_coco(coco, args.coco_images, counts["coco"], args.min_mask_area, captions,
+                                    args.max_pixels)
+        inputs += [args.coco_annotations, args.coco_images]
     oi = ("openimages_csv", "openimages_masks", "openimages_images", "openimages_classes")
     if any(getattr(args, k) for k in oi):
         _need(args, *oi)
+        check_openimages(args.openimages_csv, args.openimages_classes)
+        inputs += [getattr(args, k) for k in oi]
         counts["openimages"] = Counter()
         readers["openimages"] = read_openimages(args.openimages_csv, args.openimages_masks, args.openimages_images,
                                                 args.openimages_classes, counts["openimages"], args.min_mask_area,
@@ -195,26 +259,30 @@ def _readers(args):
         tars = sorted(p for pat in args.webdataset for p in (glob.glob(pat) or [pat]))
         missing = [t for t in tars if not os.path.isfile(t)]
         if missing:
-            raise ValueError(f"--webdataset: no such file(s): {missing[:3]}")
+            raise InputError(f"--webdataset: no such file(s): {missing[:3]}")
         counts["webdataset"] = Counter()
         readers["webdataset"] = read_webdataset(tars, counts["webdataset"], args.max_pixels)
+        inputs += tars
     if not readers:
-        raise ValueError("nothing to prepare: give --coco-*, --openimages-* and/or --webdataset")
+        raise InputError("nothing to prepare: give --coco-*, --openimages-* and/or --webdataset")
     captioner = None
     if args.blip_model:
         from smartbrush_jax.data.blip import BlipCaptioner
 
+        if not os.path.isdir(args.blip_model):
+            raise InputError(f"--blip-model {args.blip_model}: no such folder")
         captioner = BlipCaptioner(args.blip_model, args.blip_batch)
-    return readers, counts, captioner
+        inputs.append(args.blip_model)
+    return readers, counts, captioner, inputs
 
 
 def _need(args, *names):
     for n in names:
         value = getattr(args, n)
         if not value:
-            raise ValueError(f"--{n.replace('_', '-')} is required with the other {n.split('_')[0]} options")
+            raise InputError(f"--{n.replace('_', '-')} is required with the other {n.split('_')[0]} options")
         if not os.path.exists(value):
-            raise ValueError(f"--{n.replace('_', '-')} {value}: no such file or folder")
+            raise InputError(f"--{n.replace('_', '-')} {value}: no such file or folder")
 
 
 if __name__ == "__main__":

@@ -40,24 +40,42 @@ def pack_record(fields: Dict[str, Any]) -> bytes:
 
 
 def unpack_record(data: bytes) -> Dict[str, Any]:
-    if len(data) < 8 or data[:4] != MAGIC:
+    """The fields of a record; RecordError for anything that is not one, whoever wrote it."""
+    if not isinstance(data, (bytes, bytearray)) or len(data) < 8 or data[:4] != MAGIC:
         raise RecordError("not a SmartBrush record (bad magic)")
     (n,) = struct.unpack("<I", data[4:8])
+    if 8 + n > len(data):
+        raise RecordError(f"record header of {n} bytes is truncated")
     try:
         header = json.loads(data[8:8 + n])
     except (ValueError, UnicodeDecodeError) as e:
         raise RecordError(f"corrupt record header ({e})") from None
+    if not isinstance(header, dict):
+        raise RecordError(f"record header is a JSON {type(header).__name__}, not an object")
     body = data[8 + n:]
     out = {}
     for k, spec in header.items():
+        if not isinstance(spec, dict):
+            raise RecordError(f"record field {k!r}: spec {spec!r} is not an object")
         if "value" in spec:
             out[k] = spec["value"]
-        else:
-            start, length = spec["offset"], spec["length"]
-            if start + length > len(body):
-                raise RecordError(f"record field {k!r} is truncated")
-            out[k] = body[start:start + length]
+            continue
+        start, length = spec.get("offset"), spec.get("length")
+        if not (isinstance(start, int) and isinstance(length, int)) or start < 0 or length < 0:
+            raise RecordError(f"record field {k!r}: needs a value or integer offset and length, got {spec!r}")
+        if start + length > len(body):
+            raise RecordError(f"record field {k!r} is truncated")
+        out[k] = body[start:start + length]
     return out
+
+
+def field(rec: Dict[str, Any], name: str, kind: type = bytes):
+    """`rec[name]`, which must be a `kind`; RecordError if it is missing or of another type."""
+    value = rec.get(name)
+    if not isinstance(value, kind):
+        raise RecordError(f"record {rec.get('id', '?')!r}: field {name!r} is "
+                          f"{'missing' if value is None else type(value).__name__}, expected {kind.__name__}")
+    return value
 
 
 def encode_mask(mask: np.ndarray) -> bytes:
@@ -68,5 +86,9 @@ def encode_mask(mask: np.ndarray) -> bytes:
 
 
 def decode_mask(data: bytes) -> np.ndarray:
-    with Image.open(io.BytesIO(data)) as im:
-        return np.asarray(im.convert("L")) > 127
+    """PNG bytes -> bool [H, W]; RecordError for bytes that are not an image."""
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            return np.asarray(im.convert("L")) > 127
+    except Exception as e:  # PIL raises many types for garbage (UnidentifiedImageError, OSError, ...)
+        raise RecordError(f"mask: not a decodable image ({type(e).__name__}: {e})") from None

@@ -6,6 +6,10 @@ it skips (reasons in `validate.SKIP_REASONS`, plus `crowd` for COCO crowd annota
   folders, `oidv6-class-descriptions.csv`, the image folder
 - image-text shards as img2dataset writes them (webdataset `.tar`: `.jpg` + `.txt`/`.json`)
 - a captions side-file (JSONL: `{"annotation_id": ..., "caption": ...}`)
+
+What a whole input can get wrong is checked before any work (`load_coco`,
+`check_openimages`, `read_captions`): an `InputError`. What goes wrong inside one (a
+record, a line, a tar that ends early) is counted and the rest is read.
 """
 
 from __future__ import annotations
@@ -15,13 +19,22 @@ import dataclasses
 import io
 import json
 import os
+import posixpath
 import tarfile
+import zlib
 from typing import Dict, Iterator, Optional, Sequence
 
 import numpy as np
 from PIL import Image
 
 from smartbrush_jax.data.validate import Counter, Skip, check_box, check_caption, check_mask, decode_image
+from smartbrush_jax.errors import InputError
+
+# webdataset members read at all: images, and the caption in .txt or .json
+_IMAGE_EXT = (".jpg", ".jpeg", ".png", ".webp")
+_TEXT_EXT = (".txt", ".json")
+MAX_IMAGE_BYTES = 64 * 2**20  # an image member larger than this is not read (oversized_file)
+MAX_TEXT_BYTES = 2**20
 
 
 @dataclasses.dataclass
@@ -42,20 +55,30 @@ def mask_box(mask: np.ndarray) -> list:
     return [int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1]
 
 
-def read_captions(path: Optional[str]) -> Dict[str, str]:
-    """JSONL `{"annotation_id": id, "caption": text}` -> {str(id): caption}."""
+def read_captions(path: Optional[str], counts: Optional[Counter] = None) -> Dict[str, str]:
+    """JSONL `{"annotation_id": id, "caption": text}` -> {str(id): caption}. Such files come
+    from other tools and run to millions of lines: a line that is not UTF-8 or not such an
+    object is counted as `bad_caption` (in `counts`) and skipped. A file of which no line
+    is a caption is not a captions file: InputError."""
     if not path:
         return {}
-    out = {}
+    if not os.path.isfile(path):
+        raise InputError(f"--captions {path}: no such file")
+    out, bad, first_bad = {}, 0, None
     with open(path, "rb") as f:
         for n, line in enumerate(f, 1):
             if not line.strip():
                 continue
             try:
-                row = json.loads(line)
+                row = json.loads(check_caption(line))
                 out[str(row["annotation_id"])] = check_caption(row["caption"])
-            except (ValueError, KeyError, Skip) as e:
-                raise ValueError(f"{path}:{n}: not a caption line ({e})") from None
+            except (ValueError, KeyError, TypeError, Skip) as e:
+                bad += 1
+                first_bad = first_bad or f"{path}:{n}: not a caption line ({e})"
+    if bad and not out:
+        raise InputError(f"{first_bad}; no line of --captions {path} is a JSON object with annotation_id and caption")
+    if counts is not None and bad:
+        counts["bad_caption"] += bad
     return out
 
 
@@ -81,19 +104,38 @@ class _ImageCache:
         return self.value
 
 
-def read_coco(annotations: str, image_dir: str, counts: Counter, min_mask_area: float = 0.01,
+def load_coco(path: str) -> dict:
+    """The COCO instances JSON, checked: InputError for a file that is not one."""
+    try:
+        with open(path, "rb") as f:
+            coco = json.load(f)
+    except OSError as e:
+        raise InputError(f"--coco-annotations {path}: cannot read it ({e})") from None
+    except ValueError as e:
+        raise InputError(f"--coco-annotations {path}: not JSON ({e})") from None
+    if not isinstance(coco, dict) or not isinstance(coco.get("images"), list) or \
+            not isinstance(coco.get("annotations"), list):
+        raise InputError(f"--coco-annotations {path}: not a COCO instances file (needs 'images' and "
+                         "'annotations' lists)")
+    return coco
+
+
+def read_coco(annotations, image_dir: str, counts: Counter, min_mask_area: float = 0.01,
               captions: Optional[Dict[str, str]] = None, max_pixels: int = 8192 * 8192,
               source: str = "coco") -> Iterator[RawExample]:
-    """One example per non-crowd instance annotation."""
+    """One example per non-crowd instance annotation; `annotations` is the JSON's path or
+    what `load_coco` returned."""
     from pycocotools import mask as mask_utils
 
-    with open(annotations) as f:
-        coco = json.load(f)
-    images = {im["id"]: im for im in coco["images"]}
-    names = {c["id"]: c["name"] for c in coco.get("categories", [])}
+    coco = load_coco(annotations) if isinstance(annotations, str) else annotations
+    images = {im["id"]: im for im in coco["images"] if isinstance(im, dict) and "id" in im}
+    names = {c["id"]: c["name"] for c in coco.get("categories", []) if isinstance(c, dict) and "id" in c}
     captions = captions or {}
     cache = _ImageCache(max_pixels, counts)
-    for ann in sorted(coco["annotations"], key=lambda a: (a["image_id"], a["id"])):
+    anns = [a for a in coco["annotations"] if isinstance(a, dict) and {"image_id", "id"} <= set(a)]
+    if len(anns) < len(coco["annotations"]):  # no id / image_id: nothing to key it on
+        counts["corrupt_record"] += len(coco["annotations"]) - len(anns)
+    for ann in sorted(anns, key=lambda a: (_sortable(a["image_id"]), _sortable(a["id"]))):
         if ann.get("iscrowd", 0):
             counts["crowd"] += 1
             continue
@@ -105,16 +147,28 @@ def read_coco(annotations: str, image_dir: str, counts: Counter, min_mask_area: 
             h, w = image.shape[:2]
             if (info.get("height", h), info.get("width", w)) != (h, w):
                 raise Skip("mask_outside", f"JSON says {info['width']}x{info['height']}, file is {w}x{h}")
+            if "segmentation" not in ann:
+                raise Skip("empty_mask", "no segmentation")
             mask = _coco_mask(ann["segmentation"], h, w, mask_utils)
             if "bbox" in ann:
                 bx, by, bw, bh = ann["bbox"]
                 check_box([bx, by, bx + bw, by + bh], w, h)
             mask = check_mask(mask, (h, w), min_mask_area)
-            yield RawExample(id=f"{source}:{ann['id']}", source=source, kind="seg", image_bytes=data, image=image,
-                             mask=mask, label=names.get(ann["category_id"], ""),
-                             caption=captions.get(str(ann["id"]), ""), box=mask_box(mask))
+            example = RawExample(id=f"{source}:{ann['id']}", source=source, kind="seg", image_bytes=data,
+                                 image=image, mask=mask, label=str(names.get(ann.get("category_id"), "")),
+                                 caption=captions.get(str(ann["id"]), ""), box=mask_box(mask))
         except Skip as e:
             counts[e.reason] += 1
+            continue
+        except (KeyError, TypeError, ValueError, IndexError):  # a malformed annotation (written by another tool)
+            counts["corrupt_record"] += 1
+            continue
+        yield example
+
+
+def _sortable(v):
+    """Numbers in order, then anything else by its text (ids written by other tools)."""
+    return (0, v, "") if isinstance(v, (int, float)) and not isinstance(v, bool) else (1, 0, str(v))
 
 
 def _coco_mask(segm, h: int, w: int, mask_utils) -> np.ndarray:
@@ -136,12 +190,34 @@ def _coco_mask(segm, h: int, w: int, mask_utils) -> np.ndarray:
     return mask_utils.decode(rle).astype(bool)
 
 
+OPENIMAGES_COLUMNS = ("ImageID", "MaskPath", "LabelName")
+
+
+def check_openimages(annotations_csv: str, classes_csv: str) -> None:
+    """InputError unless the segmentation CSV has OpenImages' columns and the class
+    descriptions CSV is readable: checked before any work, not after a whole COCO pass."""
+    try:
+        with open(annotations_csv, newline="", encoding="utf-8") as f:
+            header = next(csv.reader(f), [])
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        raise InputError(f"--openimages-csv {annotations_csv}: cannot read it ({e})") from None
+    missing = [c for c in OPENIMAGES_COLUMNS if c not in header]
+    if missing:
+        raise InputError(f"--openimages-csv {annotations_csv}: not an OpenImages segmentation CSV (no column "
+                         f"{', '.join(missing)}; its header is {header[:6]})")
+    try:
+        _read_classes(classes_csv)
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        raise InputError(f"--openimages-classes {classes_csv}: cannot read it ({e})") from None
+
+
 def read_openimages(annotations_csv: str, masks_dir: str, images_dir: str, classes_csv: str, counts: Counter,
                     min_mask_area: float = 0.01, captions: Optional[Dict[str, str]] = None,
                     max_pixels: int = 8192 * 8192) -> Iterator[RawExample]:
     """One example per row of the segmentation CSV. Mask PNGs are looked up under
     `masks_dir` (directly or in its sub-folders, as the per-prefix zips unpack); a mask of
     another size than its image is resized to it (nearest neighbour)."""
+    check_openimages(annotations_csv, classes_csv)
     classes = _read_classes(classes_csv)
     mask_index = {}
     for root, _, files in os.walk(masks_dir):
@@ -149,9 +225,12 @@ def read_openimages(annotations_csv: str, masks_dir: str, images_dir: str, class
             mask_index.setdefault(f, os.path.join(root, f))
     captions = captions or {}
     cache = _ImageCache(max_pixels, counts)
-    with open(annotations_csv, newline="") as f:
-        rows = sorted(csv.DictReader(f), key=lambda r: (r["ImageID"], r["MaskPath"]))
-    for row in rows:
+    with open(annotations_csv, newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    good = [r for r in rows if all(r.get(c) for c in OPENIMAGES_COLUMNS)]
+    if len(good) < len(rows):  # a short or empty row: nothing to look the mask up by
+        counts["corrupt_record"] += len(rows) - len(good)
+    for row in sorted(good, key=lambda r: (r["ImageID"], r["MaskPath"])):
         try:
             data, image = cache.get(row["ImageID"], os.path.join(images_dir, row["ImageID"] + ".jpg"))
             h, w = image.shape[:2]
@@ -165,11 +244,14 @@ def read_openimages(annotations_csv: str, masks_dir: str, images_dir: str, class
                         counts["converted_mask_resize"] += 1
                         m = m.resize((w, h), Image.Resampling.NEAREST)
                     mask = np.asarray(m) > 127
-            except OSError as e:
+            except Exception as e:  # PIL: UnidentifiedImageError, OSError, DecompressionBombError, ...
                 raise Skip("corrupt_image", f"{path}: {e}") from None
-            if all(k in row for k in ("BoxXMin", "BoxXMax", "BoxYMin", "BoxYMax")):
-                box = [float(row["BoxXMin"]) * w, float(row["BoxYMin"]) * h,
-                       float(row["BoxXMax"]) * w, float(row["BoxYMax"]) * h]
+            if all(row.get(k) for k in ("BoxXMin", "BoxXMax", "BoxYMin", "BoxYMax")):
+                try:
+                    box = [float(row["BoxXMin"]) * w, float(row["BoxYMin"]) * h,
+                           float(row["BoxXMax"]) * w, float(row["BoxYMax"]) * h]
+                except ValueError:
+                    raise Skip("mask_outside", f"box {row['BoxXMin']}, ... is not a number") from None
                 check_box(box, w, h)
             mask = check_mask(mask, (h, w), min_mask_area)
             ann_id = os.path.splitext(os.path.basename(row["MaskPath"]))[0]
@@ -189,32 +271,52 @@ def _read_classes(path: str) -> Dict[str, str]:
     return out
 
 
-_IMAGE_EXT = (".jpg", ".jpeg", ".png", ".webp")
-
-
 def read_webdataset(tars: Sequence[str], counts: Counter, max_pixels: int = 8192 * 8192,
-                    source: str = "laion") -> Iterator[RawExample]:
-    """Image-text pairs from img2dataset-style tars: members sharing a key (`00001.jpg`,
-    `00001.txt` / `00001.json` with a `caption` field) form one example."""
+                    source: str = "laion", max_image_bytes: int = MAX_IMAGE_BYTES) -> Iterator[RawExample]:
+    """Image-text pairs from img2dataset-style tars, by webdataset's rules: members whose
+    key (folder + file name up to the name's first dot) is the same form one sample
+    (`./00001.jpg` + `./00001.txt`; `shard.v2/00001.jpg` is key `shard.v2/00001`); folders
+    are skipped. Only the image and the `.txt` / `.json` caption are read, each bounded in
+    size (`oversized_file` beyond). A sample without a caption is skipped and counted
+    (`no_caption`): an image-text pair without text teaches the text conditioning nothing.
+    A shard that cannot be opened or ends early (a truncated `.tar` or `.tar.gz`) is counted
+    `corrupt_shard`; the samples read before the break are kept."""
     for path in tars:
         try:
             tar = tarfile.open(path)
-        except (OSError, tarfile.TarError):
-            counts["corrupt_record"] += 1
+        except (OSError, EOFError, tarfile.TarError):
+            counts["corrupt_shard"] += 1
             continue
         with tar:
             group, key = {}, None
-            for member in tar:
-                if not member.isfile():
-                    continue
-                k, _, ext = member.name.partition(".")
-                if key is not None and k != key:
-                    yield from _wds_example(group, key, path, counts, max_pixels, source)
-                    group = {}
-                key = k
-                group["." + ext.lower()] = tar.extractfile(member).read()
+            try:
+                for member in tar:
+                    if not member.isfile():
+                        continue
+                    k, ext = _wds_key(member.name)
+                    if key is not None and k != key:
+                        yield from _wds_example(group, key, path, counts, max_pixels, source)
+                        group = {}
+                    key = k
+                    if ext in _IMAGE_EXT or ext in _TEXT_EXT:
+                        limit = max_image_bytes if ext in _IMAGE_EXT else MAX_TEXT_BYTES
+                        group[ext] = _TOO_LARGE if member.size > limit else tar.extractfile(member).read()
+            except (OSError, EOFError, tarfile.TarError, zlib.error):
+                counts["corrupt_shard"] += 1  # the sample being read when the shard broke is dropped
+                continue
             if key is not None:
                 yield from _wds_example(group, key, path, counts, max_pixels, source)
+
+
+_TOO_LARGE = object()
+
+
+def _wds_key(name: str):
+    """webdataset's split of a member path: (folder/name up to the name's first dot, .ext)."""
+    folder, base = posixpath.split(name)
+    stem, dot, ext = base.partition(".")
+    key = posixpath.join(folder, stem) if folder not in ("", ".") else stem
+    return key, ("." + ext.lower()) if dot else ""
 
 
 def _wds_example(group, key, path, counts, max_pixels, source):
@@ -222,15 +324,19 @@ def _wds_example(group, key, path, counts, max_pixels, source):
         img_ext = next((e for e in _IMAGE_EXT if e in group), None)
         if img_ext is None:
             raise Skip("missing_file", f"{path}:{key} has no image")
+        if any(v is _TOO_LARGE for v in group.values()):
+            raise Skip("oversized_file", f"{path}:{key}")
+        caption = ""
         if ".txt" in group:
             caption = check_caption(group[".txt"])
         elif ".json" in group:
             try:
-                caption = check_caption(json.loads(check_caption(group[".json"])).get("caption", ""))
+                meta = json.loads(check_caption(group[".json"]))
             except ValueError as e:
                 raise Skip("bad_caption", str(e)) from None
-        else:
-            caption = ""
+            caption = check_caption(meta.get("caption") or "") if isinstance(meta, dict) else ""
+        if not caption:
+            raise Skip("no_caption", f"{path}:{key}")
         data = group[img_ext]
         image = decode_image(data, max_pixels, counts)
         yield RawExample(id=f"{source}:{os.path.basename(path)}:{key}", source=source, kind="t2i", image_bytes=data,

@@ -23,6 +23,8 @@ import tarfile
 import numpy as np
 from PIL import Image, ImageDraw
 
+from smartbrush_jax.errors import InputError, run_command
+
 SHAPES = ("circle", "square", "triangle", "star", "ellipse", "hexagon", "diamond")
 COLOURS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (235, 210, 40),
            "orange": (240, 140, 30), "purple": (140, 60, 190), "white": (245, 245, 245), "black": (25, 25, 25)}
@@ -174,14 +176,28 @@ def main(argv=None) -> int:
     ap.add_argument("--num-text-pairs", type=int, default=None, help="image-text pairs (default: scenes / 4)")
     ap.add_argument("--size", type=int, default=64)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--overwrite", action="store_true", help="replace an existing --out that is a synthetic set")
     args = ap.parse_args(argv)
+    return run_command(lambda: _main(args))
+
+
+def _main(args) -> int:
+    from smartbrush_jax.outputs import building, check_output
+
     if args.num_scenes < 1 or args.size < 16:
-        print("error: --num-scenes must be >= 1 and --size >= 16", file=sys.stderr)
-        return 2
-    paths = write_dataset(args.out, args.num_scenes, args.size, args.seed, args.num_text_pairs, progress=True)
+        raise InputError("--num-scenes must be >= 1 and --size >= 16")
+    check_output(args.out, [], is_synthetic_set, args.overwrite, what="synthetic set")
+    with building(args.out) as tmp:
+        paths = write_dataset(tmp, args.num_scenes, args.size, args.seed, args.num_text_pairs, progress=True)
     for p in paths.values():
-        print(p)
+        print(os.path.join(args.out, os.path.relpath(p, tmp)))
     return 0
+
+
+def is_synthetic_set(folder: str) -> bool:
+    """A folder `write_dataset` made (what `--overwrite` may replace)."""
+    return all(os.path.exists(os.path.join(folder, n)) for n in ("annotations.json", "images", "captions.jsonl",
+                                                                 "image_text-00000.tar"))
 
 
 if __name__ == "__main__":

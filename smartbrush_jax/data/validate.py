@@ -9,8 +9,15 @@ both count the same reasons:
     empty_mask         the instance mask has no pixel
     tiny_mask          mask area below `min_mask_area` (fraction of the image)
     mask_outside       mask/box outside the image, or of another size than the image
-    bad_caption        caption bytes are not valid UTF-8
-    corrupt_record     a prepared record that cannot be parsed
+    bad_caption        caption bytes are not valid UTF-8 (or a caption line that is not JSON)
+    corrupt_record     a record or annotation that cannot be parsed or decoded
+
+and, in `prepare` only (a whole sample or source, never seen by the training pipeline):
+
+    no_caption         an image-text sample without any caption
+    oversized_file     a webdataset member over the size bound (not read)
+    corrupt_shard      a webdataset shard that cannot be opened or ends early
+    unreadable_source  a source that failed mid-way (what was read before is kept)
 
 Convertible images are kept and counted under `converted_*` (grayscale, CMYK, RGBA,
 16-bit, EXIF-rotated): they are not errors.
@@ -27,7 +34,9 @@ import numpy as np
 from PIL import Image, ImageFile, ImageOps
 
 SKIP_REASONS = ("corrupt_image", "too_many_pixels", "missing_file", "empty_mask", "tiny_mask", "mask_outside",
-                "bad_caption", "corrupt_record")
+                "bad_caption", "corrupt_record")  # the pipeline's per-batch `skips` vector, in this order
+SOURCE_REASONS = ("no_caption", "oversized_file", "corrupt_shard", "unreadable_source")
+ALL_REASONS = SKIP_REASONS + SOURCE_REASONS
 DEFAULT_MAX_PIXELS = 8192 * 8192
 
 
@@ -35,7 +44,7 @@ class Skip(Exception):
     """This example is bad; `reason` is one of SKIP_REASONS."""
 
     def __init__(self, reason: str, detail: str = ""):
-        assert reason in SKIP_REASONS, reason
+        assert reason in ALL_REASONS, reason
         super().__init__(f"{reason}: {detail}" if detail else reason)
         self.reason = reason
         self.detail = detail
@@ -45,7 +54,7 @@ class Counter(collections.Counter):
     """Counts by reason, with `skipped()` = the total of skip reasons."""
 
     def skipped(self) -> int:
-        return sum(v for k, v in self.items() if k in SKIP_REASONS)
+        return sum(v for k, v in self.items() if k in ALL_REASONS)
 
 
 def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS,
@@ -58,6 +67,8 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS,
     ImageFile.LOAD_TRUNCATED_IMAGES = False
     try:
         im = Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError as e:  # PIL's own guard fires at open() past 2x its limit
+        raise Skip("too_many_pixels", str(e)) from None
     except Exception as e:  # PIL raises many types for garbage
         raise Skip("corrupt_image", str(e)) from None
     with im:

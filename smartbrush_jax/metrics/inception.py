@@ -176,7 +176,10 @@ def _read_state_dict(path: str) -> dict:
     if path.endswith(".safetensors"):
         from safetensors.torch import load_file
 
-        return load_file(path, device="cpu")
+        try:
+            return load_file(path, device="cpu")
+        except Exception as e:  # SafetensorError, a truncated header, ...
+            raise MetricsError(f"cannot read Inception weights {path}: not a readable safetensors file ({e})") from e
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # pickle errors, truncated files, non-tensor objects

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from smartbrush_jax.compositing import InpaintResult, check_inputs, finish, model_inputs, working_size
+from smartbrush_jax.errors import InputError
 from smartbrush_jax.sampler_config import SamplerConfig
 
 SETTINGS_FILE = "smartbrush.json"
@@ -29,7 +30,7 @@ SETTINGS_VERSION = 1
 SamplerSettings = SamplerConfig
 
 
-class PipelineError(ValueError):
+class PipelineError(InputError, ValueError):
     """An exported folder that is incomplete or inconsistent."""
 
 
@@ -72,13 +73,16 @@ class SmartBrushPipeline:
             if not os.path.isdir(os.path.join(folder, sub)):
                 raise PipelineError(f"{folder}: no {sub}/ folder: not a SmartBrush export")
         kw = dict(torch_dtype=torch_dtype, local_files_only=True, use_safetensors=True)
-        unet = UNet2DConditionModel.from_pretrained(os.path.join(folder, "unet"), low_cpu_mem_usage=False, **kw)
-        text = CLIPTextModel.from_pretrained(os.path.join(folder, "text_encoder"), **kw)
-        vae = None
-        if settings.get("autoencoder", "kl") != "identity":
-            vae = AutoencoderKL.from_pretrained(os.path.join(folder, "vae"), low_cpu_mem_usage=False, **kw)
-        tokenizer = CLIPTokenizer.from_pretrained(os.path.join(folder, "tokenizer"), local_files_only=True)
-        scheduler = DDIMScheduler.from_pretrained(os.path.join(folder, "scheduler"), local_files_only=True)
+        try:
+            unet = UNet2DConditionModel.from_pretrained(os.path.join(folder, "unet"), low_cpu_mem_usage=False, **kw)
+            text = CLIPTextModel.from_pretrained(os.path.join(folder, "text_encoder"), **kw)
+            vae = None
+            if settings.get("autoencoder", "kl") != "identity":
+                vae = AutoencoderKL.from_pretrained(os.path.join(folder, "vae"), low_cpu_mem_usage=False, **kw)
+            tokenizer = CLIPTokenizer.from_pretrained(os.path.join(folder, "tokenizer"), local_files_only=True)
+            scheduler = DDIMScheduler.from_pretrained(os.path.join(folder, "scheduler"), local_files_only=True)
+        except Exception as e:  # a truncated or corrupt weights file, a config that is not one: not our bug
+            raise PipelineError(f"{folder}: cannot load the export ({type(e).__name__}: {str(e)[:300]})") from e
         return cls(unet, text, tokenizer, scheduler, vae, settings).to(device)
 
     def to(self, device) -> "SmartBrushPipeline":

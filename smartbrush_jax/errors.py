@@ -1,0 +1,27 @@
+"""Errors a user can fix, and the one way every command reports them.
+
+`InputError` is the base of every error the package raises for bad input: a config value
+(`ConfigError`), data (`DataError`), weights (`WeightsError`), a run's checkpoints
+(`CheckpointError`), an export (`ExportError`), metrics inputs (`MetricsError`), a
+command-line argument (`InputError` itself). A command prints it as one line,
+`error: <message>`, and exits with code 2 (`run_command`). Every other exception is a
+bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Callable
+
+
+class InputError(Exception):
+    """Bad input a user can fix; the message says what and where."""
+
+
+def run_command(fn: Callable[[], int | None]) -> int:
+    """`fn()`'s exit code (None: 0); an InputError becomes `error: ...` on stderr and 2."""
+    try:
+        return fn() or 0
+    except InputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
