@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import ml_collections
 
+from smartbrush_jax.errors import InputError
+
 DTYPES = ("float32", "bfloat16")
 # `models.unet.REMAT_POLICIES` (kept here too so that reading a config imports no JAX)
 REMAT = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable")
 
 
-class ConfigError(ValueError):
+class ConfigError(InputError, ValueError):
     """A config value that cannot work; the message names the field."""
 
 
@@ -22,6 +24,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.model = ml_collections.ConfigDict()
     c.model.init_from = ""  # diffusers SD folder or single-file checkpoint; "" = from scratch
     c.model.tokenizer = ""  # tokenizer folder (needed for a single file, or from scratch)
+    c.model.init_ema = "auto"  # single-file init_from: "auto" (EMA when the file has them), "ema" or "raw"
     c.model.unet = ml_collections.ConfigDict({"block_out_channels": (320, 640, 1280, 1280)})  # diffusers fields
     c.model.unet.layers_per_block = 2
     c.model.unet.cross_attention_dim = 768
@@ -100,6 +103,8 @@ def validate(c: ml_collections.ConfigDict, num_devices: int | None = None, proce
             raise ConfigError(f"config.{field}: {msg}")
 
     need(c.model.num_levels >= 1, "model.num_levels", f"must be >= 1, got {c.model.num_levels}")
+    need(c.model.init_ema in ("auto", "ema", "raw"), "model.init_ema",
+         f"must be 'auto', 'ema' or 'raw', got {c.model.init_ema!r}")
     need(c.model.dtype in DTYPES, "model.dtype", f"must be one of {DTYPES}, got {c.model.dtype!r}")
     need(c.model.autoencoder in ("vae", "identity"), "model.autoencoder",
          f"must be 'vae' or 'identity', got {c.model.autoencoder!r}")

@@ -14,6 +14,7 @@ import dataclasses
 import glob
 import json
 import os
+import sys
 from typing import Any, Dict, Optional, Sequence
 
 import jax
@@ -148,6 +149,17 @@ def load_diffusers_folder(path: str, components: Sequence[str] = COMPONENTS, var
     return sd
 
 
+def read_configs(path: str) -> Dict[str, Any]:
+    """The U-Net, VAE and text-encoder configs of a diffusers folder, as `load_single_file`'s
+    keyword arguments (for a single file of another size than SD v1)."""
+    if not os.path.isdir(path):
+        raise WeightsError(f"{path}: not a directory (expected a diffusers folder to take the configs from)")
+    return {"unet_config": UNetConfig.from_diffusers(_read_json(os.path.join(path, "unet", "config.json"))),
+            "vae_config": VAEConfig.from_diffusers(_read_json(os.path.join(path, "vae", "config.json"))),
+            "text_config": CLIPTextConfig.from_transformers(_read_json(os.path.join(path, "text_encoder",
+                                                                                   "config.json")))}
+
+
 def load_tokenizer(path: str):
     """transformers' `CLIPTokenizer` from a local folder (vocab.json + merges.txt)."""
     for f in ("vocab.json", "merges.txt"):
@@ -209,11 +221,16 @@ SD_V1_TEXT = CLIPTextConfig()
 
 def load_single_file(path: str, tokenizer_dir: Optional[str] = None, unet_config: UNetConfig = SD_V1_UNET,
                      vae_config: VAEConfig = SD_V1_VAE, text_config: CLIPTextConfig = SD_V1_TEXT,
-                     param_dtype=jnp.float32) -> StableDiffusion:
+                     param_dtype=jnp.float32, ema="auto") -> StableDiffusion:
     """Load an original single-file SD v1 checkpoint (`.ckpt` or `.safetensors`, CompVis key
     names). The file holds no configs (SD v1's are the defaults) and no tokenizer: pass
-    `tokenizer_dir` (a folder with vocab.json and merges.txt) to get one."""
-    state = read_state_dict(path)
+    `tokenizer_dir` (a folder with vocab.json and merges.txt) to get one.
+
+    `ema`: the `-full-ema` releases hold the raw U-Net under `model.diffusion_model.*` and
+    its EMA under `model_ema.<the same key without dots>`. "auto" takes the EMA weights when
+    the file has them (diffusers' rule: more than 100 `model_ema.*` keys) and says which it
+    used; True requires them; False takes the raw weights."""
+    state = select_unet_weights(read_state_dict(path), path, ema)
     if not any(k.startswith(ldm_keys.UNET_PREFIX) for k in state):
         openclip = any(k.startswith("cond_stage_model.model.") for k in state)
         hint = " (an SD 2.x OpenCLIP checkpoint?)" if openclip else ""
@@ -233,6 +250,52 @@ def load_single_file(path: str, tokenizer_dir: Optional[str] = None, unet_config
     if tokenizer_dir is not None:
         sd.tokenizer = load_tokenizer(tokenizer_dir)
     return sd
+
+
+EMA_PREFIX = "model_ema."
+_EMA_BOOKKEEPING = ("model_ema.decay", "model_ema.num_updates")
+
+
+def ema_key(ldm_key: str) -> str:
+    """`model.diffusion_model.input_blocks.0.0.weight` -> `model_ema.diffusion_modelinput_blocks00weight`."""
+    return EMA_PREFIX + ldm_key[len("model."):].replace(".", "")
+
+
+def select_unet_weights(state: Dict[str, np.ndarray], path: str, ema="auto") -> Dict[str, np.ndarray]:
+    """The state with the U-Net weights chosen by `ema` ("auto", True, False; see
+    `load_single_file`) under the `model.diffusion_model.*` keys, and no `model_ema.*` key."""
+    import logging
+
+    if ema not in ("auto", True, False):
+        raise ValueError(f"ema must be 'auto', True or False, got {ema!r}")
+    ema_names = [k for k in state if k.startswith(EMA_PREFIX) and k not in _EMA_BOOKKEEPING]
+    use = len(ema_names) > 100 if ema == "auto" else ema
+    if use and not ema_names:
+        raise WeightsError(f"{path}: EMA weights asked for, but the file has no {EMA_PREFIX}* keys "
+                           "(a release without '-full-ema' holds the EMA weights as its only weights)")
+    out = {k: v for k, v in state.items() if not k.startswith(EMA_PREFIX)}
+    if use:
+        unet_keys = [k for k in out if k.startswith(ldm_keys.UNET_PREFIX)]
+        missing = [k for k in unet_keys if ema_key(k) not in state]
+        if missing:
+            raise WeightsError(f"{path}: {len(missing)} U-Net weight(s) have no EMA copy, e.g. {ema_key(missing[0])}")
+        out.update({k: state[ema_key(k)] for k in unet_keys})
+    if not ema_names:
+        said = f"its only U-Net weights (no {EMA_PREFIX}* copy in the file)"
+    else:
+        said = (f"the {'EMA' if use else 'raw (non-EMA)'} U-Net weights (the file holds both; "
+                f"{len(ema_names)} {EMA_PREFIX}* tensors)")
+    logging.getLogger("smartbrush_jax").info("%s: using %s", path, said)
+    print(f"{path}: using {said}", file=sys.stderr)
+    return out
+
+
+def ema_choice(value: str):
+    """A user's `auto` / `ema` / `raw` (config, command line) -> load_single_file's ema."""
+    choices = {"auto": "auto", "ema": True, "raw": False}
+    if value not in choices:
+        raise WeightsError(f"the EMA choice must be one of {sorted(choices)}, got {value!r}")
+    return choices[value]
 
 
 def _convert_ldm(module, state, prefix: str, path: str, ldm_name):

@@ -16,10 +16,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from smartbrush_jax.config import ConfigError
 from smartbrush_jax.diffusion import LossConfig, NoiseSchedule, smartbrush_loss
 from smartbrush_jax.models import AutoencoderKL, CLIPTextConfig, CLIPTextModel, UNet2DConditionModel, UNetConfig
 from smartbrush_jax.pretrained import (
     StableDiffusion,
+    ema_choice,
     example_inputs,
     load_diffusers_folder,
     load_single_file,
@@ -55,19 +57,18 @@ def build_models(config, tokenizer_vocab_size: Optional[int] = None) -> Models:
     if config.model.init_from:
         path = config.model.init_from
         sd = load_diffusers_folder(path) if not path.endswith((".ckpt", ".safetensors")) else \
-            load_single_file(path, tokenizer_dir=config.model.tokenizer or None)
+            load_single_file(path, tokenizer_dir=config.model.tokenizer or None, ema=ema_choice(config.model.init_ema))
         if sd.unet_config.in_channels == 4:
             sd = to_smartbrush(sd, levels)
         elif sd.unet_config.num_class_embeddings != levels + 1:
-            raise ValueError(f"{path}: the U-Net has {sd.unet_config.num_class_embeddings} precision levels, "
+            raise ConfigError(f"{path}: the U-Net has {sd.unet_config.num_class_embeddings} precision levels, "
                              f"config.model.num_levels={levels} needs {levels + 1}")
         vae = None if config.model.autoencoder == "identity" else AutoencoderKL(sd.vae_config, dtype=dtype)
         return Models(UNet2DConditionModel(sd.unet_config, **unet_kw),
                       CLIPTextModel(sd.text_config, dtype=dtype, attention_impl=attn), vae,
                       sd.vae_config.latent_channels if vae else 3,
                       2 ** (len(sd.vae_config.block_out_channels) - 1) if vae else 1,
-                      sd.vae_config.scaling_factor if vae else 1.0, sd,
-                      NoiseSchedule.from_diffusers(sd.scheduler_config))
+                      sd.vae_config.scaling_factor if vae else 1.0, sd, _schedule(sd.scheduler_config, path))
     channels = 3  # from scratch: pixel space
     unet_cfg = UNetConfig.from_diffusers({**config.model.unet.to_dict(), "in_channels": channels + 1,
                                           "out_channels": channels + 1, "num_class_embeds": levels + 1})
@@ -76,11 +77,18 @@ def build_models(config, tokenizer_vocab_size: Optional[int] = None) -> Models:
         "eos_token_id": tokenizer_vocab_size - 1, "bos_token_id": tokenizer_vocab_size - 2,
         "pad_token_id": tokenizer_vocab_size - 1})
     if text_cfg.hidden_size != unet_cfg.cross_attention_dim:
-        raise ValueError(f"config.model.text.hidden_size {text_cfg.hidden_size} must equal "
+        raise ConfigError(f"config.model.text.hidden_size {text_cfg.hidden_size} must equal "
                          f"config.model.unet.cross_attention_dim {unet_cfg.cross_attention_dim}")
     return Models(UNet2DConditionModel(unet_cfg, **unet_kw),
                   CLIPTextModel(text_cfg, dtype=dtype, attention_impl=attn), None, channels, 1, 1.0, None,
                   NoiseSchedule())
+
+
+def _schedule(scheduler_config, path: str) -> NoiseSchedule:
+    try:
+        return NoiseSchedule.from_diffusers(scheduler_config)
+    except ValueError as e:  # a scheduler this sampler does not implement
+        raise ConfigError(f"{path}: {e}") from None
 
 
 def lr_schedule(config) -> optax.Schedule:
@@ -184,7 +192,7 @@ def encode(models: Models, frozen, batch, rng):
     `image`: the encoder is skipped, z is drawn the same way."""
     if "latent_mean" in batch:
         if models.vae is None:
-            raise ValueError("a latent-cache batch needs a VAE model (config.model.autoencoder='vae')")
+            raise ConfigError("a latent-cache batch needs a VAE model (config.model.autoencoder='vae')")
         mean, logvar = batch["latent_mean"].astype(jnp.float32), batch["latent_logvar"].astype(jnp.float32)
     else:
         pixels = batch["image"].astype(jnp.float32) / 127.5 - 1.0

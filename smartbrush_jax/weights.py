@@ -30,6 +30,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
+from smartbrush_jax.errors import InputError
+
 Params = Dict[str, Any]
 
 # Flax modules created in a loop are named `<list>_<index>`; these are the diffusers /
@@ -40,7 +42,7 @@ _LIST_RE = re.compile(r"^(%s)_(\d+)$" % "|".join(_LIST_NAMES))
 _LEAF_TO_TORCH = {"kernel": "weight", "scale": "weight", "embedding": "weight", "bias": "bias"}
 
 
-class WeightsError(ValueError):
+class WeightsError(InputError, ValueError):
     """A checkpoint cannot be read or does not fit the model; the message names file and key."""
 
 
@@ -132,9 +134,11 @@ def _unbox(tree):
 # ---------------------------------------------------------------------------- reading files
 def read_state_dict(path: str) -> Dict[str, np.ndarray]:
     """Read a `.safetensors` file, or a pickled PyTorch file (`.bin`/`.ckpt`/`.pt`/`.pth`)
-    with `torch.load(weights_only=True)`, which refuses anything but tensors and plain
-    containers. A `.ckpt` whose tensors sit under `state_dict` is unwrapped. Returns numpy
-    float32/16 arrays (bf16 becomes float32)."""
+    with `torch.load(weights_only=True)`, which refuses anything but tensors, plain
+    containers and the inert stand-ins of `pickle_allowlist` (the metadata of the original
+    SD releases, which are PyTorch Lightning checkpoints). Tensors under `state_dict` (at
+    any depth: some tools nest it) are unwrapped; other entries (epoch, callbacks) are
+    dropped. Returns numpy float32/16 arrays (bf16 becomes float32)."""
     if not os.path.isfile(path):
         raise WeightsError(f"{path}: no such file")
     if path.endswith(".safetensors"):
@@ -145,20 +149,26 @@ def read_state_dict(path: str) -> Dict[str, np.ndarray]:
                 return {k: _to_numpy(f.get_tensor(k)) for k in f.keys()}
         except Exception as e:  # safetensors raises several types for a bad header
             raise WeightsError(f"{path}: not a readable safetensors file ({e})") from e
-    import pickle
-
     import torch
 
+    if not _looks_like_torch_file(path):
+        raise WeightsError(f"{path}: not a PyTorch checkpoint (neither torch.save's zip archive nor a pickle)")
+    from smartbrush_jax.pickle_allowlist import safe_globals
+
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        raise WeightsError(
-            f"{path}: refused to load: the pickle holds objects other than tensors, and untrusted "
-            f"checkpoints are never unpickled (convert it to .safetensors). Detail: {str(e).splitlines()[0]}"
-        ) from e
+        with safe_globals():
+            obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise WeightsError(f"{path}: not a readable PyTorch checkpoint ({type(e).__name__}: {e})") from e
-    if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
+        refused = re.search(r"GLOBAL (\S+)", str(e))
+        if refused:
+            raise WeightsError(
+                f"{path}: refused to load: the pickle holds {refused.group(1)}, an object other than tensors, and "
+                "untrusted checkpoints are never unpickled (convert it to .safetensors with a tool you trust)"
+            ) from e
+        detail = " ".join(line for line in str(e).splitlines() if "rror" in line or "Unsupported" in line)
+        raise WeightsError(f"{path}: not a readable PyTorch checkpoint ({type(e).__name__}: "
+                           f"{detail or str(e).splitlines()[0]})") from e
+    while isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         obj = obj["state_dict"]
     if not isinstance(obj, dict):
         raise WeightsError(f"{path}: expected a dict of tensors, found {type(obj).__name__}")
@@ -167,6 +177,15 @@ def read_state_dict(path: str) -> Dict[str, np.ndarray]:
         if isinstance(v, torch.Tensor):
             out[k] = _to_numpy(v)
     return out
+
+
+def _looks_like_torch_file(path: str) -> bool:
+    """torch.save writes a zip archive (PyTorch >= 1.6) or, before, a pickle (protocol byte 0x80)."""
+    import zipfile
+
+    with open(path, "rb") as f:
+        head = f.read(2)
+    return zipfile.is_zipfile(path) or head[:1] == b"\x80"
 
 
 def _to_numpy(t) -> np.ndarray:
