@@ -21,7 +21,7 @@ $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 # precision levels 0, 5 and 10 and prints where the PNGs are.
 demo: $(STAMP)
 	$(PY) -m smartbrush_jax.train --config=configs/cpu_demo.py --workdir=$(DEMO_DIR)
-	$(PY) -m smartbrush_jax.demo --workdir $(DEMO_DIR)
+	$(PY) -m smartbrush_jax.cli.demo --workdir $(DEMO_DIR)
 
 test: $(STAMP)
 	$(PY) -m pytest -q

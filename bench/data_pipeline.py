@@ -152,7 +152,7 @@ def main(argv=None):
     ap.add_argument("--json")
     args = ap.parse_args(argv)
 
-    from smartbrush_jax.data.pipeline import DataConfig
+    from smartbrush_jax.settings import DataConfig
 
     with tempfile.TemporaryDirectory() as root:
         print(f"[bench] building {args.scenes} scenes at {args.source_size}px ...", flush=True)

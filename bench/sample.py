@@ -78,9 +78,10 @@ def bench_jax(cfg, inp, steps, guidance, repeats):
     import jax
     import jax.numpy as jnp
 
-    from smartbrush_jax.diffusion import SamplerConfig, sample
+    from smartbrush_jax.diffusion import sample
     from smartbrush_jax.models import UNet2DConditionModel, UNetConfig
     from smartbrush_jax.pretrained import init_params
+    from smartbrush_jax.settings import SamplerConfig
 
     model = UNet2DConditionModel(UNetConfig.from_diffusers(cfg["unet"]))
     params = init_params(model, jax.random.PRNGKey(0))

@@ -160,14 +160,9 @@ def write_run_files(workdir: str, model_config: dict, tokenizer_dir: str, frozen
 def load_workdir(workdir: str, step: Optional[int] = None, ema: bool = True):
     """A training run as a `StableDiffusion` bundle for inpainting and export: the U-Net
     from the checkpoint (EMA weights by default), the text encoder (and VAE) it trained with."""
+    from smartbrush_jax.data.tokenizer import load_tokenizer
     from smartbrush_jax.models import CLIPTextConfig, CLIPTextModel, UNetConfig
-    from smartbrush_jax.pretrained import (
-        StableDiffusion,
-        abstract_params,
-        load_diffusers_folder,
-        load_single_file,
-        load_tokenizer,
-    )
+    from smartbrush_jax.pretrained import StableDiffusion, abstract_params, load_model
     from smartbrush_jax.weights import read_state_dict, torch_to_flax
 
     cfg = read_model_config(workdir)
@@ -175,10 +170,8 @@ def load_workdir(workdir: str, step: Optional[int] = None, ema: bool = True):
     sd = StableDiffusion(unet_config=UNetConfig.from_diffusers(cfg["unet"]),
                          unet_params=_as_jax(unet_params), tokenizer=load_tokenizer(
                              os.path.join(workdir, "tokenizer")))
-    if cfg.get("init_from"):
-        path = cfg["init_from"]
-        base = load_diffusers_folder(path, components=("vae", "text_encoder")) if os.path.isdir(path) else \
-            load_single_file(path, ema=False)  # only its VAE and text encoder are used: no EMA copy of those
+    if cfg.get("init_from"):  # the frozen text encoder and VAE the run started from
+        base = load_model(cfg["init_from"], components=("vae", "text_encoder"), ema=False)
         sd.text_config, sd.text_params = base.text_config, base.text_params
         sd.vae_config, sd.vae_params, sd.scheduler_config = base.vae_config, base.vae_params, base.scheduler_config
     else:

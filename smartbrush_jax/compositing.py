@@ -21,6 +21,12 @@ class InpaintResult:
     working_size: tuple  # (height, width) the model ran at
 
 
+def downsampling_factor(block_out_channels) -> int:
+    """The spatial factor of a VAE's latents, or of a U-Net's coarsest level: each block
+    after the first halves the grid."""
+    return 2 ** (len(block_out_channels) - 1)
+
+
 def check_inputs(image: np.ndarray, mask: np.ndarray, precision: int, num_levels: int,
                  num_samples: int) -> tuple[np.ndarray, np.ndarray]:
     """Validated `(image [H,W,3] uint8, mask [H,W] bool)`; ValueError says what is wrong."""
@@ -97,10 +103,15 @@ def outline(mask: np.ndarray, width: int = 2) -> np.ndarray:
 
 def make_grid(image: np.ndarray, mask: np.ndarray, result: InpaintResult) -> np.ndarray:
     """One row per sample: input with the mask outlined in red | result | predicted mask."""
+    return np.concatenate([grid_row(image, mask, img, pm) for img, pm in zip(result.images, result.predicted_masks)],
+                          axis=0)
+
+
+def grid_row(image: np.ndarray, user_mask: np.ndarray, result: np.ndarray, predicted: np.ndarray,
+             outline_width: int = 2) -> np.ndarray:
+    """[H, 3W, 3] uint8: the input with the user's mask outlined in red | the result | the
+    predicted mask (white), all at one size (the one grid drawing of the project)."""
     shown = image.copy()
-    shown[outline(mask)] = (255, 0, 0)
-    rows = []
-    for img, pm in zip(result.images, result.predicted_masks):
-        pm_rgb = np.repeat((pm.astype(np.uint8) * 255)[..., None], 3, axis=2)
-        rows.append(np.concatenate([shown, img, pm_rgb], axis=1))
-    return np.concatenate(rows, axis=0)
+    shown[outline(user_mask, outline_width)] = (255, 0, 0)
+    pred_rgb = np.repeat((predicted.astype(np.uint8) * 255)[..., None], 3, axis=2)
+    return np.concatenate([shown, result, pred_rgb], axis=1)

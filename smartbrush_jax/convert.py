@@ -18,40 +18,12 @@ when complete.
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
-from smartbrush_jax.errors import InputError, run_command
+from smartbrush_jax.errors import InputError
 
 MARKER = "converted_from.json"
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="smartbrush-convert", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--ckpt", required=True, help="the single-file checkpoint (.ckpt / .safetensors, CompVis keys)")
-    p.add_argument("--tokenizer", required=True, help="tokenizer folder (vocab.json, merges.txt)")
-    p.add_argument("--out", required=True, help="the diffusers folder to write (must not exist, unless --overwrite)")
-    p.add_argument("--ema", choices=("auto", "ema", "raw"), default="auto",
-                   help="which U-Net weights of a -full-ema release (default: EMA when present)")
-    p.add_argument("--configs-from", default=None,
-                   help="a diffusers folder whose unet/vae/text_encoder configs to use instead of SD v1's "
-                        "(for a checkpoint of another size)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing --out that this command wrote")
-    return p
-
-
-def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    return run_command(lambda: _main(args))
-
-
-def _main(args) -> int:
-    out = convert(args.ckpt, args.tokenizer, args.out, ema=args.ema, configs_from=args.configs_from,
-                  overwrite=args.overwrite)
-    print(out)
-    return 0
 
 
 def is_converted(folder: str) -> bool:
@@ -85,4 +57,6 @@ def convert(ckpt: str, tokenizer: str, out: str, ema: str = "auto", configs_from
 
 
 if __name__ == "__main__":
+    from smartbrush_jax.cli.convert import main
+
     sys.exit(main())

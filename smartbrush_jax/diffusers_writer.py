@@ -20,6 +20,7 @@ import shutil
 import numpy as np
 
 PIPELINES = ("SmartBrushPipeline", "StableDiffusionPipeline")
+SETTINGS_VERSION = 1  # of the smartbrush.json an export writes beside its components
 
 
 def write_diffusers_folder(sd, out: str, pipeline: str = "StableDiffusionPipeline") -> None:

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from smartbrush_jax.masks import degrade_mask, dice_loss, dilate, mask_iou
-from smartbrush_jax.sampler_config import SamplerConfig  # noqa: F401  (re-exported: its home before)
+from smartbrush_jax.settings import LossConfig, SamplerConfig
 
 ApplyFn = Callable[..., jax.Array]
 
@@ -79,22 +79,6 @@ def compose_noisy_latent(x0: jax.Array, noise: jax.Array, t: jax.Array, mask: ja
 
 
 # ---------------------------------------------------------------------------- loss
-@dataclasses.dataclass(frozen=True)
-class LossConfig:
-    num_levels: int = 10
-    dice_weight: float = 0.01
-    eps_region: str = "all"  # "all" or "mask": where the noise MSE is taken
-    sigma_scale: float = 0.15
-    truncate: float = 2.0
-    threshold: float = 0.0
-
-    def __post_init__(self):
-        if self.eps_region not in ("all", "mask"):
-            raise ValueError(f"eps_region must be 'all' or 'mask', got {self.eps_region!r}")
-        if self.num_levels < 1:
-            raise ValueError(f"num_levels must be >= 1, got {self.num_levels}")
-
-
 def smartbrush_loss(apply_fn: ApplyFn, params: Any, batch: Dict[str, jax.Array], rng: jax.Array,
                     alphas_cumprod: jax.Array,
                     cfg: LossConfig = LossConfig()) -> Tuple[jax.Array, Dict[str, jax.Array]]:

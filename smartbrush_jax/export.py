@@ -1,6 +1,7 @@
 """Export a training run to a diffusers folder that stock diffusers/transformers load.
 
     python -m smartbrush_jax.export --workdir runs/demo --out exports/demo [--step N] [--no-ema] [--verify]
+    (the command: smartbrush_jax/cli/export.py; here the library: export_workdir, verify_unet)
 
     exports/demo/
       unet/          UNet2DConditionModel: latent+1 in / latent+1 out, num_class_embeds = S + 1
@@ -18,7 +19,6 @@ ours on the same random input and prints the relative difference.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import os
 import sys
@@ -26,41 +26,12 @@ from typing import Optional
 
 import numpy as np
 
-from smartbrush_jax.diffusers_writer import write_diffusers_folder, write_json
-from smartbrush_jax.errors import InputError, run_command
+from smartbrush_jax.diffusers_writer import SETTINGS_VERSION, write_diffusers_folder, write_json
+from smartbrush_jax.errors import InputError
 
 
 class ExportError(InputError):
     """Bad input to the export: reported as `error: ...`, exit code 2."""
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="smartbrush-export", description=__doc__.split("\n\n")[0])
-    p.add_argument("--workdir", required=True, help="training workdir (holds checkpoints/ and model.json)")
-    p.add_argument("--out", required=True, help="folder to write (must not exist, unless --overwrite); never "
-                                              "inside or around --workdir")
-    p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
-    p.add_argument("--ema", dest="ema", action="store_true", default=True, help="export the EMA weights (default)")
-    p.add_argument("--no-ema", dest="ema", action="store_false", help="export the raw training weights")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing --out that is an export")
-    p.add_argument("--verify", action="store_true", help="compare diffusers' U-Net output with ours after export")
-    return p
-
-
-def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-
-    def command() -> int:
-        path = export_workdir(args.workdir, args.out, step=args.step, ema=args.ema, overwrite=args.overwrite)
-        if args.verify:
-            err = verify_unet(args.workdir, path, step=args.step, ema=args.ema)
-            print(f"verify: diffusers vs smartbrush_jax U-Net, max relative difference {err:.2e}")
-            if err > 1e-4:
-                print("error: the exported U-Net does not reproduce ours", file=sys.stderr)
-                return 1
-        return 0
-
-    return run_command(command)
 
 
 def is_export(folder: str) -> bool:
@@ -96,8 +67,7 @@ def write_export(sd, out: str, settings: dict) -> None:
 
 def _settings(cfg: dict, workdir: str, step: int, ema: bool) -> dict:
     """smartbrush.json: what the PyTorch pipeline and eval need beyond the components."""
-    from smartbrush_jax.pytorch.pipeline import SETTINGS_VERSION
-    from smartbrush_jax.sampler_config import SamplerConfig
+    from smartbrush_jax.settings import DEGRADE, SamplerConfig
 
     sampler_cfg = dataclasses.asdict(SamplerConfig())
     sampler_cfg.update(cfg.get("sampler", {}))
@@ -107,7 +77,7 @@ def _settings(cfg: dict, workdir: str, step: int, ema: bool) -> dict:
         "autoencoder": "identity" if cfg.get("autoencoder") == "identity" else "kl",
         "resolution": cfg.get("resolution", 512),
         "feather": cfg.get("feather", round(4.0 * cfg.get("resolution", 512) / 512, 2)),  # 4 px at 512 px
-        "degrade": cfg.get("degrade", {"sigma_scale": 0.15, "truncate": 2.0, "threshold": 0.0}),
+        "degrade": cfg.get("degrade", DEGRADE),  # runs before model.json recorded it trained with the defaults
         "sampler": sampler_cfg,
         "source": {"workdir": os.path.abspath(workdir), "step": int(step), "ema": bool(ema)},
     }
@@ -135,11 +105,12 @@ def verify_unet(workdir: str, folder: str, step: Optional[int] = None, ema: bool
     from diffusers import UNet2DConditionModel
 
     from smartbrush_jax.checkpoints import load_workdir
+    from smartbrush_jax.compositing import downsampling_factor
 
     _, sd = load_workdir(workdir, step, ema)
     cfg = sd.unet_config
     rng = np.random.default_rng(seed)
-    size = 2 ** (len(cfg.block_out_channels) - 1) * 2
+    size = downsampling_factor(cfg.block_out_channels) * 2
     x = rng.standard_normal((2, size, size, cfg.in_channels)).astype(np.float32)
     ctx = rng.standard_normal((2, 7, cfg.cross_attention_dim)).astype(np.float32)
     t = np.array([10, 700], np.int32)
@@ -154,4 +125,6 @@ def verify_unet(workdir: str, folder: str, step: Optional[int] = None, ema: bool
 
 
 if __name__ == "__main__":
+    from smartbrush_jax.cli.export import main
+
     sys.exit(main())

@@ -18,26 +18,39 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from smartbrush_jax.compositing import (  # noqa: F401  (re-exported)
-    InpaintResult,
-    check_inputs,
-    composite,
-    finish,
-    make_grid,
-    model_inputs,
-    outline,
-    working_size,
-)
-from smartbrush_jax.diffusion import NoiseSchedule, SamplerConfig, sample
+from smartbrush_jax.autoencoder import downsampling_factor, make_autoencoder
+from smartbrush_jax.compositing import InpaintResult, check_inputs, finish, model_inputs, working_size
+from smartbrush_jax.diffusion import NoiseSchedule, sample
 from smartbrush_jax.pretrained import StableDiffusion
+from smartbrush_jax.settings import SamplerConfig
 
 
 class Inpainter:
     """Runs a SmartBrush Stable Diffusion (5-in/5-out U-Net with precision embedding)."""
 
+    @classmethod
+    def load(cls, path: str, tokenizer_dir: Optional[str] = None, levels: int = 10, ema="auto",
+             warn: Callable[[str], None] = lambda message: None) -> "Inpainter":
+        """From anything `pretrained.load_model` reads (a training workdir, a SmartBrush
+        export, an SD folder or single file); a plain SD U-Net gets SmartBrush's channels,
+        untrained (`warn` says so). InputError for what cannot be used."""
+        from smartbrush_jax.errors import InputError
+        from smartbrush_jax.pretrained import as_smartbrush, load_model
+
+        sd = load_model(path, tokenizer_dir=tokenizer_dir, ema=ema)
+        plain = sd.unet_config.in_channels == 4 and sd.unet_config.num_class_embeddings is None
+        if plain:
+            warn(f"{path} is a plain Stable Diffusion U-Net: adding SmartBrush's mask channels and {levels} "
+                 "precision levels, untrained (zero), so this behaves like SD with background preservation")
+        try:
+            return cls(as_smartbrush(sd, levels))
+        except ValueError as e:
+            raise InputError(f"{path}: {e}") from None
+
     def __init__(self, sd: StableDiffusion, dtype=jnp.float32):
+        self.autoencoder = make_autoencoder(sd.vae_config, dtype)
         # a SmartBrush U-Net takes latent + mask and returns noise + mask logit
-        latent = 3 if sd.vae_config is None else sd.vae_config.latent_channels
+        latent = self.autoencoder.channels
         if sd.unet_config.in_channels != latent + 1 or sd.unet_config.out_channels != latent + 1 \
                 or sd.unet_config.num_class_embeddings is None:
             raise ValueError(f"Inpainter needs a SmartBrush U-Net ({latent + 1} in / {latent + 1} out channels, "
@@ -47,12 +60,10 @@ class Inpainter:
         self.sd = sd
         self.num_levels = sd.unet_config.num_class_embeddings - 1
         self.schedule = NoiseSchedule.from_diffusers(sd.scheduler_config)
-        # no VAE: a pixel-space model (the demo), whose "latents" are the pixels in [-1, 1]
-        self.vae = None if sd.vae_config is None else sd.vae(dtype)
         self.unet, self.text = sd.unet(dtype), sd.text_encoder(dtype)
-        self.vae_factor = 1 if self.vae is None else 2 ** (len(sd.vae_config.block_out_channels) - 1)
+        self.vae_factor = self.autoencoder.factor
         # the U-Net halves the latent grid (len(blocks) - 1) times
-        self.size_multiple = self.vae_factor * 2 ** (len(sd.unet_config.block_out_channels) - 1)
+        self.size_multiple = self.vae_factor * downsampling_factor(sd.unet_config.block_out_channels)
         self.max_tokens = sd.text_config.max_position_embeddings
 
     # -- text
@@ -70,19 +81,11 @@ class Inpainter:
 
     @functools.partial(jax.jit, static_argnums=0)
     def _encode_image(self, params, pixels):
-        if self.vae is None:
-            return pixels
-        mean, _ = self.vae.apply({"params": params}, pixels, method=self.vae.encode)
-        return mean * self.sd.vae_config.scaling_factor
+        return self.autoencoder.encode(params, pixels)
 
     @functools.partial(jax.jit, static_argnums=0)
     def _decode(self, params, latents):
-        if self.vae is None:
-            pixels = latents
-        else:
-            pixels = self.vae.apply({"params": params}, latents / self.sd.vae_config.scaling_factor,
-                                    method=self.vae.decode)
-        return jnp.clip((pixels + 1.0) * 127.5, 0.0, 255.0)
+        return jnp.clip((self.autoencoder.decode(params, latents) + 1.0) * 127.5, 0.0, 255.0)
 
     def _sampler(self, cfg: SamplerConfig, progress):
         def apply_fn(params, x, t, context, levels):

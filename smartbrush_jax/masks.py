@@ -15,9 +15,11 @@ from typing import Tuple
 import jax
 import jax.numpy as jnp
 
+from smartbrush_jax.settings import DEGRADE
 
-def degrade_mask(masks: jax.Array, levels: jax.Array, num_levels: int, sigma_scale: float = 0.15,
-                 truncate: float = 2.0, threshold: float = 0.0) -> jax.Array:
+
+def degrade_mask(masks: jax.Array, levels: jax.Array, num_levels: int, sigma_scale: float = DEGRADE["sigma_scale"],
+                 truncate: float = DEGRADE["truncate"], threshold: float = DEGRADE["threshold"]) -> jax.Array:
     """Coarsen each mask to its own precision level.
 
     masks: [B, H, W] (bool or float in {0, 1}); levels: [B] int in [0, num_levels].

@@ -20,9 +20,10 @@ from typing import Any, Dict, Optional, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from transformers import CLIPTokenizer  # at import time: lazy imports from worker threads race
 
 from smartbrush_jax import ldm_keys
+from smartbrush_jax.compositing import downsampling_factor
+from smartbrush_jax.data.tokenizer import load_tokenizer
 from smartbrush_jax.models import (
     AutoencoderKL,
     CLIPTextConfig,
@@ -92,16 +93,57 @@ def example_inputs(module, batch: int = 1):
     """Smallest inputs that trace every parameter of `module`."""
     if isinstance(module, UNet2DConditionModel):
         cfg = module.config
-        size = 2 ** (len(cfg.block_out_channels) - 1)
+        size = downsampling_factor(cfg.block_out_channels)
         labels = jnp.zeros((batch,), jnp.int32) if cfg.num_class_embeddings is not None else None
         return (jnp.zeros((batch, size, size, cfg.in_channels)), jnp.zeros((batch,), jnp.int32),
                 jnp.zeros((batch, 1, cfg.cross_attention_dim)), labels)
     if isinstance(module, AutoencoderKL):
-        size = 2 ** (len(module.config.block_out_channels) - 1)
+        size = downsampling_factor(module.config.block_out_channels)
         return (jnp.zeros((batch, size, size, module.config.in_channels)),)
     if isinstance(module, CLIPTextModel):
         return (jnp.zeros((batch, 1), jnp.int32),)
     raise TypeError(f"unknown model type {type(module).__name__}")
+
+
+# ---------------------------------------------------------------------------- any model path
+def load_model(path: str, *, tokenizer_dir: Optional[str] = None, ema="auto",
+               components: Optional[Sequence[str]] = None) -> StableDiffusion:
+    """The one place that decides what kind of model `path` is:
+
+    - a training workdir (model.json + checkpoints/): its newest checkpoint that restores,
+      EMA U-Net weights, with the text encoder (and VAE) the run trained with;
+    - a diffusers folder (model_index.json): Stable Diffusion, a SmartBrush export, a
+      converted release; the `components` asked for, by default those its
+      model_index.json names (an export of a pixel-space run has no vae/);
+    - a single file (.ckpt / .safetensors, CompVis key names; `tokenizer_dir` for a
+      tokenizer, `ema` for the U-Net of a -full-ema release).
+    """
+    if os.path.isfile(os.path.join(path, "model.json")):
+        from smartbrush_jax.checkpoints import load_workdir
+
+        step, sd = load_workdir(path)
+        print(f"loaded {path} at step {step} (EMA weights)", file=sys.stderr)
+        return sd
+    if os.path.isdir(path):
+        return load_diffusers_folder(path, components=components or folder_components(path))
+    if os.path.isfile(path):
+        return load_single_file(path, tokenizer_dir=tokenizer_dir, ema=ema)
+    raise WeightsError(f"{path}: no such file or folder")
+
+
+def folder_components(path: str) -> tuple:
+    """The components a diffusers folder holds, from its model_index.json."""
+    index = os.path.join(path, "model_index.json")
+    listed = _read_json(index) if os.path.isfile(index) else {}
+    return tuple(c for c in COMPONENTS if listed.get(c, ["?"]) not in ([None, None], None))
+
+
+def as_smartbrush(sd: StableDiffusion, num_levels: int) -> StableDiffusion:
+    """A plain SD U-Net gets SmartBrush's channels and `num_levels` precision levels (zero:
+    untrained); a SmartBrush U-Net is returned as it is."""
+    if sd.unet_config.in_channels == 4 and sd.unet_config.num_class_embeddings is None:
+        return to_smartbrush(sd, num_levels)
+    return sd
 
 
 # ---------------------------------------------------------------------------- diffusers folder
@@ -158,14 +200,6 @@ def read_configs(path: str) -> Dict[str, Any]:
             "vae_config": VAEConfig.from_diffusers(_read_json(os.path.join(path, "vae", "config.json"))),
             "text_config": CLIPTextConfig.from_transformers(_read_json(os.path.join(path, "text_encoder",
                                                                                    "config.json")))}
-
-
-def load_tokenizer(path: str):
-    """transformers' `CLIPTokenizer` from a local folder (vocab.json + merges.txt)."""
-    for f in ("vocab.json", "merges.txt"):
-        if not os.path.isfile(os.path.join(path, f)):
-            raise WeightsError(f"{path}: tokenizer file {f} is missing")
-    return CLIPTokenizer.from_pretrained(path, local_files_only=True)
 
 
 def _read_json(path: str) -> dict:

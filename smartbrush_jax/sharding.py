@@ -1,8 +1,8 @@
 """Mesh and shardings from the config: logical axis names -> mesh axes, as data.
 
 The mesh has three named axes, `data`, `fsdp` and `tensor` (`-1` in `mesh.shape` fills
-the remaining devices). Parameters carry logical axis names (`models/layers.py`);
-`mesh.rules` maps them to mesh axes: all replicated by default (data parallel), or, with
+the remaining devices). Parameters carry logical axis names (`models/layers.py`); the
+rules map them to mesh axes: all replicated by default (data parallel), or, with
 `mesh.fsdp = True`, the `out_features` dimension of every kernel split over `fsdp`. The
 batch is split over `data` and `fsdp` together.
 
@@ -20,32 +20,12 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-AXES = ("data", "fsdp", "tensor")
+from smartbrush_jax.settings import AXES, resolve_shape
+
 BATCH_AXES = ("data", "fsdp")
 DEFAULT_RULES = (("out_features", None), ("in_features", None), ("norm", None), ("vocab", None),
                  ("kernel_h", None), ("kernel_w", None))
 FSDP_RULES = (("out_features", "fsdp"),) + DEFAULT_RULES[1:]
-
-
-def resolve_shape(shape: Dict[str, int], num_devices: int) -> Tuple[int, ...]:
-    """`{"data": -1, "fsdp": 2, "tensor": 1}` -> sizes in AXES order, filling one -1."""
-    unknown = set(shape) - set(AXES)
-    if unknown:
-        raise ValueError(f"mesh.shape: unknown axes {sorted(unknown)}; the axes are {AXES}")
-    sizes = [int(shape.get(a, 1)) for a in AXES]
-    fill = [i for i, s in enumerate(sizes) if s == -1]
-    if len(fill) > 1:
-        raise ValueError("mesh.shape: at most one axis may be -1")
-    if any(s == 0 or s < -1 for s in sizes):
-        raise ValueError(f"mesh.shape: sizes must be positive or -1, got {shape}")
-    known = math.prod(s for s in sizes if s != -1)
-    if fill:
-        if num_devices % known:
-            raise ValueError(f"mesh.shape {shape}: {num_devices} devices are not divisible by {known}")
-        sizes[fill[0]] = num_devices // known
-    if math.prod(sizes) != num_devices:
-        raise ValueError(f"mesh.shape {shape} needs {math.prod(sizes)} devices, there are {num_devices}")
-    return tuple(sizes)
 
 
 def make_mesh(shape: Dict[str, int], dcn_shape: Dict[str, int] | None = None,
@@ -96,10 +76,6 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
 
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
-
-
-def data_parallel_size(mesh: Mesh) -> int:
-    return mesh.shape["data"] * mesh.shape["fsdp"]
 
 
 def shard_batch(mesh: Mesh, local_batch: Dict[str, np.ndarray]) -> Dict[str, jax.Array]:

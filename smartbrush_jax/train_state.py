@@ -1,32 +1,45 @@
-"""What the trainer trains: models from the config, the sharded train state, the step.
+"""What the trainer trains: the models from the config, the train state, the step.
 
-State (a dict, so Orbax and shardings see a plain tree): `step`, `params` (the U-Net,
-fp32 master weights), `opt_state`, `ema`, `rng`, `nonfinite_streak`, `nonfinite_total`.
-The frozen text encoder and VAE live in `frozen`, outside the optimizer.
+`TrainState` (a flax struct: Orbax, jit and the shardings see a plain tree of arrays)
+holds `step`, `params` (the U-Net, fp32 master weights), `opt_state`, `ema`, `rng` and
+the non-finite counters. The frozen text encoder and VAE live in `frozen`
+(`{"text": ..., "vae": ...}`), outside the optimizer.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Dict, Optional
+from typing import Any, Callable, Dict, Optional
 
-import flax.linen as nn
+import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
+from smartbrush_jax.autoencoder import Identity, make_autoencoder
 from smartbrush_jax.config import ConfigError
-from smartbrush_jax.diffusion import LossConfig, NoiseSchedule, smartbrush_loss
-from smartbrush_jax.models import AutoencoderKL, CLIPTextConfig, CLIPTextModel, UNet2DConditionModel, UNetConfig
-from smartbrush_jax.pretrained import (
-    StableDiffusion,
-    ema_choice,
-    example_inputs,
-    load_diffusers_folder,
-    load_single_file,
-    to_smartbrush,
-)
+from smartbrush_jax.diffusion import NoiseSchedule, smartbrush_loss
+from smartbrush_jax.models import CLIPTextConfig, CLIPTextModel, UNet2DConditionModel, UNetConfig
+from smartbrush_jax.pretrained import StableDiffusion, as_smartbrush, ema_choice, example_inputs, load_model
+from smartbrush_jax.settings import LossConfig, from_section
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array  # int32 []: updates applied or skipped
+    params: Any  # the U-Net's weights (fp32)
+    opt_state: Any
+    ema: Any  # exponential moving average of params: what export and inpainting use
+    rng: jax.Array
+    nonfinite_streak: jax.Array  # int32 []: skipped (non-finite) updates in a row
+    nonfinite_total: jax.Array  # int32 []
+
+    @classmethod
+    def create(cls, params, tx: optax.GradientTransformation, rng: jax.Array) -> "TrainState":
+        zero = jnp.zeros((), jnp.int32)
+        return cls(step=zero, params=params, opt_state=tx.init(params), ema=jax.tree_util.tree_map(jnp.copy, params),
+                   rng=rng, nonfinite_streak=zero, nonfinite_total=zero)
 
 
 @dataclasses.dataclass
@@ -35,18 +48,19 @@ class Models:
 
     unet: UNet2DConditionModel
     text: CLIPTextModel
-    vae: Optional[AutoencoderKL]  # None: identity (pixel space)
-    latent_channels: int
-    latent_factor: int
-    scaling_factor: float
+    autoencoder: Any  # autoencoder.VAE or autoencoder.Identity (pixel space)
     pretrained: Optional[StableDiffusion]  # SD weights to start from (None: from scratch)
     schedule: NoiseSchedule
 
+    @property
+    def latent_factor(self) -> int:
+        return self.autoencoder.factor
+
     def model_config(self) -> dict:
         """What `inpaint`/`export` need to rebuild the models from a workdir."""
+        ae = self.autoencoder
         return {"unet": self.unet.config.to_diffusers(), "text": self.text.config.to_transformers(),
-                "vae": None if self.vae is None else self.vae.config.to_diffusers(),
-                "autoencoder": "identity" if self.vae is None else "vae"}
+                "vae": None if ae.config is None else ae.config.to_diffusers(), "autoencoder": ae.kind}
 
 
 def build_models(config, tokenizer_vocab_size: Optional[int] = None) -> Models:
@@ -56,32 +70,27 @@ def build_models(config, tokenizer_vocab_size: Optional[int] = None) -> Models:
     levels = config.model.num_levels
     if config.model.init_from:
         path = config.model.init_from
-        sd = load_diffusers_folder(path) if not path.endswith((".ckpt", ".safetensors")) else \
-            load_single_file(path, tokenizer_dir=config.model.tokenizer or None, ema=ema_choice(config.model.init_ema))
-        if sd.unet_config.in_channels == 4:
-            sd = to_smartbrush(sd, levels)
-        elif sd.unet_config.num_class_embeddings != levels + 1:
+        sd = as_smartbrush(load_model(path, tokenizer_dir=config.model.tokenizer or None,
+                                      ema=ema_choice(config.model.init_ema)), levels)
+        if sd.unet_config.num_class_embeddings != levels + 1:
             raise ConfigError(f"{path}: the U-Net has {sd.unet_config.num_class_embeddings} precision levels, "
-                             f"config.model.num_levels={levels} needs {levels + 1}")
-        vae = None if config.model.autoencoder == "identity" else AutoencoderKL(sd.vae_config, dtype=dtype)
+                              f"config.model.num_levels={levels} needs {levels + 1}")
+        ae = Identity() if config.model.autoencoder == "identity" else make_autoencoder(sd.vae_config, dtype)
         return Models(UNet2DConditionModel(sd.unet_config, **unet_kw),
-                      CLIPTextModel(sd.text_config, dtype=dtype, attention_impl=attn), vae,
-                      sd.vae_config.latent_channels if vae else 3,
-                      2 ** (len(sd.vae_config.block_out_channels) - 1) if vae else 1,
-                      sd.vae_config.scaling_factor if vae else 1.0, sd, _schedule(sd.scheduler_config, path))
-    channels = 3  # from scratch: pixel space
-    unet_cfg = UNetConfig.from_diffusers({**config.model.unet.to_dict(), "in_channels": channels + 1,
-                                          "out_channels": channels + 1, "num_class_embeds": levels + 1})
+                      CLIPTextModel(sd.text_config, dtype=dtype, attention_impl=attn), ae, sd,
+                      _schedule(sd.scheduler_config, path))
+    ae = Identity()  # from scratch: pixel space
+    unet_cfg = UNetConfig.from_diffusers({**config.model.unet.to_dict(), "in_channels": ae.channels + 1,
+                                          "out_channels": ae.channels + 1, "num_class_embeds": levels + 1})
     text_cfg = CLIPTextConfig.from_transformers({
         **config.model.text.to_dict(), "vocab_size": tokenizer_vocab_size,
         "eos_token_id": tokenizer_vocab_size - 1, "bos_token_id": tokenizer_vocab_size - 2,
         "pad_token_id": tokenizer_vocab_size - 1})
     if text_cfg.hidden_size != unet_cfg.cross_attention_dim:
         raise ConfigError(f"config.model.text.hidden_size {text_cfg.hidden_size} must equal "
-                         f"config.model.unet.cross_attention_dim {unet_cfg.cross_attention_dim}")
+                          f"config.model.unet.cross_attention_dim {unet_cfg.cross_attention_dim}")
     return Models(UNet2DConditionModel(unet_cfg, **unet_kw),
-                  CLIPTextModel(text_cfg, dtype=dtype, attention_impl=attn), None, channels, 1, 1.0, None,
-                  NoiseSchedule())
+                  CLIPTextModel(text_cfg, dtype=dtype, attention_impl=attn), ae, None, NoiseSchedule())
 
 
 def _schedule(scheduler_config, path: str) -> NoiseSchedule:
@@ -89,6 +98,10 @@ def _schedule(scheduler_config, path: str) -> NoiseSchedule:
         return NoiseSchedule.from_diffusers(scheduler_config)
     except ValueError as e:  # a scheduler this sampler does not implement
         raise ConfigError(f"{path}: {e}") from None
+
+
+def loss_config(config) -> LossConfig:
+    return from_section(LossConfig, config.loss, num_levels=config.model.num_levels)
 
 
 def lr_schedule(config) -> optax.Schedule:
@@ -107,49 +120,43 @@ def make_optimizer(config) -> optax.GradientTransformation:
 
 
 def init_state_fn(models: Models, tx, seed: int):
-    """A function () -> state with *boxed* (logically annotated) params, for eval_shape
+    """A function () -> TrainState with *boxed* (logically annotated) params, for eval_shape
     and for a sharded jit init from scratch."""
     def init():
         rng = jax.random.PRNGKey(seed)
         params = models.unet.init(jax.random.fold_in(rng, 1), *example_inputs(models.unet))["params"]
-        return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params),
-                "ema": jax.tree_util.tree_map(jnp.copy, params), "rng": jax.random.fold_in(rng, 2),
-                "nonfinite_streak": jnp.zeros((), jnp.int32), "nonfinite_total": jnp.zeros((), jnp.int32)}
+        return TrainState.create(params, tx, jax.random.fold_in(rng, 2))
     return init
 
 
 def frozen_init_fn(models: Models, seed: int):
     """() -> frozen params {"text": ..., "vae": ...} (boxed), random; replaced by SD weights
-    when the run starts from them."""
+    when the run starts from them. A pixel-space model has no "vae"."""
     def init():
         rng = jax.random.PRNGKey(seed + 17)
         out = {"text": models.text.init(rng, *example_inputs(models.text))["params"]}
-        if models.vae is not None:
-            out["vae"] = models.vae.init(rng, *example_inputs(models.vae))["params"]
+        if models.autoencoder.config is not None:
+            vae = models.autoencoder.module
+            out["vae"] = vae.init(rng, *example_inputs(vae))["params"]
         return out
     return init
 
 
-def logical_specs(abstract_boxed_tree):
-    return nn.get_partition_spec(abstract_boxed_tree)
-
-
-def make_train_step(models: Models, config, tx, empty_tokens: np.ndarray):
-    """(state, frozen, batch) -> (state, metrics). Pure; jit it with shardings and donation."""
-    loss_cfg = LossConfig(num_levels=config.model.num_levels, dice_weight=config.loss.dice_weight,
-                          eps_region=config.loss.eps_region, sigma_scale=config.loss.sigma_scale,
-                          truncate=config.loss.truncate, threshold=config.loss.threshold)
+def make_train_step(models: Models, config, tx, empty_tokens: np.ndarray,
+                    corrupt_grads: Optional[Callable[[Any, jax.Array], Any]] = None):
+    """(state, frozen, batch) -> (state, metrics). Pure; jit it with shardings and donation.
+    `corrupt_grads(grads, step) -> grads`: fault injection for tests (a non-finite gradient)."""
+    loss_cfg = loss_config(config)
     acp = jnp.asarray(models.schedule.alphas_cumprod())
     decay = config.optim.ema_decay
-    nan_steps = tuple(int(s) for s in getattr(config.train, "debug_nan_steps", ()))
     empty = jnp.asarray(empty_tokens, jnp.int32)
     schedule = lr_schedule(config)
 
-    def step_fn(state, frozen, batch):
-        rng = jax.random.fold_in(state["rng"], state["step"])
+    def step_fn(state: TrainState, frozen, batch):
+        rng = jax.random.fold_in(state.rng, state.step)
         k_drop, k_enc, k_loss = jax.random.split(rng, 3)
         tokens = batch["tokens"]
-        drop = jax.random.uniform(k_drop, (tokens.shape[0],)) < config.loss.text_dropout
+        drop = jax.random.uniform(k_drop, (tokens.shape[0],)) < loss_cfg.text_dropout
         tokens = jnp.where(drop[:, None], empty[None], tokens)
         context = jax.lax.stop_gradient(models.text.apply({"params": frozen["text"]}, tokens)[0])
         latents, masks = encode(models, frozen, batch, k_enc)
@@ -159,57 +166,54 @@ def make_train_step(models: Models, config, tx, empty_tokens: np.ndarray):
             return smartbrush_loss(apply, params, {"latents": latents, "masks": masks, "context": context},
                                    k_loss, acp, loss_cfg)
 
-        (loss, parts), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
-        if nan_steps:  # test hook: a non-finite gradient (the loss stays finite) at these steps
-            hit = jnp.isin(state["step"], jnp.asarray(nan_steps))
-            grads = jax.tree_util.tree_map(lambda g: jnp.where(hit, jnp.inf, g), grads)
+        (loss, parts), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        if corrupt_grads is not None:
+            grads = corrupt_grads(grads, state.step)
         grad_norm = optax.global_norm(grads)
-        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-        params = optax.apply_updates(state["params"], updates)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         keep = lambda new, old: jax.tree_util.tree_map(lambda a, b: jnp.where(finite, a, b), new, old)  # noqa
-        params = keep(params, state["params"])
-        opt_state = keep(opt_state, state["opt_state"])
-        ema = keep(jax.tree_util.tree_map(lambda e, p: decay * e + (1.0 - decay) * p, state["ema"], params),
-                   state["ema"])
-        new_state = {"step": state["step"] + 1, "params": params, "opt_state": opt_state, "ema": ema,
-                     "rng": state["rng"],
-                     "nonfinite_streak": jnp.where(finite, 0, state["nonfinite_streak"] + 1),
-                     "nonfinite_total": state["nonfinite_total"] + jnp.where(finite, 0, 1)}
+        params = keep(params, state.params)
+        ema = keep(jax.tree_util.tree_map(lambda e, p: decay * e + (1.0 - decay) * p, state.ema, params), state.ema)
+        new_state = state.replace(step=state.step + 1, params=params, opt_state=keep(opt_state, state.opt_state),
+                                  ema=ema, nonfinite_streak=jnp.where(finite, 0, state.nonfinite_streak + 1),
+                                  nonfinite_total=state.nonfinite_total + jnp.where(finite, 0, 1))
         metrics = {"loss": loss, "mse": parts["mse"], "dice": parts["dice"], "iou": parts["iou"],
                    "grad_norm": grad_norm, "param_norm": optax.global_norm(params),
-                   "update_norm": optax.global_norm(updates), "lr": schedule(state["step"]),
-                   "nonfinite_streak": new_state["nonfinite_streak"],
-                   "nonfinite_total": new_state["nonfinite_total"]}
+                   "update_norm": optax.global_norm(updates), "lr": schedule(state.step),
+                   "nonfinite_streak": new_state.nonfinite_streak, "nonfinite_total": new_state.nonfinite_total}
         return new_state, metrics
 
     return step_fn
+
+
+def infinite_grads_at(steps) -> Callable[[Any, jax.Array], Any]:
+    """A `corrupt_grads` for tests: every gradient is inf at these (0-based) steps, the loss
+    stays finite, so only the gradient guard can catch it."""
+    steps = jnp.asarray(tuple(int(s) for s in steps), jnp.int32)
+    return lambda grads, step: jax.tree_util.tree_map(lambda g: jnp.where(jnp.isin(step, steps), jnp.inf, g), grads)
 
 
 def encode(models: Models, frozen, batch, rng):
     """Batch images/masks -> (latents [B,h,w,C] float32, masks [B,h,w] float32 in {0,1}).
     A batch from a latent cache carries the VAE's `latent_mean`/`latent_logvar` instead of
     `image`: the encoder is skipped, z is drawn the same way."""
+    ae = models.autoencoder
     if "latent_mean" in batch:
-        if models.vae is None:
-            raise ConfigError("a latent-cache batch needs a VAE model (config.model.autoencoder='vae')")
-        mean, logvar = batch["latent_mean"].astype(jnp.float32), batch["latent_logvar"].astype(jnp.float32)
+        z = ae.draw(batch["latent_mean"].astype(jnp.float32), batch["latent_logvar"].astype(jnp.float32), rng)
     else:
-        pixels = batch["image"].astype(jnp.float32) / 127.5 - 1.0
-        if models.vae is None:
-            return pixels, (batch["mask"] > 0).astype(jnp.float32)
-        mean, logvar = models.vae.apply({"params": frozen["vae"]}, pixels, method=models.vae.encode)
-    z = mean + jnp.exp(0.5 * logvar) * jax.random.normal(rng, mean.shape, mean.dtype)
+        z = ae.sample(frozen.get("vae"), batch["image"].astype(jnp.float32) / 127.5 - 1.0, rng)
     frac = batch["latent_mask"]
     # a latent cell is the object's when most of it is; tiny objects keep their best cells
     masks = jnp.where(frac.max(axis=(1, 2), keepdims=True) > 0.5, frac > 0.5, frac > 0).astype(jnp.float32)
-    return jax.lax.stop_gradient(z.astype(jnp.float32) * models.scaling_factor), masks
+    return jax.lax.stop_gradient(z), masks
 
 
 def pretrained_frozen(models: Models) -> Optional[Dict[str, Any]]:
     if models.pretrained is None:
         return None
     out = {"text": models.pretrained.text_params}
-    if models.vae is not None:
+    if models.autoencoder.config is not None:
         out["vae"] = models.pretrained.vae_params
     return out

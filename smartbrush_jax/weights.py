@@ -15,7 +15,7 @@ Public API:
     torch_to_flax(state_dict, shapes, source)  -> Flax params (checked against `shapes`)
     flax_to_torch(params)                      -> {key: np.ndarray} with diffusers key names
     channel_surgery(config, params, levels)    -> SmartBrush 5-in/5-out U-Net at step 0
-    load_diffusers_folder / load_single_file   -> `StableDiffusion` (in `weights_io`)
+    (the loaders of whole models, `load_model` and friends, are in `pretrained.py`)
 """
 
 from __future__ import annotations

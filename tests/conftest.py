@@ -63,7 +63,7 @@ def demo_run(tmp_path_factory):
 @pytest.fixture(scope="session")
 def demo_export(demo_run, tmp_path_factory):
     """`demo_run` exported to a diffusers folder by `smartbrush-export`."""
-    from smartbrush_jax.export import main
+    from smartbrush_jax.cli.export import main
 
     out = str(tmp_path_factory.mktemp("demo_export") / "model")
     assert main(["--workdir", demo_run, "--out", out]) == 0

@@ -10,11 +10,12 @@ from absl import flags
 from array_record.python.array_record_module import ArrayRecordWriter
 from sd_fixtures import write_tokenizer
 
-from smartbrush_jax.data.pipeline import DataConfig, DataError, make_dataset, object_crop, skip_totals
-from smartbrush_jax.data.prepare import main as prepare_main
+from smartbrush_jax.cli.prepare import main as prepare_main
+from smartbrush_jax.data.pipeline import DataError, make_dataset, object_crop, skip_totals
 from smartbrush_jax.data.records import pack_record
 from smartbrush_jax.data.synthetic import write_dataset
 from smartbrush_jax.data.validate import SKIP_REASONS
+from smartbrush_jax.settings import DataConfig
 
 flags.FLAGS.mark_as_parsed()  # grain reads absl flags; tests run outside an absl app
 

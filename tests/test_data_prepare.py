@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from data_fixtures import write_coco, write_openimages, write_webdataset
 
-from smartbrush_jax.data.prepare import main
+from smartbrush_jax.cli.prepare import main
 from smartbrush_jax.data.records import RecordError, decode_mask, pack_record, unpack_record
 
 

@@ -8,9 +8,7 @@ import torch
 from diffusers import DDIMScheduler, DDPMScheduler
 
 from smartbrush_jax.diffusion import (
-    LossConfig,
     NoiseSchedule,
-    SamplerConfig,
     add_noise,
     compose_noisy_latent,
     ddim_step,
@@ -18,6 +16,7 @@ from smartbrush_jax.diffusion import (
     smartbrush_loss,
 )
 from smartbrush_jax.masks import degrade_mask
+from smartbrush_jax.settings import LossConfig, SamplerConfig
 
 SD_SCHED = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, num_train_timesteps=1000)
 

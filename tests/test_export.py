@@ -16,10 +16,12 @@ from PIL import Image
 from sd_fixtures import rel_err
 
 from smartbrush_jax.checkpoints import load_workdir
-from smartbrush_jax.diffusion import NoiseSchedule, SamplerConfig, sample
-from smartbrush_jax.export import _settings, main, write_export
+from smartbrush_jax.cli.export import main
+from smartbrush_jax.diffusion import NoiseSchedule, sample
+from smartbrush_jax.export import _settings, write_export
 from smartbrush_jax.pretrained import load_diffusers_folder, to_smartbrush
-from smartbrush_jax.pytorch import PipelineError, SamplerSettings, SmartBrushPipeline
+from smartbrush_jax.pytorch import PipelineError, SmartBrushPipeline
+from smartbrush_jax.settings import SamplerConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -118,7 +120,7 @@ def test_pytorch_sampler_matches_jax_sampler(latent_export):
         sd.unet_params, x0, mask, levels, cond, uncond, jax.random.PRNGKey(0))
     ref, ref_pred = pipe.sample(_nchw(x0), torch.from_numpy(mask), torch.from_numpy(levels).long(),
                                 torch.from_numpy(cond), torch.from_numpy(uncond), _nchw(noise),
-                                SamplerSettings(num_steps=10, guidance_scale=7.5))
+                                SamplerConfig(num_steps=10, guidance_scale=7.5))
     pred, ref_pred = np.asarray(pred), ref_pred.numpy()
     assert rel_err(np.asarray(latents), ref.permute(0, 2, 3, 1).numpy()) <= 1e-4
     assert _iou(pred, ref_pred) >= 0.99
@@ -140,7 +142,7 @@ def test_pytorch_pipeline_matches_jax_inpainter(demo_run, demo_export):
     pipe = SmartBrushPipeline.from_pretrained(demo_export)
     noise = jax.random.normal(jax.random.split(jax.random.PRNGKey(3))[0], (1, 32, 32, 3))
     ref = pipe(image, mask, "a red circle", precision=5, resolution=32, feather=1.0, noise=_nchw(np.asarray(noise)),
-               sampler=SamplerSettings(num_steps=10, guidance_scale=3.0))
+               sampler=SamplerConfig(num_steps=10, guidance_scale=3.0))
     assert ref.images.shape == (1, 40, 40, 3) and ref.working_size == ours.working_size == (32, 32)
     assert (ref.images[0][~mask] == image[~mask]).all()
     assert np.abs(ref.images.astype(int) - ours.images.astype(int)).max() <= 1
@@ -154,10 +156,10 @@ def test_pytorch_pipeline_runs_without_jax(demo_export, tmp_path):
         (tmp_path / name / "__init__.py").write_text(f"raise ImportError('{name} is blocked in this test')\n")
     code = (
         "import numpy as np, sys\n"
-        "from smartbrush_jax.pytorch import SmartBrushPipeline, SamplerSettings\n"
+        "from smartbrush_jax.pytorch import SmartBrushPipeline\nfrom smartbrush_jax.settings import SamplerConfig\n"
         f"pipe = SmartBrushPipeline.from_pretrained({demo_export!r})\n"
         "img = np.full((24, 24, 3), 128, np.uint8); m = np.zeros((24, 24), bool); m[4:20, 6:18] = True\n"
-        "r = pipe(img, m, 'a blue square', precision=10, sampler=SamplerSettings(num_steps=2), num_samples=2)\n"
+        "r = pipe(img, m, 'a blue square', precision=10, sampler=SamplerConfig(num_steps=2), num_samples=2)\n"
         "assert r.images.shape == (2, 24, 24, 3) and r.predicted_masks.shape == (2, 24, 24)\n"
         "assert not any(k == 'jax' or k.startswith('jax.') for k in sys.modules)\n"
         "print('ok')\n")
@@ -195,7 +197,7 @@ def test_export_bad_input_exits_2(demo_run, demo_export, tmp_path, capsys):
 
 def test_inpaint_command_runs_an_export(demo_export, tmp_path):
     """The JAX `inpaint` command reads the exported folder back (pixel-space: no vae/)."""
-    from smartbrush_jax.inpaint import main as inpaint
+    from smartbrush_jax.cli.inpaint import main as inpaint
 
     image = np.random.default_rng(4).integers(0, 256, (36, 36, 3), dtype=np.uint8)
     Image.fromarray(image).save(tmp_path / "in.png")

@@ -89,7 +89,8 @@ def bad_prepared(tmp_path, tiny_run):
 
 
 def test_every_malformed_record_is_a_counted_skip(bad_prepared, tiny_run):
-    from smartbrush_jax.data.pipeline import DataConfig, ExampleTransform
+    from smartbrush_jax.data.pipeline import ExampleTransform
+    from smartbrush_jax.settings import DataConfig
 
     _, bad = bad_prepared
     transform = ExampleTransform(DataConfig(tokenizer_dir=os.path.join(tiny_run, "tokenizer"), resolution=16))
@@ -121,7 +122,7 @@ def test_training_on_malformed_records_counts_them(bad_prepared, tiny_run, tmp_p
 
 
 def test_latent_cache_counts_malformed_records(bad_prepared, sd_folder, tmp_path):
-    from smartbrush_jax.data.latents import main
+    from smartbrush_jax.cli.latents import main
 
     prepared, bad = bad_prepared
     out = str(tmp_path / "cache")
@@ -133,7 +134,7 @@ def test_latent_cache_counts_malformed_records(bad_prepared, sd_folder, tmp_path
 # ---------------------------------------------------------------------- 2. output folders
 
 def test_export_never_writes_into_or_around_its_run(tiny_run, tmp_path, capsys):
-    from smartbrush_jax.export import main
+    from smartbrush_jax.cli.export import main
 
     run = copy_run(tiny_run, tmp_path / "runs" / "x")
     before = steps_on_disk(run)
@@ -167,7 +168,7 @@ def test_export_never_writes_into_or_around_its_run(tiny_run, tmp_path, capsys):
 
 
 def test_export_replaces_only_its_own_export_and_its_own_leftovers(demo_run, tmp_path):
-    from smartbrush_jax.export import main
+    from smartbrush_jax.cli.export import main
     from smartbrush_jax.outputs import PARTIAL_MARKER
 
     out = str(tmp_path / "model")
@@ -187,7 +188,7 @@ def _synthetic(tmp_path, n=6):
 
 
 def _prepare(*args):
-    from smartbrush_jax.data.prepare import main
+    from smartbrush_jax.cli.prepare import main
 
     return main([str(a) for a in args])
 
@@ -206,7 +207,7 @@ def test_prepare_and_latents_never_write_over_another_folder(tmp_path, sd_folder
     assert json.loads((out / "metadata.json").read_text())["components"]["t2i"]["count"] > 0
     assert not os.path.exists(str(out) + ".partial")
 
-    from smartbrush_jax.data.latents import main as latents
+    from smartbrush_jax.cli.latents import main as latents
 
     other = tmp_path / "other_prepared"
     assert _prepare("--out", other, *coco) == 0
@@ -266,7 +267,7 @@ def _records(folder, files):
 def test_a_source_that_fails_late_is_counted_and_the_rest_prepared(tmp_path, monkeypatch, capsys):
     """A reader that raises mid-way (a file that vanished, a reader's bug): what it gave is
     kept, `unreadable_source` counted, the next source read, exit 0."""
-    from smartbrush_jax.data import prepare as prep
+    from smartbrush_jax.cli import prepare as prep
 
     raw = _synthetic(tmp_path)
     real = prep.read_coco
@@ -374,12 +375,13 @@ def test_only_our_error_types_become_exit_2(monkeypatch, capsys):
 
     from absl import flags
 
-    from smartbrush_jax import train as trainer
+    from smartbrush_jax import trainer
+    from smartbrush_jax.cli import train as command
 
     flags.FLAGS(["train", f"--config={ROOT}/tests/configs/tiny_train.py", "--workdir=/nonexistent"])
-    monkeypatch.setattr(trainer, "run", lambda *a: bug())
+    monkeypatch.setattr(trainer, "run", lambda *a, **k: bug())
     with pytest.raises(ValueError, match="a bug"):  # its traceback is kept, not turned into exit 2
-        trainer.main([])
+        command.main([])
 
 
 def test_prepare_inputs_checked_before_any_work(tmp_path, capsys):
@@ -427,7 +429,7 @@ def _png_header_only(path, width, height):
 
 
 def test_inpaint_refuses_a_decompression_bomb_and_a_file_as_out(tmp_path, capsys):
-    from smartbrush_jax.inpaint import main
+    from smartbrush_jax.cli.inpaint import main
 
     bomb = str(tmp_path / "bomb.png")
     _png_header_only(bomb, 13500, 13500)  # 182 megapixels

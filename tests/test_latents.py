@@ -15,11 +15,13 @@ import pytest
 from absl import flags
 from array_record.python.array_record_module import ArrayRecordWriter
 
-from smartbrush_jax.data.latents import crop_rng, main
-from smartbrush_jax.data.pipeline import DataConfig, DataError, ExampleTransform, make_dataset
-from smartbrush_jax.data.prepare import main as prepare_main
+from smartbrush_jax.cli.latents import main
+from smartbrush_jax.cli.prepare import main as prepare_main
+from smartbrush_jax.data.latents import crop_rng
+from smartbrush_jax.data.pipeline import DataError, ExampleTransform, make_dataset
 from smartbrush_jax.data.records import decode_mask, pack_record, unpack_record
 from smartbrush_jax.data.synthetic import write_dataset
+from smartbrush_jax.settings import DataConfig
 
 flags.FLAGS.mark_as_parsed()  # grain reads absl flags; tests run outside an absl app
 
@@ -141,11 +143,12 @@ def test_cached_pipeline_batches(cached):
 
 
 def test_encode_from_cache_equals_encode_from_images(cached):
+    from smartbrush_jax.autoencoder import VAE, Identity
     from smartbrush_jax.train_state import Models, encode
 
     vae, params, scale = _vae(cached["sd"])
-    models = Models(unet=None, text=None, vae=vae, latent_channels=4, latent_factor=F, scaling_factor=scale,
-                    pretrained=None, schedule=None)
+    models = Models(unet=None, text=None, autoencoder=VAE(vae), pretrained=None, schedule=None)
+    assert models.latent_factor == F and models.autoencoder.scaling_factor == scale
     meta = json.loads(open(os.path.join(cached["out"], "metadata.json")).read())
     recs = {(r["id"], r["crop"]): r for c in meta["components"].values() for r in _records(cached["out"], c["files"])}
     ids = [k for k in sorted(recs) if k[1] == 1][:3]
@@ -163,7 +166,7 @@ def test_encode_from_cache_equals_encode_from_images(cached):
     assert z_img.shape == z_lat.shape == (3, R // F, R // F, 4)
     np.testing.assert_allclose(np.asarray(z_lat), np.asarray(z_img), rtol=5e-3, atol=5e-3 * scale)
     np.testing.assert_array_equal(np.asarray(m_lat), np.asarray(m_img))
-    models_px = Models(None, None, None, 3, 1, 1.0, None, None)
+    models_px = Models(None, None, Identity(), None, None)
     with pytest.raises(ValueError, match="needs a VAE"):
         encode(models_px, {}, from_cache, rng)
 

@@ -94,7 +94,8 @@ def _losses(summary):
 
 
 def test_data_is_the_same_for_one_or_two_processes(same_data):
-    from smartbrush_jax.data.pipeline import DataConfig, make_dataset
+    from smartbrush_jax.data.pipeline import make_dataset
+    from smartbrush_jax.settings import DataConfig
 
     def batches(index, count):
         cfg = DataConfig(prepared_dirs=[same_data[0]], tokenizer_dir=same_data[1], weights={"seg": 0.5, "t2i": 0.5},

@@ -102,23 +102,23 @@ def rect_mask(shape, y0, x0, y1, x1):
 
 def test_crop_boxes_on_planted_masks():
     box = rect_mask((128, 128), 20, 50, 40, 90)  # 20 x 40: square of 40 centred on it
-    assert mask_bbox(box) == (20, 50, 40, 90)
-    assert local_crop_box(box) == (10, 50, 50, 90)
+    assert mask_bbox(box) == (50, 20, 90, 40)
+    assert local_crop_box(box) == (50, 10, 90, 50)
     border = rect_mask((128, 128), 0, 0, 10, 60)  # touches the top-left corner: shifted inside
     assert local_crop_box(border) == (0, 0, 60, 60)
     right = rect_mask((128, 128), 60, 120, 70, 128)  # 10 x 8 -> 32 px, pushed left of the right edge
-    assert local_crop_box(right) == (49, 96, 81, 128)
+    assert local_crop_box(right) == (96, 49, 128, 81)
     tall = rect_mask((128, 128), 10, 60, 110, 62)  # 100 x 2: square of 100, centred on the column
-    assert local_crop_box(tall) == (10, 11, 110, 111)
+    assert local_crop_box(tall) == (11, 10, 111, 110)
     wide = rect_mask((64, 128), 10, 10, 50, 110)  # 100 wide in a 64-high image: 64 square, centred in x
-    assert local_crop_box(wide) == (0, 28, 64, 92)
+    assert local_crop_box(wide) == (28, 0, 92, 64)
     tiny = rect_mask((128, 128), 60, 60, 64, 64)  # 4 x 4 -> min_side 32
     assert local_crop_box(tiny) == (46, 46, 78, 78)
     assert local_crop_box(tiny, min_side=8) == (58, 58, 66, 66)
     odd = np.zeros((128, 128), bool)
     odd[[30, 40], [70, 80]] = True  # two pixels: the box spans both
-    assert mask_bbox(odd) == (30, 70, 41, 81) and local_crop_box(odd) == (19, 59, 51, 91)
-    assert mask_bbox(box[..., None]) == (20, 50, 40, 90)
+    assert mask_bbox(odd) == (70, 30, 81, 41) and local_crop_box(odd) == (59, 19, 91, 51)
+    assert mask_bbox(box[..., None]) == (50, 20, 90, 40)
     for m in (np.zeros((32, 32), bool), np.zeros((32, 32, 1), np.uint8)):
         with pytest.raises(MetricsError, match="empty mask"):
             local_crop_box(m)
@@ -129,7 +129,7 @@ def test_bbox_mask_and_local_crop_pixels():
     np.testing.assert_array_equal(bbox_mask(ell), rect_mask((64, 80), 10, 10, 40, 50))
     yy, xx = np.mgrid[:64, :80]
     image = np.stack([yy * 3, xx * 3, (yy + xx) % 256], axis=-1).astype(np.uint8)
-    y0, x0, y1, x1 = local_crop_box(ell)
+    x0, y0, x1, y1 = local_crop_box(ell)
     assert (y0, x0, y1, x1) == (5, 10, 45, 50)
     np.testing.assert_array_equal(local_crop(image, ell, size=40), image[5:45, 10:50])  # no resize at size = side
     big = local_crop(image, ell)

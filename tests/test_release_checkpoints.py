@@ -189,7 +189,7 @@ def test_a_pickle_that_would_run_code_is_still_refused(tmp_path):
 def test_convert_writes_a_folder_stock_diffusers_loads(release, tmp_path):
     from diffusers import StableDiffusionPipeline
 
-    from smartbrush_jax.convert import main
+    from smartbrush_jax.cli.convert import main
 
     out = str(tmp_path / "sd-tiny")
     args = ["--ckpt", release["full"], "--tokenizer", release["tokenizer"], "--out", out, "--configs-from",
@@ -229,7 +229,7 @@ def test_convert_writes_a_folder_stock_diffusers_loads(release, tmp_path):
 
 
 def test_convert_bad_input_exits_2(release, tmp_path, capsys):
-    from smartbrush_jax.convert import main
+    from smartbrush_jax.cli.convert import main
 
     garbage = tmp_path / "garbage.ckpt"
     garbage.write_bytes(os.urandom(256))

@@ -9,7 +9,8 @@ import numpy as np
 from PIL import Image
 from pycocotools import mask as mu
 
-from smartbrush_jax.data.synthetic import COLOURS, SHAPES, main, render_scene, write_dataset
+from smartbrush_jax.cli.synthetic import main
+from smartbrush_jax.data.synthetic import COLOURS, SHAPES, render_scene, write_dataset
 
 
 def _digest(folder):

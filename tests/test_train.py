@@ -17,6 +17,7 @@ from train_helpers import (
     env,
     flat,
     losses,
+    run_tiny,
     state,
     summary,
     tiny_config,
@@ -42,18 +43,18 @@ def _params(workdir, step=None):
 def test_resume_after_sigkill_is_exact(tmp_path, data_dir):
     steps = ["--config.train.steps=40", "--config.train.checkpoint_every=5", "--config.train.log_every=1"]
     straight = _workdir(tmp_path, data_dir, "straight")
-    proc = train(straight, *steps)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    ref_losses = losses(summary(straight))
+    ref = run_tiny(straight, train__steps=40, train__checkpoint_every=5, train__log_every=1)
+    ref_losses = losses(ref)
     assert np.mean(ref_losses[-4:]) < np.mean(ref_losses[:4])  # the loss falls
     # FLOP accounting: model TFLOP/s in every log entry (no MFU: a CPU has no peak in the
     # table); XLA's count of the step is near the analytic 3x U-Net forward (it adds the
     # text encoder, AdamW, EMA and elementwise work, and skips padded conv taps)
-    history = [h for h in summary(straight)["history"] if "loss" in h]
+    history = [h for h in ref["history"] if "loss" in h]
     assert len(history) == 40 and all(h["tflops_per_s"] > 0 and "mfu" not in h for h in history)
-    assert 0.9 < summary(straight)["flops"]["xla_over_model"] < 1.3
+    assert 0.9 < ref["flops"]["xla_over_model"] < 1.3
+    assert summary(straight)["steps"] == 40  # run() wrote what it returned
 
-    killed = _workdir(tmp_path, data_dir, "killed")
+    killed = _workdir(tmp_path, data_dir, "killed")  # SIGKILL needs a process of its own
     p = subprocess.Popen(cmd(killed, *steps), env=env(), cwd=ROOT, stdout=subprocess.DEVNULL,
                          stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
@@ -78,44 +79,45 @@ def test_resume_after_sigkill_is_exact(tmp_path, data_dir):
     assert losses(summary(killed))[-5:] == ref_losses[-5:]
 
 
-def test_nonfinite_gradient_leaves_the_state_unchanged(tmp_path, data_dir):
+def test_nonfinite_gradient_leaves_the_state_unchanged(tmp_path, data_dir, caplog):
     """inf planted in the gradients (the loss stays finite) at step index 3: the update is
     skipped, so the state the step returns equals checkpoint 3 bit for bit (params, Adam
     state, EMA); the run goes on, counts it, and skips the checkpoint of the bad step."""
     import jax
+    from flax.core import meta
 
-    from smartbrush_jax.checkpoints import restore_state
+    from smartbrush_jax.checkpoints import load_workdir, restore_state
     from smartbrush_jax.data.pipeline import make_dataset
-    from smartbrush_jax.train import setup_data
-    from smartbrush_jax.train_state import build_models, make_optimizer, make_train_step
+    from smartbrush_jax.train_state import (
+        build_models,
+        infinite_grads_at,
+        init_state_fn,
+        make_optimizer,
+        make_train_step,
+    )
+    from smartbrush_jax.trainer import data_configs, data_sources
 
     w = _workdir(tmp_path, data_dir, "nan_once")
-    proc = train(w, "--config.train.debug_nan_steps=(3,)", "--config.train.checkpoint_every=1",
-                 "--config.train.log_every=1", "--config.train.steps=5")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert summary(w)["nonfinite_total"] == 1
-    assert "step 4: checkpoint skipped (1 non-finite steps in a row); the latest is step 3" in proc.stderr
+    summ = run_tiny(w, infinite_grads_at((3,)), train__checkpoint_every=1, train__log_every=1, train__steps=5)
+    assert summ["nonfinite_total"] == 1
+    assert "step 4: checkpoint skipped (1 non-finite steps in a row); the latest is step 3" in caplog.text
     assert sorted(os.listdir(os.path.join(w, "checkpoints"))) == ["1", "2", "3", "5"]
 
     # the step function itself, on checkpoint 3 and a batch of the run's data
     config = tiny_config()
-    config.train.debug_nan_steps = (3,)
-    train_cfg, _, tokenizer = setup_data(config, w)
+    dirs, _, tokenizer = data_sources(config, w)
     models = build_models(config, len(tokenizer))
+    train_cfg, _ = data_configs(config, dirs, dirs, tokenizer.name_or_path, models.latent_factor)
     tx = make_optimizer(config)
     empty = np.asarray(tokenizer("", padding="max_length", max_length=77, truncation=True).input_ids, np.int32)
-    step_fn = jax.jit(make_train_step(models, config, tx, empty))
+    step_fn = jax.jit(make_train_step(models, config, tx, empty, infinite_grads_at((3,))))
     batch = next(iter(make_dataset(train_cfg)))
     batch = {k: batch[k] for k in ("image", "mask", "latent_mask", "tokens")}
-    from flax.core import meta
-
-    from smartbrush_jax.train_state import init_state_fn
-
     like = meta.unbox(jax.eval_shape(init_state_fn(models, tx, config.train.seed)))
     _, before = restore_state(w, 3, like=like)
-    after, metrics = step_fn(before, _frozen(w, models), batch)
+    after, metrics = step_fn(before, {"text": load_workdir(w)[1].text_params}, batch)
     assert not np.isfinite(float(metrics["grad_norm"])) and np.isfinite(float(metrics["loss"]))
-    assert int(after["step"]) == 4 and int(after["nonfinite_streak"]) == 1
+    assert int(after.step) == 4 and int(after.nonfinite_streak) == 1
     kept = ("params/", "opt_state/", "ema/")
     assert_trees_equal(flat(jax.device_get(before)), flat(jax.device_get(after)), kept)
     # a finite step changes all three (checkpoint 2 -> 3): the comparison above can fail
@@ -124,19 +126,13 @@ def test_nonfinite_gradient_leaves_the_state_unchanged(tmp_path, data_dir):
         assert any(not np.array_equal(two[x], three[x]) for x in two if x.startswith(k)), k
 
 
-def _frozen(workdir, models):
-    """The frozen (random) text encoder a from-scratch run saved beside its checkpoints."""
-    from smartbrush_jax.checkpoints import load_workdir
-
-    _, sd = load_workdir(workdir)
-    return {"text": sd.text_params}
-
-
 def test_nonfinite_steps_in_a_row_stop_the_run(tmp_path, data_dir):
+    from smartbrush_jax.train_state import infinite_grads_at
+    from smartbrush_jax.trainer import TrainingError
+
     w = _workdir(tmp_path, data_dir, "nan_many")
-    proc = train(w, "--config.train.debug_nan_steps=(4,5,6)", "--config.train.log_every=1")
-    assert proc.returncode == 1
-    assert "3 non-finite steps in a row" in proc.stderr and "last good checkpoint is step 4" in proc.stderr
+    with pytest.raises(TrainingError, match="3 non-finite steps in a row .* last good checkpoint is step 4"):
+        run_tiny(w, infinite_grads_at((4, 5, 6)), train__log_every=1)
     step, params = _params(w)
     assert step == 4 and all(np.isfinite(v).all() for v in params.values())
 
@@ -146,9 +142,8 @@ def test_nonfinite_steps_in_a_row_stop_the_run(tmp_path, data_dir):
                                             "--config.mesh.fsdp=True"])], ids=lambda m: m[0])
 def test_eight_devices_match_one(tmp_path, data_dir, mesh):
     one = _workdir(tmp_path, data_dir, "one")
-    proc = train(one, "--config.train.log_every=1")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    eight = _workdir(tmp_path, data_dir, "eight")
+    run_tiny(one, train__log_every=1)  # in this process: one CPU device
+    eight = _workdir(tmp_path, data_dir, "eight")  # eight simulated devices need a process of their own
     proc = train(eight, "--config.train.log_every=1", *mesh[1], devices=8)
     assert proc.returncode == 0, proc.stderr[-3000:]
     np.testing.assert_allclose(losses(summary(eight)), losses(summary(one)), rtol=1e-5)
@@ -197,7 +192,7 @@ def test_unknown_config_field_is_a_clear_error(tmp_path):
 
 
 def test_demo_inpaint_without_a_trained_run_is_a_clear_error(tmp_path, capsys):
-    from smartbrush_jax.demo import main
+    from smartbrush_jax.cli.demo import main
 
     assert main(["--workdir", str(tmp_path)]) == 2
     assert "train the demo first" in capsys.readouterr().err

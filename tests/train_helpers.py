@@ -98,14 +98,29 @@ def state(workdir, step=None, item=None):
     return s, flat(tree)
 
 
-def flat(tree, prefix=""):
-    out = {}
-    items = tree.items() if isinstance(tree, dict) else enumerate(tree) if isinstance(tree, (list, tuple)) else None
-    if items is None:
-        return {prefix.rstrip("/"): np.asarray(tree)}
-    for k, v in items:
-        out.update(flat(v, f"{prefix}{k}/"))
-    return out
+def flat(tree):
+    """{"params/down_blocks_0/...": array, ...} of any tree (dicts, TrainState, optax states)."""
+    import jax
+
+    def name(k):
+        for attr in ("key", "name", "idx"):
+            if hasattr(k, attr):
+                return str(getattr(k, attr))
+        return str(k)
+
+    return {"/".join(name(k) for k in path): np.asarray(v) for path, v in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+def run_tiny(workdir, corrupt_grads=None, **overrides):
+    """The trainer in this process on the micro config, `section__field=value` overridden
+    (`train__steps=5`); returns its summary."""
+    from smartbrush_jax.trainer import run
+
+    config = tiny_config()
+    for key, value in overrides.items():
+        section, field = key.split("__")
+        setattr(config[section], field, value)
+    return run(config, str(workdir), corrupt_grads=corrupt_grads)
 
 
 def assert_trees_equal(a, b, keys=None):

@@ -27,7 +27,6 @@ and the cache takes about 2 * (R/f)^2 * C * 2 bytes per crop (64 KiB at 512 px, 
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import time
@@ -40,7 +39,7 @@ from smartbrush_jax.data.prepare import FORMAT_VERSION as PREPARED_FORMAT_VERSIO
 from smartbrush_jax.data.prepare import ShardWriter
 from smartbrush_jax.data.records import RecordError, encode_mask, pack_record, unpack_record
 from smartbrush_jax.data.validate import SKIP_REASONS, Counter, Skip
-from smartbrush_jax.errors import InputError, run_command
+from smartbrush_jax.errors import InputError
 
 FORMAT_VERSION = 1
 _COMPONENT_IDS = {"seg": 0, "t2i": 1}
@@ -50,41 +49,6 @@ def crop_rng(seed: int, component: str, index: int, crop: int) -> np.random.Gene
     """The generator of crop `crop` of record `index` of `component`."""
     cid = _COMPONENT_IDS.get(component, zlib.crc32(component.encode()))
     return np.random.default_rng([seed, cid, index, crop])
-
-
-def build_parser():
-    p = argparse.ArgumentParser(prog="smartbrush-latents", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--prepared", required=True, help="a folder written by `python -m smartbrush_jax.data.prepare`")
-    p.add_argument("--out", required=True, help="the cache folder to write (new, or a cache to replace with "
-                                              "--overwrite)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing --out that is a latent cache")
-    p.add_argument("--vae", required=True, help="a diffusers SD folder with vae/ (the VAE the run trains with)")
-    p.add_argument("--resolution", type=int, required=True, help="crop size in pixels (config.data.resolution)")
-    p.add_argument("--crops", type=int, default=1, help="crops per record (K records each)")
-    p.add_argument("--batch", type=int, default=16, help="crops per VAE call")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--crop-context", type=float, nargs=2, default=(1.2, 3.0), metavar=("LO", "HI"),
-                   help="crop side / object size, sampled uniformly (config's data crop_context)")
-    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="the VAE's compute dtype")
-    p.add_argument("--shard-size", type=int, default=5000)
-    p.add_argument("--progress-every", type=int, default=1000, help="records between progress lines")
-    return p
-
-
-def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    return run_command(lambda: _report(cache_latents(args), args.out))
-
-
-def _report(meta: dict, out: str) -> int:
-    for k, c in meta["components"].items():
-        print(f"{k}: {c['count']} crops in {len(c['files'])} shard(s) from {meta['source_records'][k]} records")
-    for k, s in meta["skipped"].items():
-        if s:
-            print(f"skipped ({k}): {s}")
-    print(os.path.join(out, "metadata.json"))
-    return 0
 
 
 def is_latent_cache(folder: str) -> bool:
@@ -131,9 +95,10 @@ def cache_latents(args) -> dict:
     import jax
     import jax.numpy as jnp
 
-    from smartbrush_jax.data.pipeline import DataConfig, ExampleTransform
+    from smartbrush_jax.data.pipeline import ExampleTransform
     from smartbrush_jax.models import AutoencoderKL
     from smartbrush_jax.pretrained import load_diffusers_folder
+    from smartbrush_jax.settings import DataConfig
     from smartbrush_jax.weights import WeightsError
 
     src_meta = _check_args(args)
@@ -242,4 +207,6 @@ def _record_crops(transform, data: bytes, args, component: str, index: int, shap
 
 
 if __name__ == "__main__":
+    from smartbrush_jax.cli.latents import main
+
     sys.exit(main())

@@ -28,7 +28,6 @@ exactly the same next batches.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import threading
@@ -38,11 +37,12 @@ import grain
 import numpy as np
 from PIL import Image
 
-from smartbrush_jax.config import ConfigError
+from smartbrush_jax.box import Box
 from smartbrush_jax.data.records import RecordError, decode_mask, field, unpack_record
+from smartbrush_jax.data.tokenizer import load_tokenizer
 from smartbrush_jax.data.validate import SKIP_REASONS, Skip, check_caption, check_mask, decode_image
 from smartbrush_jax.errors import InputError
-from smartbrush_jax.pretrained import load_tokenizer
+from smartbrush_jax.settings import DataConfig
 
 _TOKENIZER_LOCK = threading.Lock()
 
@@ -50,37 +50,6 @@ _TOKENIZER_LOCK = threading.Lock()
 class DataError(InputError):
     """Data that cannot be trained on (too many bad records, a folder that is not a
     prepared set, caches that do not match): the message names the folder or examples."""
-
-
-@dataclasses.dataclass(frozen=True)
-class DataConfig:
-    prepared_dirs: Sequence[str] = ()  # folders written by `prepare` (components are concatenated)
-    tokenizer_dir: str = ""
-    weights: Dict[str, float] = dataclasses.field(default_factory=lambda: {"seg": 0.8, "t2i": 0.2})
-    resolution: int = 64
-    latent_factor: int = 1  # 8 for SD's VAE, 1 for a pixel-space model
-    caption_mix: float = 0.5  # probability of the caption (when there is one) over the class label
-    crop_context: tuple = (1.2, 3.0)  # crop side / object size, sampled uniformly
-    min_mask_area: float = 0.0  # online check on top of prepare's
-    max_pixels: int = 8192 * 8192
-    batch_size: int = 8  # per host
-    seed: int = 0
-    shuffle: bool = True
-    num_workers: int = 0  # worker processes (grain mp_prefetch); 0 = decode in this process
-    read_threads: int = 2  # decode threads per process; more only helps when decoding releases the GIL
-    prefetch: int = 16  # elements each process decodes ahead
-    worker_buffer: int = 4  # elements each worker process hands over ahead
-    max_bad_fraction: float = 0.05
-    min_examples_for_check: int = 200
-    max_tokens: int = 77
-
-    def __post_init__(self):
-        if self.resolution % self.latent_factor:
-            raise ConfigError(f"resolution {self.resolution} is not a multiple of latent_factor {self.latent_factor}")
-        if not 0.0 <= self.caption_mix <= 1.0:
-            raise ConfigError(f"caption_mix must be in [0, 1], got {self.caption_mix}")
-        if any(w < 0 for w in self.weights.values()) or not any(w > 0 for w in self.weights.values()):
-            raise ConfigError(f"weights must be >= 0 with one > 0, got {self.weights}")
 
 
 def component_files(prepared_dirs: Sequence[str]) -> Dict[str, list]:
@@ -225,11 +194,10 @@ class ExampleTransform:
         is_t2i = rec.get("kind") == "t2i"
         if is_t2i:
             mask = np.ones((h, w), bool)
-            box = (0, 0, w, h)
+            box = Box(0, 0, w, h)
         else:
             mask = check_mask(decode_mask(field(rec, "mask")), (h, w), cfg.min_mask_area)
-            ys, xs = np.nonzero(mask)
-            box = (xs.min(), ys.min(), xs.max() + 1, ys.max() + 1)
+            box = Box.of_mask(mask)
         text = self.choose_text(rec, rng)
         x0, y0, side = object_crop(box, w, h, rng, cfg.crop_context, full=is_t2i)
         r = cfg.resolution

@@ -27,6 +27,7 @@ from typing import Dict, Iterator, Optional, Sequence
 import numpy as np
 from PIL import Image
 
+from smartbrush_jax.box import Box
 from smartbrush_jax.data.validate import Counter, Skip, check_box, check_caption, check_mask, decode_image
 from smartbrush_jax.errors import InputError
 
@@ -51,8 +52,8 @@ class RawExample:
 
 
 def mask_box(mask: np.ndarray) -> list:
-    ys, xs = np.nonzero(mask)
-    return [int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1]
+    """The mask's `Box` as a record stores it: [x0, y0, x1, y1]."""
+    return list(Box.of_mask(mask))
 
 
 def read_captions(path: Optional[str], counts: Optional[Counter] = None) -> Dict[str, str]:

@@ -12,7 +12,6 @@ Writes, in the formats real data comes in (so it travels the same code path):
 
 from __future__ import annotations
 
-import argparse
 import io
 import json
 import math
@@ -22,8 +21,6 @@ import tarfile
 
 import numpy as np
 from PIL import Image, ImageDraw
-
-from smartbrush_jax.errors import InputError, run_command
 
 SHAPES = ("circle", "square", "triangle", "star", "ellipse", "hexagon", "diamond")
 COLOURS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (235, 210, 40),
@@ -169,31 +166,6 @@ def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     tar.addfile(info, io.BytesIO(data))
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", required=True)
-    ap.add_argument("--num-scenes", type=int, default=2000)
-    ap.add_argument("--num-text-pairs", type=int, default=None, help="image-text pairs (default: scenes / 4)")
-    ap.add_argument("--size", type=int, default=64)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--overwrite", action="store_true", help="replace an existing --out that is a synthetic set")
-    args = ap.parse_args(argv)
-    return run_command(lambda: _main(args))
-
-
-def _main(args) -> int:
-    from smartbrush_jax.outputs import building, check_output
-
-    if args.num_scenes < 1 or args.size < 16:
-        raise InputError("--num-scenes must be >= 1 and --size >= 16")
-    check_output(args.out, [], is_synthetic_set, args.overwrite, what="synthetic set")
-    with building(args.out) as tmp:
-        paths = write_dataset(tmp, args.num_scenes, args.size, args.seed, args.num_text_pairs, progress=True)
-    for p in paths.values():
-        print(os.path.join(args.out, os.path.relpath(p, tmp)))
-    return 0
-
-
 def is_synthetic_set(folder: str) -> bool:
     """A folder `write_dataset` made (what `--overwrite` may replace)."""
     return all(os.path.exists(os.path.join(folder, n)) for n in ("annotations.json", "images", "captions.jsonl",
@@ -201,4 +173,6 @@ def is_synthetic_set(folder: str) -> bool:
 
 
 if __name__ == "__main__":
+    from smartbrush_jax.cli.synthetic import main
+
     sys.exit(main())

@@ -1,4 +1,5 @@
-"""A small CLIP-format BPE tokenizer for a closed vocabulary (the synthetic set's words).
+"""CLIP tokenizers: loading one from a local folder, and writing a small CLIP-format BPE
+tokenizer for a closed vocabulary (the synthetic set's words).
 
 CLIP's own vocabulary (49,408 tokens) ships with Stable Diffusion; a model trained from
 scratch on the shapes set needs none of it. This writes `vocab.json` + `merges.txt` that
@@ -11,6 +12,18 @@ from __future__ import annotations
 import json
 import os
 from typing import Iterable, List
+
+from transformers import CLIPTokenizer  # at import time: lazy imports from worker threads race
+
+
+def load_tokenizer(path: str):
+    """transformers' `CLIPTokenizer` from a local folder (vocab.json + merges.txt)."""
+    from smartbrush_jax.errors import InputError
+
+    for f in ("vocab.json", "merges.txt"):
+        if not os.path.isfile(os.path.join(path, f)):
+            raise InputError(f"{path}: tokenizer file {f} is missing")
+    return CLIPTokenizer.from_pretrained(path, local_files_only=True)
 
 
 def byte_alphabet() -> List[str]:

@@ -3,7 +3,7 @@
 SmartBrush reports Local-FID, the FID over crops around each inpainted mask's bounding box,
 next to FID over whole images; the paper does not give the crop rule, so this module fixes one:
 
-1. The mask's bounding box (y0, x0, y1, x1), ends exclusive (`mask_bbox`).
+1. The mask's bounding box (`box.Box`: x0, y0, x1, y1, ends exclusive; `mask_bbox`).
 2. A square with side = max(box height, box width, `min_side`) (min_side 32 px by default, so
    tiny masks still get some context), centred on the box; when the side and the box size differ
    by an odd number, the extra pixel goes above / left of the box (offset rounded down).
@@ -18,15 +18,13 @@ next to FID over whole images; the paper does not give the crop rule, so this mo
 
 from __future__ import annotations
 
-from typing import Tuple
-
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .errors import MetricsError
+from smartbrush_jax.box import Box
 
-Box = Tuple[int, int, int, int]  # (y0, x0, y1, x1), ends exclusive
+from .errors import MetricsError
 
 
 def _mask2d(mask) -> np.ndarray:
@@ -39,21 +37,17 @@ def _mask2d(mask) -> np.ndarray:
 
 
 def mask_bbox(mask) -> Box:
-    """Bounding box (y0, x0, y1, x1) of the mask's nonzero pixels, ends exclusive; empty mask -> MetricsError."""
-    m = _mask2d(mask)
-    rows, cols = np.flatnonzero(m.any(axis=1)), np.flatnonzero(m.any(axis=0))
-    if rows.size == 0:
-        raise MetricsError("empty mask: no bounding box (Local-FID needs a nonempty mask)")
-    return int(rows[0]), int(cols[0]), int(rows[-1]) + 1, int(cols[-1]) + 1
+    """Bounding box of the mask's nonzero pixels; empty mask -> MetricsError."""
+    try:
+        return Box.of_mask(_mask2d(mask))
+    except ValueError:
+        raise MetricsError("empty mask: no bounding box (Local-FID needs a nonempty mask)") from None
 
 
 def bbox_mask(mask) -> np.ndarray:
     """A bool mask of the same [H,W] that is True over the mask's bounding box."""
     m = _mask2d(mask)
-    y0, x0, y1, x1 = mask_bbox(m)
-    out = np.zeros(m.shape, dtype=bool)
-    out[y0:y1, x0:x1] = True
-    return out
+    return mask_bbox(m).mask(m.shape)
 
 
 def _place(start: int, length: int, side: int, limit: int) -> int:
@@ -63,13 +57,13 @@ def _place(start: int, length: int, side: int, limit: int) -> int:
 
 
 def local_crop_box(mask, min_side: int = 32) -> Box:
-    """The square crop box (y0, x0, y1, x1) around the mask's bounding box; see the module docstring."""
+    """The square crop box around the mask's bounding box; see the module docstring."""
     m = _mask2d(mask)
     height, width = m.shape
-    y0, x0, y1, x1 = mask_bbox(m)
-    side = min(max(y1 - y0, x1 - x0, min_side), height, width)
-    top, left = _place(y0, y1 - y0, side, height), _place(x0, x1 - x0, side, width)
-    return top, left, top + side, left + side
+    b = mask_bbox(m)
+    side = min(max(b.height, b.width, min_side), height, width)
+    top, left = _place(b.y0, b.height, side, height), _place(b.x0, b.width, side, width)
+    return Box(left, top, left + side, top + side)
 
 
 def resize_uint8(image: np.ndarray, size: int) -> np.ndarray:
@@ -88,5 +82,4 @@ def local_crop(image: np.ndarray, mask, size: int = 299, min_side: int = 32) -> 
         raise MetricsError(f"image must be uint8 [H,W,3], got {image.dtype} {image.shape}")
     if image.shape[:2] != m.shape:
         raise MetricsError(f"image {image.shape[:2]} and mask {m.shape} sizes differ")
-    y0, x0, y1, x1 = local_crop_box(m, min_side)
-    return resize_uint8(image[y0:y1, x0:x1], size)
+    return resize_uint8(image[local_crop_box(m, min_side).slices()], size)

@@ -18,16 +18,21 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from smartbrush_jax.compositing import InpaintResult, check_inputs, finish, model_inputs, working_size
+from smartbrush_jax.compositing import (
+    InpaintResult,
+    check_inputs,
+    downsampling_factor,
+    finish,
+    model_inputs,
+    working_size,
+)
+from smartbrush_jax.diffusers_writer import SETTINGS_VERSION  # the writer owns the format
 from smartbrush_jax.errors import InputError
-from smartbrush_jax.sampler_config import SamplerConfig
+from smartbrush_jax.settings import SamplerConfig
 
 SETTINGS_FILE = "smartbrush.json"
-SETTINGS_VERSION = 1
 
 
-# the sampler's knobs are one dataclass on both sides (`smartbrush_jax.sampler_config`)
-SamplerSettings = SamplerConfig
 
 
 class PipelineError(InputError, ValueError):
@@ -56,9 +61,9 @@ class SmartBrushPipeline:
             raise PipelineError("only timestep_spacing='leading' DDIM schedules are supported")
         self.latent_channels = latent
         self.num_levels = cfg.num_class_embeds - 1
-        self.vae_factor = 1 if vae is None else 2 ** (len(vae.config.block_out_channels) - 1)
-        self.size_multiple = self.vae_factor * 2 ** (len(cfg.block_out_channels) - 1)
-        self.sampler = SamplerSettings(**self.settings.get("sampler", {}))
+        self.vae_factor = 1 if vae is None else downsampling_factor(vae.config.block_out_channels)
+        self.size_multiple = self.vae_factor * downsampling_factor(cfg.block_out_channels)
+        self.sampler = SamplerConfig(**self.settings.get("sampler", {}))
 
     # -- loading
     @classmethod
@@ -122,7 +127,7 @@ class SmartBrushPipeline:
 
     @torch.no_grad()
     def sample(self, x0: torch.Tensor, mask: torch.Tensor, levels: torch.Tensor, cond: torch.Tensor,
-               uncond: torch.Tensor, noise: torch.Tensor, sampler: Optional[SamplerSettings] = None,
+               uncond: torch.Tensor, noise: torch.Tensor, sampler: Optional[SamplerConfig] = None,
                generator: Optional[torch.Generator] = None,
                progress: Optional[Callable[[int], None]] = None) -> tuple[torch.Tensor, torch.Tensor]:
         """x0: [B,C,h,w] scaled latents; mask: [B,h,w] in {0,1}; levels: [B] int;
@@ -154,7 +159,7 @@ class SmartBrushPipeline:
 
     # -- the whole thing
     def __call__(self, image: np.ndarray, mask: np.ndarray, prompt: str, negative_prompt: str = "",
-                 precision: int = 0, seed: int = 0, num_samples: int = 1, sampler: Optional[SamplerSettings] = None,
+                 precision: int = 0, seed: int = 0, num_samples: int = 1, sampler: Optional[SamplerConfig] = None,
                  resolution: Optional[int] = None, feather: Optional[float] = None,
                  noise: Optional[torch.Tensor] = None,
                  progress: Optional[Callable[[int], None]] = None) -> InpaintResult:
@@ -179,7 +184,7 @@ class SmartBrushPipeline:
         return finish(image, mask, decoded, pred.cpu().numpy(), feather, size)
 
 
-def predicted_region(mask_logit: torch.Tensor, user_mask: torch.Tensor, cfg: SamplerSettings) -> torch.Tensor:
+def predicted_region(mask_logit: torch.Tensor, user_mask: torch.Tensor, cfg: SamplerConfig) -> torch.Tensor:
     """As `smartbrush_jax.diffusion.predicted_region`: threshold, dilate by a
     (2r+1)^2 square, clip to the user's mask, fall back to it when nearly empty."""
     pred = (torch.sigmoid(mask_logit.float()) > cfg.mask_threshold).to(user_mask.dtype)

@@ -38,42 +38,48 @@ def _main(argv) -> int:
     ap.add_argument("--out", default=None, help="default: WORKDIR/inpaint")
     ap.add_argument("--num-scenes", type=int, default=4)
     ap.add_argument("--levels", default="0,5,10")
-    ap.add_argument("--steps", type=int, default=25)
-    ap.add_argument("--guidance", type=float, default=3.0)
+    ap.add_argument("--steps", type=int, default=None, help="DDIM steps (default: the run's, model.json)")
+    ap.add_argument("--guidance", type=float, default=None, help="guidance scale (default: the run's, model.json)")
     ap.add_argument("--scale", type=int, default=4, help="upscaling of the overview (nearest)")
     args = ap.parse_args(argv)
 
     import jax
     from pycocotools import mask as mu
 
-    from smartbrush_jax.checkpoints import load_workdir
-    from smartbrush_jax.diffusion import SamplerConfig
-    from smartbrush_jax.inpainting import Inpainter, make_grid
+    from smartbrush_jax.checkpoints import load_workdir, read_model_config
+    from smartbrush_jax.compositing import make_grid
+    from smartbrush_jax.inpainting import Inpainter
     from smartbrush_jax.masks import degrade_mask
+    from smartbrush_jax.settings import DEGRADE, SamplerConfig
 
     raw = os.path.join(args.workdir, "data", "raw_heldout")
     if not os.path.isfile(os.path.join(raw, "annotations.json")):
         raise InputError(f"{raw}/annotations.json missing: train the demo first (make demo)")
     step, sd = load_workdir(args.workdir)
+    run = read_model_config(args.workdir)  # the run's own degradation and sampler settings
+    degrade, run_sampler = run.get("degrade", DEGRADE), run.get("sampler", {})
     inpainter = Inpainter(sd)
     levels = [int(x) for x in args.levels.split(",")]
     out = args.out or os.path.join(args.workdir, "inpaint")
     os.makedirs(out, exist_ok=True)
     coco = json.load(open(os.path.join(raw, "annotations.json")))
     names = {c["id"]: c["name"] for c in coco["categories"]}
-    files = {im["id"]: im["file_name"] for im in coco["images"]}
-    anns = [a for a in coco["annotations"] if a["area"] >= 0.06 * 40 * 40][:args.num_scenes]
-    sampler = SamplerConfig(num_steps=args.steps, guidance_scale=args.guidance)
+    images = {im["id"]: im for im in coco["images"]}
+    anns = [a for a in coco["annotations"]  # objects of at least 6% of their image
+            if a["area"] >= 0.06 * images[a["image_id"]]["height"] * images[a["image_id"]]["width"]][:args.num_scenes]
+    sampler = SamplerConfig(num_steps=args.steps or run_sampler.get("num_steps", SamplerConfig.num_steps),
+                            guidance_scale=args.guidance or run_sampler.get("guidance_scale",
+                                                                            SamplerConfig.guidance_scale))
     rows, paths = [], []
     for k, a in enumerate(anns):
-        image = np.asarray(Image.open(os.path.join(raw, "images", files[a["image_id"]])).convert("RGB"))
+        image = np.asarray(Image.open(os.path.join(raw, "images", images[a["image_id"]]["file_name"])).convert("RGB"))
         rle = dict(a["segmentation"], counts=a["segmentation"]["counts"].encode())
         exact = mu.decode(rle).astype(bool)
         prompt = other_colour(names[a["category_id"]])
         cells = []
         for level in levels:
             user = np.asarray(jax.device_get(degrade_mask(exact[None].astype(np.float32), np.array([level]),
-                                                          inpainter.num_levels)))[0] > 0.5
+                                                          inpainter.num_levels, **degrade)))[0] > 0.5
             result = inpainter(image, user, prompt, precision=level, seed=k, sampler=sampler,
                                resolution=max(image.shape[:2]), feather=0.0)
             g = make_grid(image, user, result)

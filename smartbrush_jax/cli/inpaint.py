@@ -1,0 +1,204 @@
+"""`python -m smartbrush_jax.inpaint` (or `smartbrush-inpaint`): paint a prompted object into a masked region.
+
+    python -m smartbrush_jax.inpaint --checkpoint /models/sd-v1-2 --image photo.jpg \\
+        --mask mask.png --prompt "a flamingo" --precision 3 --out out/
+
+`--checkpoint` is a training workdir (its latest checkpoint, EMA weights), a diffusers
+folder (a SmartBrush export, or a plain SD folder to which channel surgery is applied:
+untrained SmartBrush channels), or a single-file SD checkpoint (`.ckpt`/`.safetensors`,
+with `--tokenizer DIR`). Writes `result.png` (the input's size),
+`predicted_mask.png` and `grid.png` (input with mask outline | result | predicted mask)
+into `--out`. Bad input exits with code 2 and a message saying what is wrong.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from smartbrush_jax.box import Box
+from smartbrush_jax.errors import InputError, run_command
+from smartbrush_jax.pretrained import ema_choice
+from smartbrush_jax.settings import SamplerConfig
+
+MAX_PIXELS = 8192 * 8192  # larger images are refused before they are decoded
+
+
+def build_parser() -> argparse.ArgumentParser:
+    d = SamplerConfig()
+    p = argparse.ArgumentParser(prog="smartbrush-inpaint", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", required=True, help="diffusers folder or single-file SD checkpoint")
+    p.add_argument("--tokenizer", help="tokenizer folder (vocab.json, merges.txt); needed for a single file")
+    p.add_argument("--ema", choices=("auto", "ema", "raw"), default="auto",
+                   help="a single-file -full-ema release: its EMA U-Net (auto: when present) or the raw one")
+    p.add_argument("--image", required=True, help="input image (any format Pillow reads)")
+    region = p.add_mutually_exclusive_group(required=True)
+    region.add_argument("--mask", help="mask PNG, white = region to fill")
+    region.add_argument("--box", help="region as a box X0,Y0,X1,Y1 in pixels (X1, Y1 exclusive)")
+    p.add_argument("--prompt", required=True, help='the object to paint, e.g. "a flamingo"')
+    p.add_argument("--negative-prompt", default="", help="what to steer away from (the unconditional text)")
+    p.add_argument("--precision", type=int, default=0,
+                   help="shape precision level s: 0 = follow the mask exactly ... S = the mask is only a box")
+    p.add_argument("--levels", type=int, default=10, help="number of precision levels S for a plain SD checkpoint")
+    p.add_argument("--steps", type=int, default=d.num_steps, help="DDIM steps")
+    p.add_argument("--guidance", type=float, default=d.guidance_scale, help="classifier-free guidance scale")
+    p.add_argument("--eta", type=float, default=d.eta, help="DDIM eta (0 = deterministic)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--num-samples", type=int, default=1)
+    p.add_argument("--mask-warmup", type=float, default=d.mask_warmup,
+                   help="fraction of steps that regenerate the whole user mask before the predicted mask is used")
+    p.add_argument("--mask-threshold", type=float, default=d.mask_threshold, help="on the predicted mask probability")
+    p.add_argument("--mask-dilate", type=int, default=d.mask_dilate, help="latent cells added around the prediction")
+    p.add_argument("--no-predicted-mask", action="store_true", help="regenerate the whole user mask at every step")
+    p.add_argument("--feather", type=float, default=4.0, help="feathering radius (pixels) of the final composite")
+    p.add_argument("--resolution", type=int, default=512, help="longest side the model runs at")
+    p.add_argument("--out", default="inpaint_out", help="output folder")
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    return run_command(lambda: run(args))
+
+
+def run(args) -> int:
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise InputError(f"--out {args.out} is a file: give a folder (it is created if missing)")
+    image = read_image(args.image)
+    h, w = image.shape[:2]
+    mask = read_mask(args.mask, (h, w)) if args.mask else box_mask(args.box, (h, w))
+    if not mask.any():
+        raise InputError("the mask is empty: mark the region to fill in white")
+    try:
+        sampler = SamplerConfig(num_steps=args.steps, guidance_scale=args.guidance, eta=args.eta,
+                                use_predicted_mask=not args.no_predicted_mask, mask_warmup=args.mask_warmup,
+                                mask_threshold=args.mask_threshold, mask_dilate=args.mask_dilate)
+    except ValueError as e:
+        raise InputError(str(e)) from None
+    if args.num_samples < 1 or args.resolution < 8 or args.feather < 0:
+        raise InputError("--num-samples must be >= 1, --resolution >= 8 and --feather >= 0")
+
+    from smartbrush_jax.inpainting import Inpainter
+
+    if args.levels < 1:
+        raise InputError(f"--levels must be >= 1, got {args.levels}")
+    if os.path.isfile(args.checkpoint) and args.tokenizer is None:
+        raise InputError("a single-file checkpoint holds no tokenizer: pass --tokenizer DIR "
+                         "(a folder with vocab.json and merges.txt)")
+    if not os.path.exists(args.checkpoint):
+        raise InputError(f"--checkpoint {args.checkpoint}: no such file or folder")
+    inpainter = Inpainter.load(args.checkpoint, args.tokenizer, args.levels, ema_choice(args.ema), warn=warn)
+    if not 0 <= args.precision <= inpainter.num_levels:
+        raise InputError(f"--precision must be in [0, {inpainter.num_levels}] for this model, got {args.precision}")
+    _, truncated = inpainter.tokenize(args.prompt)
+    if truncated:
+        warn(f"the prompt is longer than {inpainter.max_tokens} tokens and was truncated")
+    if inpainter.tokenize(args.negative_prompt)[1]:
+        warn(f"the negative prompt is longer than {inpainter.max_tokens} tokens and was truncated")
+
+    from smartbrush_jax.compositing import make_grid
+
+    start = time.time()
+    result = inpainter(image, mask, args.prompt, args.negative_prompt, args.precision, args.seed, args.num_samples,
+                       sampler, args.resolution, args.feather, progress=_Progress(args.steps))
+    print(f"sampled {args.num_samples} image(s) at {result.working_size[1]}x{result.working_size[0]} "
+          f"in {time.time() - start:.1f}s", file=sys.stderr)
+    os.makedirs(args.out, exist_ok=True)
+    paths = []
+    for i, (img, pm) in enumerate(zip(result.images, result.predicted_masks)):
+        suffix = "" if i == 0 else f"_{i}"
+        paths.append(_save(img, os.path.join(args.out, f"result{suffix}.png")))
+        paths.append(_save(pm.astype(np.uint8) * 255, os.path.join(args.out, f"predicted_mask{suffix}.png")))
+    paths.append(_save(make_grid(image, mask, result), os.path.join(args.out, "grid.png")))
+    for p in paths:
+        print(p)
+    return 0
+
+
+def read_image(path: str, max_pixels: int = MAX_PIXELS, flag: str = "--image") -> np.ndarray:
+    """RGB uint8 [H, W, 3], EXIF orientation applied; an image over `max_pixels` is
+    refused from its header, before it is decoded."""
+    if not os.path.isfile(path):
+        raise InputError(f"{flag} {path}: no such file")
+    try:
+        with Image.open(path) as im:
+            if im.width * im.height > max_pixels:
+                raise InputError(f"{flag} {path} is {im.width}x{im.height} pixels, over the limit of "
+                                 f"{max_pixels / 1e6:.0f} megapixels: downscale it first")
+            im = ImageOps.exif_transpose(im)
+            return np.asarray(im.convert("RGB"))
+    except Image.DecompressionBombError as e:  # raised by open() for the largest images
+        raise InputError(f"{flag} {path} is too large to decode safely ({e}): downscale it first") from None
+    except (UnidentifiedImageError, OSError, ValueError) as e:
+        raise InputError(f"{flag} {path}: cannot read the image ({e})") from None
+
+
+def read_mask(path: str, size: tuple[int, int]) -> np.ndarray:
+    """Bool [H, W] at the image's size; white (> 0.5) = region."""
+    if not os.path.isfile(path):
+        raise InputError(f"--mask {path}: no such file")
+    try:
+        with Image.open(path) as im:
+            if im.width * im.height > MAX_PIXELS:
+                raise InputError(f"--mask {path} is {im.width}x{im.height} pixels, over the limit")
+            im = ImageOps.exif_transpose(im)
+            m = im.convert("L")
+    except Image.DecompressionBombError as e:
+        raise InputError(f"--mask {path} is too large to decode safely ({e})") from None
+    except (UnidentifiedImageError, OSError, ValueError) as e:
+        raise InputError(f"--mask {path}: cannot read the mask ({e})") from None
+    if (m.height, m.width) != size:
+        warn(f"--mask {path} is {m.width}x{m.height}, the image {size[1]}x{size[0]}: resized (nearest neighbour)")
+        m = m.resize((size[1], size[0]), Image.Resampling.NEAREST)
+    values = np.asarray(m)
+    if not np.isin(values, (0, 255)).all():
+        warn(f"--mask {path} is not binary (values other than 0 and 255): thresholded at 0.5")
+    return values > 127
+
+
+def box_mask(spec: str, size: tuple[int, int]) -> np.ndarray:
+    h, w = size
+    try:
+        x0, y0, x1, y1 = (int(v) for v in spec.split(","))
+    except ValueError:
+        raise InputError(f"--box {spec!r}: expected four integers X0,Y0,X1,Y1") from None
+    if x0 >= x1 or y0 >= y1:
+        raise InputError(f"--box {spec}: needs X0 < X1 and Y0 < Y1")
+    if x1 <= 0 or y1 <= 0 or x0 >= w or y0 >= h:
+        raise InputError(f"--box {spec} lies outside the {w}x{h} image")
+    if x0 < 0 or y0 < 0 or x1 > w or y1 > h:
+        warn(f"--box {spec} extends past the {w}x{h} image: clipped")
+    return Box(max(x0, 0), max(y0, 0), min(x1, w), min(y1, h)).mask((h, w))
+
+
+def warn(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr)
+
+
+def _save(array: np.ndarray, path: str) -> str:
+    Image.fromarray(array).save(path)
+    return path
+
+
+class _Progress:
+    """`sampling  12/50` on stderr, rewritten in place; called from inside the jitted loop."""
+
+    def __init__(self, total: int):
+        self.total = total
+        self.start = time.time()
+
+    def __call__(self, i) -> None:
+        i = int(i) + 1
+        end = "\n" if i == self.total else ""
+        print(f"\rsampling {i:>4d}/{self.total} ({time.time() - self.start:.1f}s)", end=end, file=sys.stderr,
+              flush=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

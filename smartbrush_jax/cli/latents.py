@@ -1,0 +1,48 @@
+"""`smartbrush-latents` / `python -m smartbrush_jax.data.latents`: a prepared folder -> a
+latent cache (the library, with what a cache holds: `smartbrush_jax.data.latents`)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+from smartbrush_jax.data.latents import __doc__ as LATENTS_DOC
+from smartbrush_jax.data.latents import cache_latents
+from smartbrush_jax.errors import run_command
+
+
+def build_parser():
+    p = argparse.ArgumentParser(prog="smartbrush-latents", description=LATENTS_DOC,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--prepared", required=True, help="a folder written by `python -m smartbrush_jax.data.prepare`")
+    p.add_argument("--out", required=True, help="the cache folder to write (new, or a cache to replace with "
+                                              "--overwrite)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out that is a latent cache")
+    p.add_argument("--vae", required=True, help="a diffusers SD folder with vae/ (the VAE the run trains with)")
+    p.add_argument("--resolution", type=int, required=True, help="crop size in pixels (config.data.resolution)")
+    p.add_argument("--crops", type=int, default=1, help="crops per record (K records each)")
+    p.add_argument("--batch", type=int, default=16, help="crops per VAE call")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--crop-context", type=float, nargs=2, default=(1.2, 3.0), metavar=("LO", "HI"),
+                   help="crop side / object size, sampled uniformly (config's data crop_context)")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="the VAE's compute dtype")
+    p.add_argument("--shard-size", type=int, default=5000)
+    p.add_argument("--progress-every", type=int, default=1000, help="records between progress lines")
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    return run_command(lambda: _report(cache_latents(args), args.out))
+
+
+def _report(meta: dict, out: str) -> int:
+    for k, c in meta["components"].items():
+        print(f"{k}: {c['count']} crops in {len(c['files'])} shard(s) from {meta['source_records'][k]} records")
+    for k, s in meta["skipped"].items():
+        if s:
+            print(f"skipped ({k}): {s}")
+    print(os.path.join(out, "metadata.json"))
+    return 0
+
+

@@ -1,0 +1,88 @@
+"""`python -m smartbrush_jax.train --config=configs/tpu_v4.py --workdir=DIR` (or `smartbrush-train`)
+
+Trains SmartBrush (`smartbrush_jax.trainer.run`). Any config field can be overridden:
+`--config.optim.lr=2e-5`. Several processes: `--distributed` (the cluster's auto-detection:
+Cloud TPU, SLURM, ...) or `--coordinator_address=host:port --num_processes=N --process_id=i`.
+Exit codes: 0 done or stopped by SIGTERM with a checkpoint, 1 the run cannot go on (too
+many non-finite steps, the data pipeline failed), 2 bad input (config, data, checkpoints).
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # clu's TensorBoard writer imports TensorFlow
+
+import sys  # noqa: E402
+
+from absl import app, flags, logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", None, "config file (configs/*.py)", lock_config=True)
+flags.DEFINE_string("workdir", None, "where checkpoints, metrics and samples go")
+flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-process runs)")
+flags.DEFINE_integer("num_processes", None, "number of processes (multi-process runs)")
+flags.DEFINE_integer("process_id", None, "this process's index (multi-process runs)")
+flags.DEFINE_bool("distributed", False, "call jax.distributed.initialize() with the cluster's auto-detection")
+
+
+def main(argv) -> None:
+    del argv
+    if FLAGS.config is None or FLAGS.workdir is None:
+        raise app.UsageError("--config and --workdir are required")
+    from smartbrush_jax.errors import InputError
+    from smartbrush_jax.trainer import Distributed, TrainingError, run
+
+    distributed = Distributed(auto=FLAGS.distributed, coordinator_address=FLAGS.coordinator_address,
+                              num_processes=FLAGS.num_processes, process_id=FLAGS.process_id)
+    try:
+        run(FLAGS.config, FLAGS.workdir, distributed=distributed)
+    except (TrainingError, InputError) as e:  # bad input: exit 2; a run that cannot go on: 1; bugs: traceback
+        logging.error("%s", e)
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2 if isinstance(e, InputError) else 1)
+
+
+def check_config_file(argv) -> None:
+    """ml_collections loads `--config` while absl parses the flags, where any problem is a
+    traceback: look at the file first and exit 2 with one line saying what is wrong."""
+    path = None
+    for i, a in enumerate(argv[1:], 1):
+        if a.startswith("--config="):
+            path = a.split("=", 1)[1]
+        elif a == "--config" and i + 1 < len(argv):
+            path = argv[i + 1]
+    if path is None:
+        return
+    path = path.split(":", 1)[0]  # `file.py:arg` passes an argument to get_config
+    problem = None
+    if not os.path.isfile(path):
+        problem = "no such file"
+    elif not path.endswith(".py"):
+        problem = "not a Python config file (configs/*.py, defining get_config())"
+    else:
+        import importlib.util
+
+        try:
+            spec = importlib.util.spec_from_file_location("smartbrush_config_check", path)
+            module = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(module)
+            if not callable(getattr(module, "get_config", None)):
+                problem = "defines no get_config()"
+        except Exception as e:  # whatever the file raises: SyntaxError, NameError, ImportError, ...
+            problem = f"cannot be loaded ({type(e).__name__}: {e})"
+    if problem:
+        print(f"error: --config {path}: {problem}", file=sys.stderr)
+        sys.exit(2)
+
+
+def console():
+    """Entry point of the `smartbrush-train` console script and of `python -m`."""
+    check_config_file(sys.argv)
+    flags.mark_flags_as_required(["config", "workdir"])
+    app.run(main)
+
+
+if __name__ == "__main__":
+    console()

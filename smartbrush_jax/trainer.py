@@ -1,0 +1,420 @@
+"""The trainer, callable from Python: `run(config, workdir)` trains SmartBrush.
+
+    from smartbrush_jax.trainer import run             # (config: configs/*.py's get_config())
+    summary = run(config, "runs/x")                    # one process
+    run(config, "runs/x", distributed=Distributed(auto=True))   # every process of a pod / SLURM job
+
+A sharded, jitted, donated train step (encode, text dropout, degrade the mask, U-Net,
+MSE + DICE, AdamW, EMA) over a Grain pipeline, with Orbax checkpoints (state and data
+iterator together), automatic resume, SIGTERM-safe exits and clu metrics. Read top to
+bottom: run -> setup (processes, data, models, state, checkpoint, step) -> train_loop.
+The command is `smartbrush_jax/cli/train.py`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import sys
+import time
+import traceback
+from typing import Any, Callable, Optional
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # clu's TensorBoard writer imports TensorFlow
+
+import flax.linen as nn  # noqa: E402
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+from absl import logging  # noqa: E402
+from clu import metric_writers, periodic_actions  # noqa: E402
+from flax.core import meta  # noqa: E402
+
+from smartbrush_jax import checkpoints, flops, sharding  # noqa: E402
+from smartbrush_jax.config import ConfigError, validate  # noqa: E402
+from smartbrush_jax.data.pipeline import DataError, latent_cache, make_dataset, uncached_dirs  # noqa: E402
+from smartbrush_jax.data.prepare import prepare  # noqa: E402
+from smartbrush_jax.data.sources import read_captions, read_coco, read_webdataset  # noqa: E402
+from smartbrush_jax.data.synthetic import COLOURS, SHAPES, write_dataset  # noqa: E402
+from smartbrush_jax.data.tokenizer import load_tokenizer, write_word_tokenizer  # noqa: E402
+from smartbrush_jax.data.validate import SKIP_REASONS, Counter  # noqa: E402
+from smartbrush_jax.heldout import HeldoutGrids  # noqa: E402
+from smartbrush_jax.outputs import building  # noqa: E402
+from smartbrush_jax.preemption import StopRequest  # noqa: E402
+from smartbrush_jax.prefetch import DevicePrefetch  # noqa: E402
+from smartbrush_jax.settings import DataConfig, SettingsError, from_section  # noqa: E402
+from smartbrush_jax.train_state import (  # noqa: E402
+    TrainState,
+    build_models,
+    frozen_init_fn,
+    init_state_fn,
+    loss_config,
+    make_optimizer,
+    make_train_step,
+    pretrained_frozen,
+)
+
+# what the step reads from a batch: `image` from prepared folders, `latent_mean`/`latent_logvar` from latent caches
+BATCH_KEYS = ("image", "latent_mean", "latent_logvar", "mask", "latent_mask", "tokens")
+
+
+class TrainingError(RuntimeError):
+    """The run cannot go on (e.g. too many non-finite steps in a row); exit code 1."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Distributed:
+    """How this process joins the others (`jax.distributed.initialize`): `auto` lets JAX find
+    the cluster (Cloud TPU, SLURM, ...); the three fields name it by hand (CPU devices then
+    use gloo collectives, as `launch/local_multiprocess.sh` runs them)."""
+
+    auto: bool = False
+    coordinator_address: Optional[str] = None
+    num_processes: Optional[int] = None
+    process_id: Optional[int] = None
+
+    def initialize(self) -> None:
+        if self.num_processes and self.num_processes > 1:
+            # cross-process collectives for CPU devices (ignored by GPU/TPU backends); set
+            # before initialize(), which must come before any backend use
+            jax.config.update("jax_cpu_collectives_implementation", "gloo")
+            jax.distributed.initialize(self.coordinator_address, self.num_processes, self.process_id)
+        elif self.auto:
+            jax.distributed.initialize()
+
+
+def run(config, workdir: str, *, distributed: Optional[Distributed] = None,
+        corrupt_grads: Optional[Callable] = None) -> dict:
+    """Trains to `config.train.steps` and returns the summary, or stops at SIGTERM after
+    saving (then the summary has `"stopped": True` and no summary.json is written, so a
+    job script can tell). The SIGTERM handler and the data pipeline live for this call only.
+    `corrupt_grads(grads, step) -> grads` is fault injection for tests."""
+
+    with contextlib.ExitStack() as cleanup:  # undone in reverse order, whatever happens
+        stop = StopRequest().install()  # before any slow start-up work
+        cleanup.callback(stop.uninstall)
+        (distributed or Distributed()).initialize()
+        if stop.attach_to_jax():
+            logging.info("SIGTERM is handled by JAX's preemption service (the stop step is agreed between processes)")
+        s = setup(config, workdir, cleanup, corrupt_grads)
+        return train_loop(s, stop)
+
+
+# ---------------------------------------------------------------------------------- setup
+@dataclasses.dataclass
+class Setup:
+    """Everything the loop needs, built once."""
+
+    config: Any
+    workdir: str
+    models: Any
+    tokenizer: Any
+    mesh: Any
+    state: Any  # TrainState, sharded; restored when the run resumes
+    frozen: Any
+    start: int  # the step the run starts (or resumes) from
+    step_fn: Any  # jitted, sharded, donating
+    data_iter: Any
+    manager: Any  # Orbax CheckpointManager
+    heldout_cfg: Any
+    empty_tokens: np.ndarray
+    model_flops: float
+
+
+def setup(config, workdir: str, cleanup: contextlib.ExitStack, corrupt_grads=None) -> Setup:
+
+    # ------------------------------------------------------------------ processes, config
+    pidx, pcount = jax.process_index(), jax.process_count()
+    validate(config, jax.device_count(), pcount)
+    os.makedirs(workdir, exist_ok=True)
+    logging.info("process %d/%d, %d devices (%s)", pidx, pcount, jax.device_count(), jax.devices()[0].platform)
+
+    # ------------------------------------------------------------------ data, tokenizer, models
+    dirs, heldout_dirs, tokenizer = data_sources(config, workdir)
+    models = build_models(config, len(tokenizer))
+    train_cfg, heldout_cfg = data_configs(config, dirs, heldout_dirs, tokenizer.name_or_path, models.latent_factor)
+    empty_tokens = np.asarray(tokenizer("", padding="max_length", max_length=77, truncation=True).input_ids,
+                              np.int32)
+    mesh = sharding.make_mesh(dict(config.mesh.shape), dict(config.mesh.dcn_shape))
+
+    # ------------------------------------------------------------------ state, step
+    state, frozen, step_fn = build_step(config, models, mesh, empty_tokens, corrupt_grads)
+
+    # ------------------------------------------------------------------ checkpoint: resume
+    data_iter = iter(make_dataset(train_cfg, pidx, pcount))
+    cleanup.callback(data_iter.close)  # ends Grain's worker processes and frees their shared memory
+    mngr = checkpoints.manager(workdir, config.train.keep_last, config.train.keep_every)
+    start, restored = checkpoints.restore_newest_intact(mngr, abstract(state), data_iter,
+                                                        _all_agree if pcount > 1 else bool, is_primary=pidx == 0)
+    if start is None:
+        start = 0
+    else:
+        state = restored
+        logging.info("resumed from step %d", start)
+        print(f"resumed from step {start}", file=sys.stderr)
+    if pidx == 0:
+        checkpoints.write_run_files(workdir, run_model_config(config, models), tokenizer.name_or_path,
+                                    None if config.model.init_from else frozen)
+    latent = train_cfg.resolution // models.latent_factor
+    model_flops = flops.train_step_flops(flops.unet_forward_flops(
+        models.unet.config, config.train.batch_size, latent, latent, len(empty_tokens)))
+    return Setup(config, workdir, models, tokenizer, mesh, state, frozen, start, step_fn, data_iter, mngr,
+                 heldout_cfg, empty_tokens, model_flops)
+
+
+def build_step(config, models, mesh, empty_tokens, corrupt_grads=None, materialize: bool = True):
+    """(state, frozen, step_fn): the sharded train state and frozen models, and the step
+    jitted with their shardings and the batch's (donating the state). With
+    `materialize=False` the state and frozen models are abstract (`ShapeDtypeStruct`s with
+    their shardings: nothing is allocated), for compiling ahead of time for other hardware."""
+
+    tx = make_optimizer(config)
+    state, frozen, state_shardings, frozen_shardings = init_state(models, config, tx, mesh, materialize)
+    step_fn = jax.jit(make_train_step(models, config, tx, empty_tokens, corrupt_grads),
+                      in_shardings=(state_shardings, frozen_shardings, sharding.batch_sharding(mesh)),
+                      out_shardings=(state_shardings, sharding.replicated(mesh)), donate_argnums=(0,))
+    return state, frozen, step_fn
+
+
+def abstract(tree):
+    """`ShapeDtypeStruct`s with the shardings of a tree of arrays (what Orbax restores into)."""
+    return jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
+
+
+def abstract_batch(config, models, mesh) -> dict:
+    """The global batch of images the step takes, as sharded `ShapeDtypeStruct`s."""
+
+    b, r, h = config.train.batch_size, config.data.resolution, config.data.resolution // models.latent_factor
+    spec = {"image": ((b, r, r, 3), np.uint8), "mask": ((b, r, r), np.uint8), "latent_mask": ((b, h, h), np.float32),
+            "tokens": ((b, 77), np.int32)}
+    return {k: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding.batch_sharding(mesh))
+            for k, (shape, dtype) in spec.items()}
+
+
+def init_state(models, config, tx, mesh, materialize: bool = True):
+    """Sharded train state and frozen params. From scratch: initialised by a jit with
+    out_shardings from `eval_shape`, so nothing is materialised unsharded. From SD: the
+    converted host arrays are placed straight into their shardings."""
+    rules = sharding.rules_from_config(config.mesh.fsdp)
+    init = init_state_fn(models, tx, config.train.seed)
+    boxed = jax.eval_shape(init)
+    state_shardings = sharding.param_shardings(mesh, nn.get_partition_spec(boxed), rules, meta.unbox(boxed))
+    finit = frozen_init_fn(models, config.train.seed)
+    fboxed = jax.eval_shape(finit)
+    frozen_shardings = sharding.param_shardings(mesh, nn.get_partition_spec(fboxed), rules, meta.unbox(fboxed))
+    if not materialize:
+        shaped = lambda t, s: jax.tree_util.tree_map(  # noqa: E731
+            lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh), meta.unbox(t), s)
+        return shaped(boxed, state_shardings), shaped(fboxed, frozen_shardings), state_shardings, frozen_shardings
+    if models.pretrained is None:
+        state = jax.jit(lambda: meta.unbox(init()), out_shardings=state_shardings)()
+        frozen = jax.jit(lambda: meta.unbox(finit()), out_shardings=frozen_shardings)()
+        return state, frozen, state_shardings, frozen_shardings
+    params = jax.device_put(models.pretrained.unet_params, state_shardings.params)
+    frozen = jax.device_put(pretrained_frozen(models), frozen_shardings)
+    rng = jax.random.fold_in(jax.random.PRNGKey(config.train.seed), 2)
+    state = jax.jit(lambda p: TrainState.create(p, tx, rng), out_shardings=state_shardings)(params)
+    return state, frozen, state_shardings, frozen_shardings
+
+
+def run_model_config(config, models) -> dict:
+    """model.json: what rebuilds the models and samples like the run (inpaint, export, demo)."""
+
+    return {**models.model_config(), "num_levels": config.model.num_levels,
+            "init_from": os.path.abspath(config.model.init_from) if config.model.init_from else "",
+            "init_ema": config.model.init_ema, "resolution": config.data.resolution,
+            "degrade": loss_config(config).degrade,
+            "sampler": {"num_steps": config.train.sample_steps, "guidance_scale": config.train.sample_guidance}}
+
+
+def data_sources(config, workdir: str):
+    """(training folders, held-out folders, tokenizer): the config's prepared folders, plus
+    the bundled shapes set when `data.synthetic_scenes` > 0."""
+
+    dirs = list(config.data.prepared_dirs)
+    heldout_dirs = uncached_dirs(dirs)  # samples show images: a latent cache's source folder
+    cache = latent_cache(dirs) if dirs else None
+    if cache and os.path.realpath(cache["vae"]) != os.path.realpath(config.model.init_from or "-"):
+        logging.warning("the latent cache was encoded with the VAE of %s, the run's model.init_from is %r: "
+                        "the latents are only right if the two VAEs are the same", cache["vae"],
+                        config.model.init_from)
+    tok_dir = config.model.tokenizer
+    if config.model.init_from and not tok_dir and os.path.isdir(os.path.join(config.model.init_from, "tokenizer")):
+        tok_dir = os.path.join(config.model.init_from, "tokenizer")
+    if config.data.synthetic_scenes > 0:
+        train_dir, heldout_dir, synth_tok = build_synthetic(config, os.path.join(workdir, "data"))
+        dirs, heldout_dirs = [train_dir] + dirs, [heldout_dir]
+        tok_dir = tok_dir or synth_tok
+    if not tok_dir:
+        raise ConfigError("config.model.tokenizer: no tokenizer (give a folder, or init_from a diffusers folder)")
+    return dirs, heldout_dirs, load_tokenizer(tok_dir)
+
+
+def data_configs(config, dirs, heldout_dirs, tokenizer_dir: str, latent_factor: int):
+    """The DataConfigs of training (this host's share of the batch) and of the held-out grids."""
+
+    try:
+        train = from_section(DataConfig, config.data, prepared_dirs=dirs, tokenizer_dir=tokenizer_dir,
+                             latent_factor=latent_factor, batch_size=config.train.batch_size // jax.process_count())
+    except SettingsError as e:
+        raise ConfigError(f"config.{e}") from None
+    heldout = dataclasses.replace(train, prepared_dirs=heldout_dirs, weights={"seg": 1.0}, seed=train.seed + 1,
+                                  batch_size=config.train.num_sample_examples, shuffle=False, num_workers=0)
+    return train, heldout
+
+
+def build_synthetic(config, root: str):
+    """The bundled shapes set, prepared, plus a held-out set (other seed) and a tokenizer
+    of its words; built once by process 0, reused on resume."""
+
+    train_dir, heldout_dir, tok = (os.path.join(root, n) for n in ("prepared", "heldout", "tokenizer"))
+    done = os.path.join(root, "READY")
+    if jax.process_index() == 0 and not os.path.isfile(done):
+        n, size = config.data.synthetic_scenes, config.data.synthetic_size
+        print(f"building the synthetic shapes set: {n} scenes at {size}px in {root}", file=sys.stderr)
+        for name, scenes, seed, out in (("train", n, 0, train_dir), ("heldout", max(8, n // 20), 1, heldout_dir)):
+            raw = write_dataset(os.path.join(root, f"raw_{name}"), scenes, size, seed)
+            counts = {"coco": Counter(), "webdataset": Counter()}
+            readers = {"coco": read_coco(raw["annotations"], raw["images"], counts["coco"], min_mask_area=0.01,
+                                         captions=read_captions(raw["captions"])),
+                       "webdataset": read_webdataset([raw["image_text"]], counts["webdataset"])}
+            with building(out) as tmp:  # replaces the folder of an earlier, interrupted build of this run
+                prepare(tmp, readers, counts, extra_meta={"min_mask_area": 0.01, "max_pixels": DataConfig.max_pixels})
+        words = list(COLOURS) + list(SHAPES) + ["a", "small", "large", "with", "thin", "black", "outline", "on",
+                                                "the", "left", "right", "in", "middle", "and", "background",
+                                                "stripes", "checks", "gradient", "noise"]
+        write_word_tokenizer(tok, [" ".join(words)])
+        open(done, "w").close()
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices("synthetic data ready")
+    return train_dir, heldout_dir, tok
+
+
+def _all_agree(ok: bool) -> bool:
+    """True when `ok` on every process (an all-gather: also a barrier)."""
+    from jax.experimental import multihost_utils
+
+    return bool(np.min(multihost_utils.process_allgather(np.array([int(ok)], np.int32))))
+
+
+# ---------------------------------------------------------------------------------- train loop
+def train_loop(s: Setup, stop) -> dict:
+
+
+    config, workdir, mngr, start = s.config, s.workdir, s.manager, s.start
+    pidx, pcount = jax.process_index(), jax.process_count()
+    writer = metric_writers.create_default_writer(workdir, just_logging=pidx > 0)
+    hooks = [periodic_actions.ReportProgress(num_train_steps=config.train.steps, writer=writer,
+                                             every_steps=config.train.log_every)]
+    if config.train.profile_steps and pidx == 0:
+        hooks.append(periodic_actions.Profile(num_profile_steps=config.train.profile_steps, logdir=workdir,
+                                              first_profile=start + 10))
+    grids = HeldoutGrids(s.models, config, s.empty_tokens, s.heldout_cfg, workdir)
+    peak = config.train.peak_tflops * 1e12 or flops.peak_flops_per_device(jax.devices()[0])
+    batches = DevicePrefetch(s.data_iter, lambda local: (local["skips"].sum(0), sharding.shard_batch(
+        s.mesh, {k: local[k] for k in BATCH_KEYS if k in local})), config.data.prefetch_to_device)
+    state, step, history, skips, flop_report = s.state, start, [], None, {}
+    check_every = max(1, min(config.train.log_every, config.train.max_nonfinite_in_a_row))
+    t0 = time.time()
+
+    def finish_early(read_error=None) -> dict:
+        """SIGTERM, or on one process a data pipeline that failed: save this step unless it
+        is in a non-finite streak, say which checkpoint is the latest; then return (SIGTERM)
+        or raise (DataError: too many bad records, exit 2; anything else: exit 1)."""
+        streak = int(jax.device_get(state.nonfinite_streak))
+        if streak == 0 and step > start:
+            checkpoints.save(mngr, step, state, batches.consumed_state(), force=True)
+        mngr.wait_until_finished()
+        writer.flush()
+        latest = mngr.latest_step()
+        if streak:
+            saved = f"step {step} not saved ({streak} non-finite steps in a row); latest checkpoint: {latest}"
+        elif step > start:
+            saved = f"checkpoint at step {step} saved"
+        else:
+            saved = f"no step taken since start-up; latest checkpoint: {latest}"
+        if read_error is None or stop.signalled:
+            if read_error is not None:
+                logging.warning("after SIGTERM the data pipeline failed (%s); the checkpoint holds the batches "
+                                "consumed before it", read_error)
+            logging.info("SIGTERM: %s; exiting", saved)
+            print(f"SIGTERM: {saved}; exiting", file=sys.stderr)
+            return {"steps": step, "stopped": True, "latest_checkpoint": latest}
+        if isinstance(read_error, DataError):
+            raise DataError(f"{read_error} (at step {step}: {saved})") from read_error
+        traceback.print_exception(read_error)
+        raise TrainingError(f"data pipeline failed ({read_error}) at step {step}: {saved}") from read_error
+
+    def read(take: bool):
+        """The next batch (take) or a refill of the device queue; an exception from the
+        data pipeline on one process ends the run through finish_early (several processes
+        cannot save alone: the error propagates and the last periodic checkpoint resumes)."""
+        try:
+            return batches.next() if take else batches.fill()
+        except Exception as e:
+            if pcount > 1:
+                raise
+            return e
+
+    if not stop.coordinated and stop.signalled:
+        return finish_early()  # SIGTERM while loading, restoring or building data: nothing to save
+    while step < config.train.steps:
+        got = read(take=True)
+        if isinstance(got, Exception):
+            return finish_early(got)
+        batch_skips, batch = got
+        skips = batch_skips if skips is None else skips + batch_skips
+        if step == start:  # compile here (the call below reuses it) for XLA's FLOP count
+            flop_report = flops.step_report(s.step_fn.lower(state, s.frozen, batch).compile(), s.model_flops,
+                                            jax.device_count(), peak)
+            logging.info("%s", flops.format_report(flop_report))
+            window = (time.time(), step)  # throughput is measured between log points
+        state, metrics = s.step_fn(state, s.frozen, batch)
+        step += 1
+        stopping = stop.should_stop(step)  # on every process at every step (JAX's sync point needs it)
+        if step < config.train.steps and not stopping:
+            got = read(take=False)  # read and transfer the next batch while the device runs this step
+            if isinstance(got, Exception):
+                return finish_early(got)
+        for h in hooks:
+            h(step)
+        last = step == config.train.steps
+        if step % check_every == 0 or step % config.train.log_every == 0 or last:
+            m = jax.device_get(metrics)
+            if int(m["nonfinite_streak"]) >= config.train.max_nonfinite_in_a_row:
+                mngr.wait_until_finished()
+                raise TrainingError(
+                    f"{int(m['nonfinite_streak'])} non-finite steps in a row (loss or gradient) at step {step}; "
+                    f"stopped. The last good checkpoint is step {mngr.latest_step()} in {workdir}/checkpoints")
+            if step % config.train.log_every == 0 or last:
+                scalars = {k: float(v) for k, v in m.items()}
+                scalars.update({f"data_skipped/{r}": float(c) for r, c in zip(SKIP_REASONS, skips)})
+                speed = flops.throughput(s.model_flops, (time.time() - window[0]) / (step - window[1]),
+                                         jax.device_count(), peak)
+                window = (time.time(), step)
+                scalars.update(speed)
+                writer.write_scalars(step, scalars)
+                history.append({"step": step, **{k: scalars[k] for k in ("loss", "mse", "dice", "iou")}, **speed})
+        if stopping:
+            return finish_early()
+        if step % config.train.checkpoint_every == 0 or last:
+            streak = int(jax.device_get(state.nonfinite_streak))
+            if streak == 0:
+                checkpoints.save(mngr, step, state, batches.consumed_state(), force=True)
+            else:
+                logging.warning("step %d: checkpoint skipped (%d non-finite steps in a row); the latest is step %s",
+                                step, streak, mngr.latest_step())
+        if config.train.sample_every and (step % config.train.sample_every == 0 or last):
+            history.append({"step": step, "heldout_iou": grids(state.ema, s.frozen, step, writer)})
+            window = (time.time(), step)  # sampling is not training time
+    mngr.wait_until_finished()
+    writer.flush()
+    summary = {"steps": step, "seconds": time.time() - t0, "history": history, "flops": flop_report,
+               "nonfinite_total": int(jax.device_get(state.nonfinite_total))}
+    name = "summary.json" if pidx == 0 else f"summary_process{pidx}.json"
+    with open(os.path.join(workdir, name), "w") as f:
+        json.dump(summary, f, indent=1)
+    return summary
