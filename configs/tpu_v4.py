@@ -1,13 +1,13 @@
 """SmartBrush on a Cloud TPU v4 pod slice, from SD v1.2 weights at 512 px, global batch
 1024, AdamW lr 1e-5 with warm-up, EMA, data 0.8 / 0.2 with BLIP/label captions:
 
-    python -m smartbrush_jax.train --config=configs/tpu_v4.py --workdir=$HOME/gcs/bucket/runs/sb \\
-        --config.model.init_from=/models/stable-diffusion-v1-2 \\
-        --config.data.prepared_dirs='("/data/coco_openimages", "/data/laion")'
+    python -m smartbrush_jax.train --config=configs/tpu_v4.py --workdir=gs://bucket/runs/sb --distributed \\
+        --config.model.init_from=gs://bucket/models/stable-diffusion-v1-2 \\
+        --config.data.prepared_dirs='("/mnt/gcs/bucket/data/coco_openimages", "/mnt/gcs/bucket/data/laion")'
 
-(run on every worker, e.g. through launch/tpu_vm.sh, which also mounts the bucket with
-gcsfuse: the workdir must be one folder every worker shares, and the data folders must be
-readable on each).
+(run on every worker, e.g. through launch/tpu_vm.sh --data-bucket=bucket, which mounts the
+data bucket read-only with gcsfuse at /mnt/gcs/bucket: Grain reads shards from local paths;
+the workdir is the gs:// URL itself, which every worker writes through the GCS API).
 Parameters are FSDP-sharded over the slice; the batch is split over data x fsdp.
 """
 

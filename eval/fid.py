@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import io
 import json
 import os
 import sys
@@ -29,6 +30,7 @@ import time
 import numpy as np
 from PIL import Image
 
+from smartbrush_jax import storage
 from smartbrush_jax.errors import InputError, run_command
 
 MASK_TYPES = ("accurate", "bbox")
@@ -82,11 +84,11 @@ def run(args) -> dict:
     evalset = EvalSet(args.data, limit=args.num, prompt_field=args.prompt_field)
     inception = load_inception(args.inception, args.device)
     clip = ClipScorer(args.clip, args.device)
-    pipe = SmartBrushPipeline.from_pretrained(args.model, device=args.device)
+    pipe = SmartBrushPipeline.from_pretrained(storage.local_copy(args.model), device=args.device)
     sampler = dataclasses.replace(pipe.sampler, **({"num_steps": args.steps} if args.steps else {}),
                                   **({"guidance_scale": args.guidance} if args.guidance is not None else {}))
     resolution = args.resolution or pipe.settings.get("resolution", 512)
-    settings = {"model": os.path.abspath(args.model), "data": os.path.abspath(args.data), "num": len(evalset),
+    settings = {"model": storage.absolute(args.model), "data": os.path.abspath(args.data), "num": len(evalset),
                 "seed": args.seed, "resolution": resolution, "sampler": dataclasses.asdict(sampler),
                 "prompt_field": args.prompt_field}
     _check_resume(args.out, settings)
@@ -118,11 +120,10 @@ def run(args) -> dict:
     print("computing Inception features and CLIP scores", file=sys.stderr, flush=True)
     results = score(inception, clip, real, real_crops, prompts, gen, gen_crops)
     results.update(method=args.method or os.path.basename(os.path.abspath(args.model)), settings=settings)
-    with open(os.path.join(args.out, "results.json"), "w") as f:
-        json.dump(results, f, indent=2)
-    with open(os.path.join(args.out, "results.md"), "w") as f:
-        f.write(render_table([results] + [_read_json(p) for p in args.add_row]) + "\n")
-    Image.fromarray(examples_grid(shown)).save(os.path.join(args.out, "examples.png"))
+    storage.write_text(storage.join(args.out, "results.json"), json.dumps(results, indent=2))
+    storage.write_text(storage.join(args.out, "results.md"),
+                       render_table([results] + [_read_json(p) for p in args.add_row]) + "\n")
+    storage.write_bytes(storage.join(args.out, "examples.png"), _png(examples_grid(shown)))
     return results
 
 
@@ -157,18 +158,24 @@ def render_table(rows: list) -> str:
 
 def _generate(pipe, out, mask_type, item, mask, level, seed, sampler, resolution):
     """(image, predicted mask, was_cached): from OUT/generated/ when there, else made and saved."""
-    folder = os.path.join(out, "generated", mask_type)
-    img_path, mask_path = os.path.join(folder, f"{item.key}.png"), os.path.join(folder, f"{item.key}_mask.png")
-    if os.path.isfile(img_path) and os.path.isfile(mask_path):
-        image, pred = np.asarray(Image.open(img_path).convert("RGB")), np.asarray(Image.open(mask_path)) > 127
+    folder = storage.join(out, "generated", mask_type)
+    img_path, mask_path = storage.join(folder, f"{item.key}.png"), storage.join(folder, f"{item.key}_mask.png")
+    if storage.isfile(img_path) and storage.isfile(mask_path):
+        image = np.asarray(Image.open(io.BytesIO(storage.read_bytes(img_path))).convert("RGB"))
+        pred = np.asarray(Image.open(io.BytesIO(storage.read_bytes(mask_path)))) > 127
         if image.shape == item.image.shape:
             return image, pred, True
-    os.makedirs(folder, exist_ok=True)
     result = pipe(item.image, mask, item.prompt, precision=level, seed=seed, sampler=sampler, resolution=resolution)
-    for array, path in ((result.predicted_masks[0].astype(np.uint8) * 255, mask_path), (result.images[0], img_path)):
-        Image.fromarray(array).save(path + ".tmp.png")
-        os.replace(path + ".tmp.png", path)  # the image last: its presence means both are complete
+    # each file is written whole (beside and renamed, or one object); the image last: its presence means both are
+    storage.write_bytes(mask_path, _png(result.predicted_masks[0].astype(np.uint8) * 255))
+    storage.write_bytes(img_path, _png(result.images[0]))
     return result.images[0], result.predicted_masks[0], False
+
+
+def _png(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="PNG")
+    return buf.getvalue()
 
 
 def _check_resume(out: str, settings: dict) -> None:
@@ -176,19 +183,17 @@ def _check_resume(out: str, settings: dict) -> None:
     would mix otherwise); it may not be, hold or lie inside the model or the data."""
     from smartbrush_jax.outputs import check_output
 
-    check_output(out, [settings["model"], settings["data"]], lambda d: os.path.isfile(os.path.join(d, "run.json")),
+    check_output(out, [settings["model"], settings["data"]], lambda d: storage.isfile(storage.join(d, "run.json")),
                  overwrite=True, what="evaluation folder")
-    path = os.path.join(out, "run.json")
-    if os.path.isfile(path):
-        old = _read_json(path)
+    path = storage.join(out, "run.json")
+    if storage.isfile(path):
+        old = json.loads(storage.read_text(path))
         diff = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
         if diff:
             raise InputError(f"{out} holds a run with other settings ({', '.join(diff)} differ): "
                              "choose another --out or delete it")
         print(f"resuming in {out}", file=sys.stderr)
-    os.makedirs(out, exist_ok=True)
-    with open(path, "w") as f:
-        json.dump(settings, f, indent=2)
+    storage.write_text(path, json.dumps(settings, indent=2))
 
 
 def _resize(image: np.ndarray) -> np.ndarray:

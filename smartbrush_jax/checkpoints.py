@@ -1,5 +1,7 @@
 """Orbax checkpoints of a training run: the train state and the Grain iterator together,
-plus `model.json` (what rebuilds the models) and the tokenizer, in the workdir.
+plus `model.json` (what rebuilds the models) and the tokenizer, in the workdir: a local
+folder or a `gs://` URL (`storage.py`; Orbax writes a bucket through TensorStore and marks
+a finished step with its commit file, never by a rename).
 
     workdir/checkpoints/<step>/{state,data}   async, keep-last-N plus keep-every-K
     workdir/checkpoints/<step>.corrupt/       a step that failed to restore, moved aside
@@ -10,8 +12,6 @@ plus `model.json` (what rebuilds the models) and the tokenizer, in the workdir.
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import sys
 from typing import Any, Callable, Optional
 
@@ -19,6 +19,7 @@ import grain
 import orbax.checkpoint as ocp
 from absl import logging
 
+from smartbrush_jax import storage
 from smartbrush_jax.errors import InputError
 
 
@@ -32,9 +33,27 @@ def manager(workdir: str, keep_last: int, keep_every: int, async_save: bool = Tr
     # (never a finished-looking step); it is removed when the next run opens the manager
     options = ocp.CheckpointManagerOptions(
         max_to_keep=max(keep_last, 1), keep_period=keep_every or None, create=True,
-        enable_async_checkpointing=async_save, cleanup_tmp_directories=True)
-    return ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, "checkpoints")), options=options,
-                                 item_names=("state", "data"))
+        enable_async_checkpointing=async_save, cleanup_tmp_directories=True, atomicity_options=atomicity(workdir))
+    return ocp.CheckpointManager(storage.join(workdir, "checkpoints"), options=options, item_names=("state", "data"))
+
+
+def atomicity(workdir: str):
+    """Commit-file atomicity on a gcsfuse mount: Orbax would otherwise finalize a step by
+    renaming its temporary folder, which gcsfuse does as a copy and delete of every object
+    (neither atomic nor cheap: a preemption mid-rename leaves a half-copied step that looks
+    finished). A `gs://` URL gets the commit file from Orbax itself; a local disk, renames."""
+    if storage.mount_type(workdir) != storage.GCSFUSE:
+        return None
+    message = (f"{workdir} is on a gcsfuse mount: checkpoints are written in place and marked finished by "
+               "their commit file, not renamed (better: give the gs:// URL itself as --workdir)")
+    if message not in _said:
+        _said.add(message)
+        logging.warning(message)
+        print(f"warning: {message}", file=sys.stderr)
+    return ocp.options.AtomicityOptions(mode=ocp.options.AtomicityMode.COMMIT_FILE)
+
+
+_said = set()  # say the gcsfuse line once per process
 
 
 def save(mngr: ocp.CheckpointManager, step: int, state: Any, data_iter: Any, force: bool = False) -> bool:
@@ -82,17 +101,17 @@ def restore_newest_intact(mngr: ocp.CheckpointManager, abstract_state: Any, data
 
 
 def _move_aside(mngr: ocp.CheckpointManager, step: int, reason: str, is_primary: bool) -> None:
-    src = os.path.join(str(mngr.directory), str(step))
+    src = storage.join(str(mngr.directory), str(step))
     dst = src + ".corrupt"
     n = 1
-    while os.path.exists(dst):
+    while storage.exists(dst):
         n += 1
         dst = f"{src}.corrupt{n}"
     msg = f"checkpoint step {step} cannot be restored ({reason}); moved to {dst}, resuming from an older step"
     logging.warning(msg)
     print(f"warning: {msg}", file=sys.stderr)
     if is_primary:
-        os.rename(src, dst)
+        storage.rename(src, dst)
 
 
 def restore_params(workdir: str, step: Optional[int] = None, ema: bool = True):
@@ -108,8 +127,8 @@ def restore_state(workdir: str, step: Optional[int] = None, like: Any = None):
     topology saved it (8 devices, a pod): every array is restored whole from the shapes
     the checkpoint records. `like`: a state (or its eval_shape) whose tree structure the
     result takes (optax's state classes instead of plain dicts), so the step can run on it."""
-    ckpt_dir = os.path.abspath(os.path.join(workdir, "checkpoints"))
-    if not os.path.isdir(ckpt_dir):
+    ckpt_dir = storage.join(workdir, "checkpoints")
+    if not storage.isdir(ckpt_dir):
         raise CheckpointError(f"{workdir}: no checkpoints/ folder: not a training workdir, or nothing saved yet")
     import jax
 
@@ -142,19 +161,19 @@ def restore_state(workdir: str, step: Optional[int] = None, like: Any = None):
 def write_run_files(workdir: str, model_config: dict, tokenizer_dir: str, frozen=None) -> None:
     """model.json, the tokenizer and, for a run from scratch, the frozen (random) text
     encoder as `frozen_text.safetensors` (a run from SD weights names `init_from`)."""
-    os.makedirs(workdir, exist_ok=True)
+    storage.makedirs(workdir)
     if frozen is not None:
         import jax
-        from safetensors.numpy import save_file
+        from safetensors.numpy import save
 
         from smartbrush_jax.weights import flax_to_torch
 
-        save_file(flax_to_torch(jax.device_get(frozen["text"])), os.path.join(workdir, "frozen_text.safetensors"))
-    with open(os.path.join(workdir, "model.json"), "w") as f:
-        json.dump(model_config, f, indent=2)
-    dst = os.path.join(workdir, "tokenizer")
-    if os.path.abspath(tokenizer_dir) != os.path.abspath(dst):
-        shutil.copytree(tokenizer_dir, dst, dirs_exist_ok=True)
+        storage.write_bytes(storage.join(workdir, "frozen_text.safetensors"),
+                            save(flax_to_torch(jax.device_get(frozen["text"]))))
+    storage.write_text(storage.join(workdir, "model.json"), json.dumps(model_config, indent=2))
+    dst = storage.join(workdir, "tokenizer")
+    if storage.absolute(tokenizer_dir) != dst:
+        storage.upload(storage.local_copy(tokenizer_dir), dst)
 
 
 def load_workdir(workdir: str, step: Optional[int] = None, ema: bool = True):
@@ -167,16 +186,15 @@ def load_workdir(workdir: str, step: Optional[int] = None, ema: bool = True):
 
     cfg = read_model_config(workdir)
     step, unet_params = restore_params(workdir, step, ema)
-    sd = StableDiffusion(unet_config=UNetConfig.from_diffusers(cfg["unet"]),
-                         unet_params=_as_jax(unet_params), tokenizer=load_tokenizer(
-                             os.path.join(workdir, "tokenizer")))
+    sd = StableDiffusion(unet_config=UNetConfig.from_diffusers(cfg["unet"]), unet_params=_as_jax(unet_params),
+                         tokenizer=load_tokenizer(storage.local_copy(storage.join(workdir, "tokenizer"))))
     if cfg.get("init_from"):  # the frozen text encoder and VAE the run started from
         base = load_model(cfg["init_from"], components=("vae", "text_encoder"), ema=False)
         sd.text_config, sd.text_params = base.text_config, base.text_params
         sd.vae_config, sd.vae_params, sd.scheduler_config = base.vae_config, base.vae_params, base.scheduler_config
     else:
         sd.text_config = CLIPTextConfig.from_transformers(cfg["text"])
-        state = read_state_dict(os.path.join(workdir, "frozen_text.safetensors"))
+        state = read_state_dict(storage.local_copy(storage.join(workdir, "frozen_text.safetensors")))
         sd.text_params = _as_jax(torch_to_flax(state, abstract_params(CLIPTextModel(sd.text_config))))
     if cfg.get("autoencoder") == "identity":
         sd.vae_config, sd.vae_params = None, None
@@ -191,8 +209,10 @@ def _as_jax(tree):
 
 
 def read_model_config(workdir: str) -> dict:
-    path = os.path.join(workdir, "model.json")
-    if not os.path.isfile(path):
+    path = storage.join(workdir, "model.json")
+    if not storage.isfile(path):
         raise CheckpointError(f"{workdir}: no model.json: not a training workdir")
-    with open(path) as f:
-        return json.load(f)
+    try:
+        return json.loads(storage.read_text(path))
+    except ValueError as e:
+        raise CheckpointError(f"{path}: not JSON ({e})") from None

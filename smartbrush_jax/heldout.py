@@ -7,13 +7,14 @@ predicted-mask IoU against the exact object mask.
 
 from __future__ import annotations
 
-import os
+import io
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
+from smartbrush_jax import storage
 from smartbrush_jax.compositing import grid_row
 from smartbrush_jax.diffusion import sample
 from smartbrush_jax.masks import degrade_mask, mask_iou
@@ -74,9 +75,10 @@ class HeldoutGrids:
         pixels, pred, user, iou = jax.device_get(self.fn(jax.device_get(params), jax.device_get(frozen), b,
                                                          jnp.asarray(self.levels), self.rng))
         g = grid(np.asarray(self.batch["image"]), to_uint8(pixels), np.asarray(pred), np.asarray(user))
-        os.makedirs(os.path.join(self.workdir, "samples"), exist_ok=True)
-        path = os.path.join(self.workdir, "samples", f"step_{step:07d}.png")
-        Image.fromarray(g).save(path)
+        path = storage.join(self.workdir, "samples", f"step_{step:07d}.png")
+        png = io.BytesIO()
+        Image.fromarray(g).save(png, format="PNG")
+        storage.write_bytes(path, png.getvalue())
         writer.write_images(step, {"samples": g[None]})
         mean_iou = float(np.mean(iou))
         writer.write_scalars(step, {"heldout_iou": mean_iou})

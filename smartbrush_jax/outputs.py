@@ -13,6 +13,9 @@ it in when complete (`building`):
   while incomplete, then renamed to `OUT` (the old one is moved aside first and removed
   only after the swap). A `OUT.partial` with the marker is ours from an interrupted run
   and is replaced; one without it is somebody else's and is refused.
+- A `gs://` OUT is built in a local temporary folder and uploaded when complete, its
+  marker files (metadata.json, model_index.json, run.json) last, so a reader that looks
+  for the marker never sees half a folder.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import os
 import shutil
 from typing import Callable, Iterable, Optional
 
+from smartbrush_jax import storage
 from smartbrush_jax.errors import InputError
 
 PARTIAL_MARKER = ".smartbrush-partial"
@@ -38,6 +42,8 @@ def partial_path(out: str) -> str:
 def check_output(out: str, inputs: Iterable[str] = (), is_ours: Optional[Callable[[str], bool]] = None,
                  overwrite: bool = False, flag: str = "--out", what: str = "folder") -> None:
     """Raise OutputError unless `out` may be written (see the module docstring)."""
+    if storage.is_remote(out):
+        return _check_remote(out, inputs, is_ours, overwrite, flag, what)
     if os.path.islink(os.path.normpath(out)):
         raise OutputError(f"{flag} {out} is a symbolic link: give the real folder")
     if os.path.exists(out) and not os.path.isdir(out):
@@ -64,12 +70,37 @@ def check_output(out: str, inputs: Iterable[str] = (), is_ours: Optional[Callabl
         raise OutputError(f"{partial} exists and was not left by this command: remove it or choose another {flag}")
 
 
+def _check_remote(out, inputs, is_ours, overwrite, flag, what) -> None:
+    target = out.rstrip("/")
+    for src in inputs:
+        if not src:
+            continue
+        s = storage.absolute(src).rstrip("/")
+        if target == s or s.startswith(target + "/") or target.startswith(s + "/"):
+            raise OutputError(f"{flag} {out} is, holds or lies inside the input {src}: choose another {flag}")
+    if storage.isdir(out) and any(True for _ in storage.P(out).iterdir()):
+        if not overwrite:
+            raise OutputError(f"{flag} {out} exists and is not empty: choose another {flag} or pass --overwrite")
+        if is_ours is None or not is_ours(out):
+            raise OutputError(f"{flag} {out} is not empty and not a {what} this command wrote, so it is left "
+                              "alone: choose another folder")
+
+
 @contextlib.contextmanager
 def building(out: str, keep_on_failure: bool = False):
     """`with building(out) as tmp:` write the folder into `tmp`; when the block ends
     normally `tmp` becomes `out` (replacing an existing `out`, which `check_output`
     allowed). On an exception `tmp` is removed, or kept with its marker when
     `keep_on_failure` (finished work a rerun can use); the exception propagates."""
+    if storage.is_remote(out):
+        import tempfile
+
+        with tempfile.TemporaryDirectory(prefix="smartbrush_out_") as tmp:
+            yield tmp
+            if storage.exists(out):  # an earlier output of ours (check_output allowed it)
+                storage.P(out).rmtree()
+            storage.upload(tmp, out)
+        return
     partial = partial_path(out)
     if os.path.lexists(partial):  # ours, from an interrupted run (check_output verified the marker)
         shutil.rmtree(partial)

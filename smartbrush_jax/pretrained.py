@@ -117,13 +117,18 @@ def load_model(path: str, *, tokenizer_dir: Optional[str] = None, ema="auto",
       model_index.json names (an export of a pixel-space run has no vae/);
     - a single file (.ckpt / .safetensors, CompVis key names; `tokenizer_dir` for a
       tokenizer, `ema` for the U-Net of a -full-ema release).
+
+    Each may be a `gs://` URL (a folder or file is read from a local copy).
     """
-    if os.path.isfile(os.path.join(path, "model.json")):
+    from smartbrush_jax import storage
+
+    if storage.isfile(storage.join(path, "model.json")):
         from smartbrush_jax.checkpoints import load_workdir
 
         step, sd = load_workdir(path)
         print(f"loaded {path} at step {step} (EMA weights)", file=sys.stderr)
         return sd
+    path = storage.local_copy(path) if storage.is_remote(path) else path
     if os.path.isdir(path):
         return load_diffusers_folder(path, components=components or folder_components(path))
     if os.path.isfile(path):

@@ -31,7 +31,7 @@ from absl import logging  # noqa: E402
 from clu import metric_writers, periodic_actions  # noqa: E402
 from flax.core import meta  # noqa: E402
 
-from smartbrush_jax import checkpoints, flops, sharding  # noqa: E402
+from smartbrush_jax import checkpoints, flops, sharding, storage  # noqa: E402
 from smartbrush_jax.config import ConfigError, validate  # noqa: E402
 from smartbrush_jax.data.pipeline import DataError, latent_cache, make_dataset, uncached_dirs  # noqa: E402
 from smartbrush_jax.data.prepare import prepare  # noqa: E402
@@ -127,7 +127,7 @@ def setup(config, workdir: str, cleanup: contextlib.ExitStack, corrupt_grads=Non
     # ------------------------------------------------------------------ processes, config
     pidx, pcount = jax.process_index(), jax.process_count()
     validate(config, jax.device_count(), pcount)
-    os.makedirs(workdir, exist_ok=True)
+    storage.makedirs(workdir)
     logging.info("process %d/%d, %d devices (%s)", pidx, pcount, jax.device_count(), jax.devices()[0].platform)
 
     # ------------------------------------------------------------------ data, tokenizer, models
@@ -222,7 +222,7 @@ def run_model_config(config, models) -> dict:
     """model.json: what rebuilds the models and samples like the run (inpaint, export, demo)."""
 
     return {**models.model_config(), "num_levels": config.model.num_levels,
-            "init_from": os.path.abspath(config.model.init_from) if config.model.init_from else "",
+            "init_from": storage.absolute(config.model.init_from) if config.model.init_from else "",
             "init_ema": config.model.init_ema, "resolution": config.data.resolution,
             "degrade": loss_config(config).degrade,
             "sampler": {"num_steps": config.train.sample_steps, "guidance_scale": config.train.sample_guidance}}
@@ -233,6 +233,11 @@ def data_sources(config, workdir: str):
     the bundled shapes set when `data.synthetic_scenes` > 0."""
 
     dirs = list(config.data.prepared_dirs)
+    remote = [d for d in dirs if storage.is_remote(d)]
+    if remote:
+        raise ConfigError(f"config.data.prepared_dirs: {remote[0]} is a URL, and Grain reads ArrayRecord shards from "
+                          "local paths: mount the bucket with gcsfuse (launch/tpu_vm.sh does, read-only with a "
+                          "file cache) and give the mounted path")
     heldout_dirs = uncached_dirs(dirs)  # samples show images: a latent cache's source folder
     cache = latent_cache(dirs) if dirs else None
     if cache and os.path.realpath(cache["vae"]) != os.path.realpath(config.model.init_from or "-"):
@@ -240,15 +245,19 @@ def data_sources(config, workdir: str):
                         "the latents are only right if the two VAEs are the same", cache["vae"],
                         config.model.init_from)
     tok_dir = config.model.tokenizer
-    if config.model.init_from and not tok_dir and os.path.isdir(os.path.join(config.model.init_from, "tokenizer")):
-        tok_dir = os.path.join(config.model.init_from, "tokenizer")
+    if config.model.init_from and not tok_dir and storage.isdir(storage.join(config.model.init_from, "tokenizer")):
+        tok_dir = storage.join(config.model.init_from, "tokenizer")
     if config.data.synthetic_scenes > 0:
+        if storage.is_remote(workdir):
+            raise ConfigError(f"config.data.synthetic_scenes: the shapes set is built in the workdir, and {workdir} "
+                              "is a URL (Grain reads local shards): build it on a local disk (python -m "
+                              "smartbrush_jax.data.synthetic; smartbrush-prepare) and give it in data.prepared_dirs")
         train_dir, heldout_dir, synth_tok = build_synthetic(config, os.path.join(workdir, "data"))
         dirs, heldout_dirs = [train_dir] + dirs, [heldout_dir]
         tok_dir = tok_dir or synth_tok
     if not tok_dir:
         raise ConfigError("config.model.tokenizer: no tokenizer (give a folder, or init_from a diffusers folder)")
-    return dirs, heldout_dirs, load_tokenizer(tok_dir)
+    return dirs, heldout_dirs, load_tokenizer(storage.local_copy(tok_dir))
 
 
 def data_configs(config, dirs, heldout_dirs, tokenizer_dir: str, latent_factor: int):
@@ -306,11 +315,12 @@ def train_loop(s: Setup, stop) -> dict:
 
     config, workdir, mngr, start = s.config, s.workdir, s.manager, s.start
     pidx, pcount = jax.process_index(), jax.process_count()
-    writer = metric_writers.create_default_writer(workdir, just_logging=pidx > 0)
+    events = EventsDir(workdir)
+    writer = metric_writers.create_default_writer(events.local, just_logging=pidx > 0)
     hooks = [periodic_actions.ReportProgress(num_train_steps=config.train.steps, writer=writer,
                                              every_steps=config.train.log_every)]
     if config.train.profile_steps and pidx == 0:
-        hooks.append(periodic_actions.Profile(num_profile_steps=config.train.profile_steps, logdir=workdir,
+        hooks.append(periodic_actions.Profile(num_profile_steps=config.train.profile_steps, logdir=events.local,
                                               first_profile=start + 10))
     grids = HeldoutGrids(s.models, config, s.empty_tokens, s.heldout_cfg, workdir)
     peak = config.train.peak_tflops * 1e12 or flops.peak_flops_per_device(jax.devices()[0])
@@ -329,6 +339,7 @@ def train_loop(s: Setup, stop) -> dict:
             checkpoints.save(mngr, step, state, batches.consumed_state(), force=True)
         mngr.wait_until_finished()
         writer.flush()
+        events.sync()
         latest = mngr.latest_step()
         if streak:
             saved = f"step {step} not saved ({streak} non-finite steps in a row); latest checkpoint: {latest}"
@@ -404,6 +415,7 @@ def train_loop(s: Setup, stop) -> dict:
             streak = int(jax.device_get(state.nonfinite_streak))
             if streak == 0:
                 checkpoints.save(mngr, step, state, batches.consumed_state(), force=True)
+                events.sync()
             else:
                 logging.warning("step %d: checkpoint skipped (%d non-finite steps in a row); the latest is step %s",
                                 step, streak, mngr.latest_step())
@@ -412,9 +424,31 @@ def train_loop(s: Setup, stop) -> dict:
             window = (time.time(), step)  # sampling is not training time
     mngr.wait_until_finished()
     writer.flush()
+    events.sync()
     summary = {"steps": step, "seconds": time.time() - t0, "history": history, "flops": flop_report,
                "nonfinite_total": int(jax.device_get(state.nonfinite_total))}
     name = "summary.json" if pidx == 0 else f"summary_process{pidx}.json"
-    with open(os.path.join(workdir, name), "w") as f:
-        json.dump(summary, f, indent=1)
+    storage.write_text(storage.join(workdir, name), json.dumps(summary, indent=1))
     return summary
+
+
+class EventsDir:
+    """Where clu's TensorBoard events go: the workdir itself when it is local; for a URL a
+    local folder mirrored into it (`sync`, at every checkpoint and at the end), since
+    TensorFlow's file system does not reach every store (an emulator, a proxy) that the
+    rest of the run writes through `storage`."""
+
+    def __init__(self, workdir: str):
+        self.workdir = workdir
+        self.local = workdir
+        if storage.is_remote(workdir):
+            import hashlib
+            import tempfile
+
+            self.local = os.path.join(tempfile.gettempdir(), "smartbrush_events",
+                                      hashlib.sha1(workdir.encode()).hexdigest()[:16])
+            os.makedirs(self.local, exist_ok=True)
+
+    def sync(self) -> None:
+        if self.local != self.workdir and os.listdir(self.local):
+            storage.upload(self.local, self.workdir)

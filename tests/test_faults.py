@@ -19,6 +19,7 @@ import subprocess
 import sys
 
 import pytest
+from launch_fakes import run_tpu_vm
 from train_helpers import (
     CONFIG,
     ROOT,
@@ -229,87 +230,21 @@ def test_readers_skip_a_damaged_newest_step(tmp_path, tiny_run, capsys):
 
 # ---------------------------------------------------------------------- launch scripts
 
-TPU_VM = os.path.join(ROOT, "launch", "tpu_vm.sh")
-
-FAKE_GCLOUD = r'''#!/usr/bin/env python3
-"""Stands in for `gcloud compute tpus tpu-vm ...` on a slice of two workers, each a folder
-($FAKE_DIR/worker{0,1}) used as the worker's $HOME; ssh runs the command there for real."""
-import os, shutil, subprocess, sys
-args, fake = sys.argv[1:], os.environ["FAKE_DIR"]
-with open(os.path.join(fake, "gcloud.log"), "a") as f:
-    f.write(" ".join(args) + "\n")
-verb = args[3]
-workers = [os.path.join(fake, f"worker{i}") for i in range(2)]
-if verb == "describe":
-    state = os.environ.get("FAKE_STATE", "")
-    print(state) if state else sys.exit("ERROR: (gcloud) NOT_FOUND")
-elif verb == "create":
-    for w in workers:
-        os.makedirs(w, exist_ok=True)
-elif verb == "scp":
-    for w in workers:
-        shutil.copy(args[4], os.path.join(w, args[5].split(":", 1)[1]))
-elif verb == "ssh":
-    command = next(a.split("=", 1)[1] for a in args if a.startswith("--command="))
-    rc = 0
-    for w in workers:
-        env = dict(os.environ, HOME=w, PATH=os.environ["FAKE_BIN"] + ":" + os.environ["PATH"])
-        rc = rc or subprocess.run(["bash", "-c", command], env=env, cwd=w).returncode
-    sys.exit(rc)
-'''
-
-# what the workers' setup calls: python3.11 makes a venv whose pip and python are stand-ins
-FAKE_WORKER_BIN = {
-    "python3.11": r'''#!/usr/bin/env bash
-[[ "$1 $2" == "-m venv" ]] || exit 1
-mkdir -p "$3/bin"
-printf '#!/usr/bin/env bash\n[[ $FAKE_MODE != install_fails ]] || { echo "pip: no network" >&2; exit 1; }\n' \
-  > "$3/bin/pip"
-printf '#!/usr/bin/env bash\necho "trainer $*" >> "$HOME/trainer_calls"\n' > "$3/bin/python"
-chmod +x "$3/bin/pip" "$3/bin/python"
-''',
-    "gcsfuse": "#!/usr/bin/env bash\nexit 0\n",
-    "mountpoint": "#!/usr/bin/env bash\nexit 1\n",
-}
-
-
-def _tpu_vm(tmp_path, state, mode, *args):
-    fake, fake_bin, gbin = tmp_path / "fake", tmp_path / "worker_bin", tmp_path / "bin"
-    for d in (fake, fake_bin, gbin):
-        d.mkdir(exist_ok=True)
-    (gbin / "gcloud").write_text(FAKE_GCLOUD)
-    for name, text in FAKE_WORKER_BIN.items():
-        (fake_bin / name).write_text(text)
-    for f in list(gbin.iterdir()) + list(fake_bin.iterdir()):
-        f.chmod(0o755)
-    if state:  # the VM exists already
-        for i in range(2):
-            (fake / f"worker{i}").mkdir(exist_ok=True)
-    env = dict(os.environ, PATH=f"{gbin}:{os.environ['PATH']}", FAKE_DIR=str(fake), FAKE_BIN=str(fake_bin),
-               FAKE_STATE=state, FAKE_MODE=mode)
-    for k in ("WORKDIR", "ZONE", "KEEP_VM", "DETACH", "SKIP_SETUP"):
-        env.pop(k, None)
-    p = subprocess.run([TPU_VM, "--zone=z", "--name=sb", "--workdir=gs://b/r", *args], capture_output=True,
-                       text=True, env=env, timeout=300)
-    calls = (fake / "gcloud.log").read_text() if (fake / "gcloud.log").exists() else ""
-    return p, calls, fake
-
-
 def test_tpu_vm_delete_never_removes_a_vm_it_did_not_create(tmp_path):
-    p, calls, _ = _tpu_vm(tmp_path, "READY", "install_fails", "--delete")
+    p, calls, _ = run_tpu_vm(tmp_path, "ACTIVE", "install_fails", "--delete")
     assert p.returncode != 0 and "pip: no network" in p.stderr
     assert "existed before this run, so it is kept" in p.stderr
-    assert " delete " not in f" {calls}" and "tpu-vm delete" not in calls
+    assert " delete " not in f" {calls}"
 
 
 def test_tpu_vm_delete_removes_the_vm_it_created_also_on_failure(tmp_path):
-    p, calls, _ = _tpu_vm(tmp_path, "", "install_fails", "--delete")
+    p, calls, _ = run_tpu_vm(tmp_path, "", "install_fails", "--delete")
     assert p.returncode != 0
-    assert "compute tpus tpu-vm create sb" in calls and "compute tpus tpu-vm delete sb" in calls
+    assert "compute tpus queued-resources create sb" in calls and "compute tpus queued-resources delete sb" in calls
 
 
 def test_tpu_vm_refuses_to_start_over_a_running_trainer(tmp_path):
-    _, _, fake = _tpu_vm(tmp_path, "READY", "ok", "--detach")  # a first, detached launch
+    _, _, fake = run_tpu_vm(tmp_path, "ACTIVE", "ok", "--detach")  # a first, detached launch
     home = fake / "worker1" / "smartbrush"
     assert (fake / "worker1" / "trainer_calls").read_text().startswith("trainer -m smartbrush_jax.train")
     (home / "train.log").write_text("step 1000: the first run's log\n")
@@ -317,7 +252,7 @@ def test_tpu_vm_refuses_to_start_over_a_running_trainer(tmp_path):
     alive = subprocess.Popen(["bash", "-c", "exec -a 'python -m smartbrush_jax.train --distributed' sleep 60"],
                              cwd=str(home))
     try:
-        p, calls, _ = _tpu_vm(tmp_path, "READY", "ok", "--detach")
+        p, calls, _ = run_tpu_vm(tmp_path, "ACTIVE", "ok", "--detach")
     finally:
         alive.kill()
         alive.wait()
@@ -326,7 +261,7 @@ def test_tpu_vm_refuses_to_start_over_a_running_trainer(tmp_path):
     assert (home / "train.log").read_text() == "step 1000: the first run's log\n"  # nothing replaced
     assert len((fake / "worker1" / "trainer_calls").read_text().splitlines()) == 1  # no second trainer
 
-    p, _, _ = _tpu_vm(tmp_path, "READY", "ok", "--detach")  # once it has stopped: starts, keeps the log
+    p, _, _ = run_tpu_vm(tmp_path, "ACTIVE", "ok", "--detach")  # once it has stopped: starts, keeps the log
     assert p.returncode == 0, p.stderr
     assert (home / "train.log").read_text().startswith("step 1000: the first run's log\n")
     assert len((fake / "worker1" / "trainer_calls").read_text().splitlines()) == 2

@@ -238,12 +238,15 @@ def test_local_launcher_refuses_bad_arguments(args):
 
 # ---------------------------------------------------------------------- Cloud TPU VM
 
+def _dry_run(*args, env=None):
+    p = subprocess.run([TPU_VM, "--dry-run", *args], capture_output=True, text=True, timeout=30, env=env)
+    return p, [c for c in p.stdout.split("\n+ ")]
+
+
 def test_tpu_vm_dry_run_prints_the_gcloud_commands():
-    p = subprocess.run([TPU_VM, "--dry-run", "--project=proj", "--zone=us-central2-b", "--name=sb",
-                        "--workdir=gs://bucket/runs/sb", "--delete", "--", "--config.train.steps=10"],
-                       capture_output=True, text=True, timeout=30)
+    p, cmds = _dry_run("--project=proj", "--zone=us-central2-b", "--name=sb", "--workdir=gs://bucket/runs/sb",
+                       "--delete", "--", "--config.train.steps=10")
     assert p.returncode == 0, p.stderr
-    cmds = [c for c in p.stdout.split("\n+ ")]
     loc = "--zone=us-central2-b --project=proj"
 
     def one(prefix):
@@ -251,8 +254,9 @@ def test_tpu_vm_dry_run_prints_the_gcloud_commands():
         assert len(found) == 1, (prefix, p.stdout)
         return found[0]
 
-    one(f"gcloud compute tpus tpu-vm describe sb {loc}")
-    one(f"gcloud compute tpus tpu-vm create sb {loc} --accelerator-type=v4-32 --version=tpu-ubuntu2204-base")
+    one(f"gcloud compute tpus queued-resources describe sb {loc}")
+    one(f"gcloud alpha compute tpus queued-resources create sb {loc} --accelerator-type=v4-32 "
+        "--runtime-version=tpu-ubuntu2204-base --node-id=sb --autocheckpoint-enabled")
     one(f"git -C {ROOT} archive --format=tar.gz")
     assert one("gcloud compute tpus tpu-vm scp /").endswith(f"sb:smartbrush.tar.gz {loc} --worker=all")
     ssh = [c for c in cmds if c.startswith(f"gcloud compute tpus tpu-vm ssh sb {loc} --worker=all --command='")]
@@ -261,24 +265,64 @@ def test_tpu_vm_dry_run_prints_the_gcloud_commands():
     with open(os.path.join(ROOT, "requirements.txt")) as f:
         jax_pin = next(line.strip() for line in f if line.startswith("jax=="))
     assert "pip install -q -r requirements.txt" in setup and f"jax[tpu]=={jax_pin[5:]}" in setup
-    assert ("python -m smartbrush_jax.train --config=configs/tpu_v4.py --workdir=$HOME/gcs/bucket/runs/sb "
+    assert ("python -m smartbrush_jax.train --config=configs/tpu_v4.py --workdir=gs://bucket/runs/sb "
             "--distributed --config.train.steps=10") in train
-    assert "gcsfuse --implicit-dirs bucket $HOME/gcs/bucket" in train
-    one(f"gcloud compute tpus tpu-vm delete sb {loc} --quiet")
-    assert cmds.index(train) < cmds.index(one("gcloud compute tpus tpu-vm delete"))
+    assert "gcsfuse" not in p.stdout  # the workdir is written through the GCS API, never a mount
+    one(f"gcloud compute tpus queued-resources delete sb {loc} --force --quiet")
+    assert cmds.index(train) < cmds.index(one("gcloud compute tpus queued-resources delete"))
 
 
-def test_tpu_vm_keeps_the_vm_and_can_pass_gs_paths_through():
-    p = subprocess.run([TPU_VM, "--dry-run", "--zone=z", "--name=sb", "--workdir=gs://b/r", "--no-gcsfuse",
-                        "--skip-setup"], capture_output=True, text=True, timeout=30)
+@pytest.mark.parametrize("accelerator,runtime,autocheckpoint", [
+    ("v4-32", "tpu-ubuntu2204-base", True), ("v5litepod-16", "v2-alpha-tpuv5-lite", True),
+    ("v5p-128", "v2-alpha-tpuv5", False), ("v6e-256", "v2-alpha-tpuv6e", False)])
+def test_tpu_vm_runtime_and_autocheckpoint_follow_the_accelerator(accelerator, runtime, autocheckpoint):
+    p, cmds = _dry_run("--zone=z", "--workdir=gs://b/r", f"--accelerator-type={accelerator}", "--spot")
     assert p.returncode == 0, p.stderr
-    assert "--workdir=gs://b/r --distributed" in p.stdout
-    assert "tpu-vm delete" not in p.stdout and "tpu-vm scp" not in p.stdout and "gcsfuse" not in p.stdout
+    create = next(c for c in cmds if "queued-resources create" in c)
+    assert f"--accelerator-type={accelerator} --runtime-version={runtime} --node-id=smartbrush --spot" in create
+    assert ("--autocheckpoint-enabled" in create) == autocheckpoint
+    assert create.startswith("gcloud alpha ") == autocheckpoint  # the preview flag needs the alpha command
+
+
+def test_tpu_vm_multislice_asks_for_slices_and_spans_the_data_axis_over_them():
+    p, cmds = _dry_run("--zone=z", "--workdir=gs://b/r", "--accelerator-type=v5p-128", "--slices=2", "--skip-setup")
+    assert p.returncode == 0, p.stderr
+    create = next(c for c in cmds if "queued-resources create" in c)
+    assert "--node-count=2 --node-prefix=smartbrush" in create and "--node-id" not in create
+    trains = [c for c in cmds if "smartbrush_jax.train" in c]
+    assert [t.split()[5] for t in trains] == ["smartbrush-0", "smartbrush-1"]  # every worker of both slices
+    assert all("--config.mesh.dcn_shape.data=2" in t and "--workdir=gs://b/r" in t for t in trains)
+
+
+def test_tpu_vm_data_buckets_are_mounted_read_only_and_never_hold_checkpoints():
+    p, cmds = _dry_run("--zone=z", "--workdir=gs://runs/sb", "--data-bucket=data", "--skip-setup")
+    assert p.returncode == 0, p.stderr
+    train = next(c for c in cmds if "smartbrush_jax.train" in c)
+    assert "gcsfuse -o ro --implicit-dirs --file-cache-max-size-mb=-1" in train and " data /mnt/gcs/data" in train
+    assert "--workdir=gs://runs/sb " in train and "/mnt/gcs/runs" not in train
+    assert "$USER" not in p.stdout  # remote paths are the ssh user's own home (OS Login names differ)
+
+
+def test_tpu_vm_relaunch_recreates_a_preempted_spot_slice(tmp_path):
+    from launch_fakes import run_tpu_vm
+
+    p, calls, fake = run_tpu_vm(tmp_path, "SUSPENDED", "ok", "--spot", "--detach")
+    assert p.returncode == 0, p.stderr
+    assert "is SUSPENDED (preempted or failed): deleting it and asking again" in p.stderr
+    lines = calls.splitlines()
+    delete = next(i for i, c in enumerate(lines) if c.startswith("compute tpus queued-resources delete sb"))
+    create = next(i for i, c in enumerate(lines) if "queued-resources create sb" in c)
+    assert delete < create and "--spot" in lines[create]
+    assert (fake / "worker0" / "trainer_calls").read_text().startswith("trainer -m smartbrush_jax.train")
 
 
 @pytest.mark.parametrize("args,message", [(["--zone=z"], "WORKDIR is required"),
                                           (["--workdir=gs://b/r"], "ZONE is required"),
-                                          (["--zone=z", "--workdir=gs://b/r", "--frobnicate"], "unknown argument"),
+                                          (["--zone=z", "--workdir=/home/me/runs/sb"], "must be a gs:// URL"),
+                                          (["--zone=z", "--workdir=gs://b/r", "--accelerator-type=tpu9-8"],
+                                           "unknown accelerator type"),
+                                          (["--zone=z", "--workdir=gs://b/r", "--slices=0"], "--slices"),
+                                          (["--zone=z", "--workdir=gs://b/r", "--no-gcsfuse"], "unknown argument"),
                                           (["--zone=z", "--workdir=gs://b/r", "--detach", "--delete"], "exclude")])
 def test_tpu_vm_refuses_missing_parameters(args, message):
     env = {k: v for k, v in os.environ.items() if k not in ("WORKDIR", "ZONE")}

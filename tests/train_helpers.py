@@ -44,12 +44,13 @@ def train(workdir, *overrides, devices=1, timeout=600):
 
 
 @contextlib.contextmanager
-def start(workdir, *overrides, log=None, devices=1, extra_args=()):
+def start(workdir, *overrides, log=None, devices=1, extra_args=(), extra_env=None):
     """A trainer in its own process group (a new session, as a scheduler starts a job), its
     stderr to `log`; `os.killpg(p.pid, sig)` signals it and any worker it started. Whatever
     is left of the group when the block ends is killed."""
     with open(log or os.path.join(str(workdir) + ".log"), "w") as err:
-        p = subprocess.Popen([*cmd(workdir, *overrides), *extra_args], env=env(devices), cwd=ROOT,
+        p = subprocess.Popen([*cmd(workdir, *overrides), *extra_args], env={**env(devices), **(extra_env or {})},
+                             cwd=ROOT,
                              stdout=subprocess.DEVNULL, stderr=err, start_new_session=True)
         try:
             yield p

@@ -21,6 +21,7 @@ import time
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from smartbrush_jax import storage
 from smartbrush_jax.box import Box
 from smartbrush_jax.errors import InputError, run_command
 from smartbrush_jax.pretrained import ema_choice
@@ -88,10 +89,10 @@ def run(args) -> int:
 
     if args.levels < 1:
         raise InputError(f"--levels must be >= 1, got {args.levels}")
-    if os.path.isfile(args.checkpoint) and args.tokenizer is None:
+    if storage.isfile(args.checkpoint) and args.tokenizer is None:
         raise InputError("a single-file checkpoint holds no tokenizer: pass --tokenizer DIR "
                          "(a folder with vocab.json and merges.txt)")
-    if not os.path.exists(args.checkpoint):
+    if not storage.exists(args.checkpoint):
         raise InputError(f"--checkpoint {args.checkpoint}: no such file or folder")
     inpainter = Inpainter.load(args.checkpoint, args.tokenizer, args.levels, ema_choice(args.ema), warn=warn)
     if not 0 <= args.precision <= inpainter.num_levels:

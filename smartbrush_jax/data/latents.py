@@ -55,10 +55,11 @@ def is_latent_cache(folder: str) -> bool:
     """A folder this command wrote: its metadata.json has a `latents` entry."""
     import json
 
+    from smartbrush_jax import storage
+
     try:
-        with open(os.path.join(folder, "metadata.json")) as f:
-            return bool(json.load(f).get("latents"))
-    except (OSError, ValueError, AttributeError):
+        return bool(json.loads(storage.read_text(storage.join(folder, "metadata.json"))).get("latents"))
+    except (InputError, OSError, ValueError, AttributeError):
         return False
 
 
