@@ -6,16 +6,19 @@
 # 1. check     our U-Net against diffusers on the GPU (fp32 and our bf16 settings), rel. error
 # 2. step      bench/unet_step.py --config sd_v1: ours vs diffusers PyTorch (bf16 autocast,
 #              SDPA, torch.compile), batch ${BATCH:-8}, images/s, TFLOP/s, MFU, peak memory
-# 3. maxbatch  the largest batch that fits: ours with remat none and full, PyTorch without and
+# 3. blip      bench/prepare.py: BLIP-base-shaped random captioner on cuda, fp16, batch 64, captions/s
+# 4. maxbatch  the largest batch that fits: ours with remat none and full, PyTorch without and
 #              with gradient checkpointing (doubling then bisection, multiples of 8)
-# `bash bench/gpu.sh step` (or check, maxbatch) runs one part; "all" (the default) gives the
-# max-batch searches whatever is left of GPU_BENCH_SECONDS (540) after parts 1 and 2, and
+# `bash bench/gpu.sh step` (or check, blip, maxbatch) runs one part; "all" (the default) gives the
+# max-batch searches whatever is left of GPU_BENCH_SECONDS (540) after parts 1 to 3, and
 # reports a bracket where the time ran out. JSON and a log go to ${OUT:-bench/results}.
 #
-# The GPU image has JAX, flax, optax and PyTorch but not diffusers, and nothing can be
-# downloaded there: carry its wheel, made here once (pure Python, no dependencies missing there):
+# The GPU image has JAX, flax, optax and PyTorch but not diffusers or transformers, and nothing
+# can be downloaded there: carry their wheels, made here once (for the image's Python 3.12):
 #   mkdir -p .git/info && echo /.whl/ >> .git/info/exclude
-#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 -d .whl diffusers==0.42.1
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
+#     --platform manylinux2014_x86_64 -d .whl diffusers==0.42.1 transformers==5.24.0 tokenizers==0.23.3 \
+#     huggingface-hub==2.4.0 safetensors==0.8.0 regex==2026.11.19
 # smartbrush_jax itself needs no install: the repo root goes on PYTHONPATH.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -31,7 +34,7 @@ export JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:-/tmp/smartbrush_ja
 left() { echo $((TOTAL - $(date +%s) + START)); }
 exec > >(tee -a "$RES/gpu_log.txt") 2>&1
 
-if ! $PY -c "import diffusers" 2>/dev/null; then
+if ! $PY -c "import diffusers, transformers" 2>/dev/null; then
   ls .whl/diffusers-*.whl >/dev/null 2>&1 || { echo "diffusers is missing and no .whl/ was carried (see the header)"; exit 1; }
   $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/smartbrush_site \
     .whl/*.whl || exit 1
@@ -53,6 +56,11 @@ if [[ $PART == all || $PART == step ]]; then
   echo "== step ($(left) s left)"
   timeout $(($(left) > 420 ? 420 : $(left))) $PY bench/unet_step.py "${step_args[@]}" --steps 20 --warmup 3 \
     --json "$RES/gpu_sd_v1_unet_step.json"
+fi
+if [[ $PART == all || $PART == blip ]]; then
+  echo "== blip ($(left) s left)"
+  timeout 240 $PY bench/prepare.py --blip-only --blip-size base --blip-device cuda --blip-batch 64 \
+    --blip-crops 512 --json "$RES/gpu_blip_captions.json"
 fi
 if [[ $PART == all || $PART == maxbatch ]]; then
   budget=$(($(left) - 40))  # two sides, each its two searches; a probe is not started past its share
@@ -94,6 +102,10 @@ if s:
               f"{note}")
     if "ratio" in s:
         print(f"ratio ours/PyTorch images/s: {s['ratio']:.2f}")
+b = load("gpu_blip_captions.json")
+if b:
+    r = b["blip"]
+    print(f"BLIP {r['size']} on {r['device']} ({r['dtype']}, batch {r['batch']}): {r['captions_per_s']:.1f} captions/s")
 m = load("gpu_sd_v1_max_batch.json")
 for key in ("ours_max_batch", "pytorch_max_batch"):
     for name, r in ((m or {}).get(key) or {}).items():

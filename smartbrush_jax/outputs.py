@@ -87,11 +87,13 @@ def _check_remote(out, inputs, is_ours, overwrite, flag, what) -> None:
 
 
 @contextlib.contextmanager
-def building(out: str, keep_on_failure: bool = False):
+def building(out: str, keep_on_failure: bool = False, resume: bool = False):
     """`with building(out) as tmp:` write the folder into `tmp`; when the block ends
     normally `tmp` becomes `out` (replacing an existing `out`, which `check_output`
     allowed). On an exception `tmp` is removed, or kept with its marker when
-    `keep_on_failure` (finished work a rerun can use); the exception propagates."""
+    `keep_on_failure` (finished work a rerun can use); the exception propagates. With
+    `resume`, the `OUT.partial` of an interrupted run of ours is handed back as it is (the
+    command decides what in it to keep) instead of being emptied."""
     if storage.is_remote(out):
         import tempfile
 
@@ -102,10 +104,10 @@ def building(out: str, keep_on_failure: bool = False):
             storage.upload(tmp, out)
         return
     partial = partial_path(out)
-    if os.path.lexists(partial):  # ours, from an interrupted run (check_output verified the marker)
-        shutil.rmtree(partial)
-    os.makedirs(partial)
     marker = os.path.join(partial, PARTIAL_MARKER)
+    if os.path.lexists(partial) and not (resume and os.path.isfile(marker)):
+        shutil.rmtree(partial)  # ours, from an interrupted run (check_output verified the marker)
+    os.makedirs(partial, exist_ok=True)
     open(marker, "w").close()
     try:
         yield partial

@@ -35,10 +35,11 @@ from smartbrush_jax import checkpoints, flops, sharding, storage  # noqa: E402
 from smartbrush_jax.config import ConfigError, validate  # noqa: E402
 from smartbrush_jax.data.pipeline import DataError, latent_cache, make_dataset, uncached_dirs  # noqa: E402
 from smartbrush_jax.data.prepare import prepare  # noqa: E402
-from smartbrush_jax.data.sources import read_captions, read_coco, read_webdataset  # noqa: E402
+from smartbrush_jax.data.sources import CocoSource, WebdatasetSource, read_captions  # noqa: E402
 from smartbrush_jax.data.synthetic import COLOURS, SHAPES, write_dataset  # noqa: E402
 from smartbrush_jax.data.tokenizer import load_tokenizer, write_word_tokenizer  # noqa: E402
-from smartbrush_jax.data.validate import SKIP_REASONS, Counter  # noqa: E402
+from smartbrush_jax.data.validate import SKIP_REASONS  # noqa: E402
+from smartbrush_jax.distributed import Distributed  # noqa: E402,F401  (part of this API)
 from smartbrush_jax.heldout import HeldoutGrids  # noqa: E402
 from smartbrush_jax.outputs import building  # noqa: E402
 from smartbrush_jax.preemption import StopRequest  # noqa: E402
@@ -61,27 +62,6 @@ BATCH_KEYS = ("image", "latent_mean", "latent_logvar", "mask", "latent_mask", "t
 
 class TrainingError(RuntimeError):
     """The run cannot go on (e.g. too many non-finite steps in a row); exit code 1."""
-
-
-@dataclasses.dataclass(frozen=True)
-class Distributed:
-    """How this process joins the others (`jax.distributed.initialize`): `auto` lets JAX find
-    the cluster (Cloud TPU, SLURM, ...); the three fields name it by hand (CPU devices then
-    use gloo collectives, as `launch/local_multiprocess.sh` runs them)."""
-
-    auto: bool = False
-    coordinator_address: Optional[str] = None
-    num_processes: Optional[int] = None
-    process_id: Optional[int] = None
-
-    def initialize(self) -> None:
-        if self.num_processes and self.num_processes > 1:
-            # cross-process collectives for CPU devices (ignored by GPU/TPU backends); set
-            # before initialize(), which must come before any backend use
-            jax.config.update("jax_cpu_collectives_implementation", "gloo")
-            jax.distributed.initialize(self.coordinator_address, self.num_processes, self.process_id)
-        elif self.auto:
-            jax.distributed.initialize()
 
 
 def run(config, workdir: str, *, distributed: Optional[Distributed] = None,
@@ -284,12 +264,12 @@ def build_synthetic(config, root: str):
         print(f"building the synthetic shapes set: {n} scenes at {size}px in {root}", file=sys.stderr)
         for name, scenes, seed, out in (("train", n, 0, train_dir), ("heldout", max(8, n // 20), 1, heldout_dir)):
             raw = write_dataset(os.path.join(root, f"raw_{name}"), scenes, size, seed)
-            counts = {"coco": Counter(), "webdataset": Counter()}
-            readers = {"coco": read_coco(raw["annotations"], raw["images"], counts["coco"], min_mask_area=0.01,
-                                         captions=read_captions(raw["captions"])),
-                       "webdataset": read_webdataset([raw["image_text"]], counts["webdataset"])}
+            sources = {"coco": CocoSource(raw["annotations"], raw["images"], min_mask_area=0.01,
+                                          captions=read_captions(raw["captions"])),
+                       "webdataset": WebdatasetSource([raw["image_text"]])}
             with building(out) as tmp:  # replaces the folder of an earlier, interrupted build of this run
-                prepare(tmp, readers, counts, extra_meta={"min_mask_area": 0.01, "max_pixels": DataConfig.max_pixels})
+                prepare(tmp, sources, workers=1, progress=False,  # in this process: no fork of a JAX process
+                        extra_meta={"min_mask_area": 0.01, "max_pixels": DataConfig.max_pixels})
         words = list(COLOURS) + list(SHAPES) + ["a", "small", "large", "with", "thin", "black", "outline", "on",
                                                 "the", "left", "right", "in", "middle", "and", "background",
                                                 "stripes", "checks", "gradient", "noise"]

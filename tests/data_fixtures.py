@@ -184,3 +184,34 @@ def write_webdataset(root: str):
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
     return path, {"000": "a red bus", "001": "two cats"}, {"bad_caption": 1, "missing_file": 1, "corrupt_image": 1}
+
+
+def write_blip(folder: str, size: str = "tiny") -> None:
+    """A random BLIP captioner saved as transformers saves one (model + BlipProcessor).
+    `tiny`: a 13-word vocabulary, 32 px, one layer each side (tests); `base`: the shapes of
+    BLIP base (ViT-B/16 at 384 px, a 12-layer BERT text decoder, 30524 tokens) for timing."""
+    from transformers import BertTokenizer, BlipConfig, BlipForConditionalGeneration, BlipImageProcessor, BlipProcessor
+
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "red", "star", "cat", "dog", "on", "the", "blue"]
+    if size == "base":
+        words += [f"w{i}" for i in range(30524 - len(words))]
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, "vocab.txt"), "w") as f:
+        f.write("\n".join(words) + "\n")
+    tok = BertTokenizer(os.path.join(folder, "vocab.txt"), bos_token="[CLS]", eos_token="[SEP]")
+    ids = dict(bos_token_id=2, sep_token_id=3, pad_token_id=0, eos_token_id=3)
+    if size == "base":
+        proc = BlipProcessor(BlipImageProcessor(size={"height": 384, "width": 384}), tok)
+        cfg = BlipConfig(vision_config=dict(image_size=384, patch_size=16),
+                         text_config=dict(vocab_size=len(words), **ids))
+    else:
+        proc = BlipProcessor(BlipImageProcessor(size={"height": 32, "width": 32}), tok)
+        cfg = BlipConfig(
+            vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                               image_size=32, patch_size=8),
+            text_config=dict(vocab_size=len(words), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                             num_attention_heads=2, max_position_embeddings=64, **ids),
+            projection_dim=32)
+    BlipForConditionalGeneration(cfg).eval().save_pretrained(folder)
+    proc.save_pretrained(folder)
+

@@ -5,7 +5,7 @@ import os
 
 import numpy as np
 import pytest
-from data_fixtures import write_coco, write_openimages, write_webdataset
+from data_fixtures import write_blip, write_coco, write_openimages, write_webdataset
 
 from smartbrush_jax.cli.prepare import main
 from smartbrush_jax.data.records import RecordError, decode_mask, pack_record, unpack_record
@@ -52,12 +52,28 @@ def test_prepare_all_formats(tmp_path, capsys):
 
 
 def test_record_format_round_trip_and_corruption():
-    rec = {"id": "x:1", "label": "cat", "image": b"\x00\x01\x02", "mask": b"abc", "box": [1, 2, 3, 4]}
+    import struct
+
+    rec = {"id": "x:1", "source": "coco", "kind": "seg", "label": "cat", "caption": "a cat", "image": b"\x00\x01",
+           "mask": b"abc", "box": [1, 2, 3, 4]}
     assert unpack_record(pack_record(rec)) == rec
-    with pytest.raises(RecordError, match="bad magic"):
-        unpack_record(b"PK\x03\x04 zip")
+    # every field of the schema is written (TFDS expects all features in every record)
+    assert unpack_record(pack_record({"id": "l:1", "kind": "t2i", "image": b"x"})) == {
+        "id": "l:1", "source": "", "kind": "t2i", "label": "", "caption": "", "image": b"x", "mask": b"",
+        "box": [0, 0, 0, 0]}
+    with pytest.raises(ValueError, match="not in the record schema"):
+        pack_record({"id": "x", "pixels": b""})
+    with pytest.raises(ValueError, match="expected 4"):
+        pack_record({"id": "x", "box": [1, 2]})
+    for bad in (b"PK\x03\x04 zip", pack_record(rec)[:-2], b"", b"\xff" * 10):
+        with pytest.raises(RecordError, match="not a SmartBrush record"):
+            unpack_record(bad)
+    # version 1 (folders prepared before the TFDS layout) is still read
+    header = json.dumps({"id": {"value": "coco:7"}, "mask": {"offset": 0, "length": 3}}).encode()
+    v1 = b"SBR1" + struct.pack("<I", len(header)) + header + b"png"
+    assert unpack_record(v1) == {"id": "coco:7", "mask": b"png"}
     with pytest.raises(RecordError, match="truncated"):
-        unpack_record(pack_record(rec)[:-2])
+        unpack_record(v1[:-1])
 
 
 def test_prepare_cli_errors(tmp_path, capsys):
@@ -74,30 +90,9 @@ def test_prepare_cli_errors(tmp_path, capsys):
                  "--blip-model", str(tmp_path / "noblip")]) == 2
 
 
-def _tiny_blip(folder):
-    """A tiny random BLIP captioner with a small BERT vocabulary, saved locally."""
-    from transformers import BertTokenizer, BlipConfig, BlipForConditionalGeneration, BlipImageProcessor, BlipProcessor
-
-    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "red", "star", "cat", "dog", "on", "the", "blue"]
-    os.makedirs(folder, exist_ok=True)
-    with open(os.path.join(folder, "vocab.txt"), "w") as f:
-        f.write("\n".join(words) + "\n")
-    tok = BertTokenizer(os.path.join(folder, "vocab.txt"), bos_token="[CLS]", eos_token="[SEP]")
-    proc = BlipProcessor(BlipImageProcessor(size={"height": 32, "width": 32}), tok)
-    cfg = BlipConfig(
-        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                           image_size=32, patch_size=8),
-        text_config=dict(vocab_size=len(words), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                         num_attention_heads=2, max_position_embeddings=64, bos_token_id=2, sep_token_id=3,
-                         pad_token_id=0, eos_token_id=3),
-        projection_dim=32)
-    BlipForConditionalGeneration(cfg).eval().save_pretrained(folder)
-    proc.save_pretrained(folder)
-
-
 def test_blip_captions_objects_without_a_caption(tmp_path):
     coco, expected, _, _ = write_coco(str(tmp_path / "coco"))
-    _tiny_blip(str(tmp_path / "blip"))
+    write_blip(str(tmp_path / "blip"))
     captions = tmp_path / "caps.jsonl"
     captions.write_text('{"annotation_id": 1, "caption": "given caption"}\n')
     out = tmp_path / "prepared"

@@ -265,25 +265,31 @@ def _records(folder, files):
 
 
 def test_a_source_that_fails_late_is_counted_and_the_rest_prepared(tmp_path, monkeypatch, capsys):
-    """A reader that raises mid-way (a file that vanished, a reader's bug): what it gave is
-    kept, `unreadable_source` counted, the next source read, exit 0."""
-    from smartbrush_jax.cli import prepare as prep
+    """A reader that raises mid-way through a work unit (a file that vanished, a reader's
+    bug): what the unit gave is kept, `unreadable_source` counted, the other units and
+    sources read, exit 0."""
+    from smartbrush_jax.data.sources import CocoSource
 
     raw = _synthetic(tmp_path)
-    real = prep.read_coco
+    real = CocoSource.read
 
-    def failing(*a, **k):
-        for i, ex in enumerate(real(*a, **k)):
-            if i == 3:
+    def failing(self, unit, counts):
+        for i, ex in enumerate(real(self, unit, counts)):
+            if unit[0] == 0 and i == 3:
                 raise OSError("the network filesystem went away")
             yield ex
 
-    monkeypatch.setattr(prep, "read_coco", failing)
     out = tmp_path / "prepared"
-    assert _prepare("--out", out, "--coco-annotations", raw["annotations"], "--coco-images", raw["images"],
-                    "--webdataset", raw["image_text"]) == 0
+    args = ["--coco-annotations", raw["annotations"], "--coco-images", raw["images"], "--unit-images", "3"]
+    assert _prepare("--out", tmp_path / "whole", *args, "--workers", "1") == 0
+    whole = json.loads((tmp_path / "whole" / "metadata.json").read_text())["components"]["seg"]["count"]
+    monkeypatch.setattr(CocoSource, "read", failing)
+    assert _prepare("--out", out, *args, "--webdataset", raw["image_text"], "--workers", "1") == 0
     meta = json.loads((out / "metadata.json").read_text())
-    assert meta["skipped"]["coco"] == {"unreadable_source": 1} and meta["components"]["seg"]["count"] == 3
+    assert meta["skipped"]["coco"] == {"unreadable_source": 1}
+    first_unit = sum(1 for ann in json.load(open(raw["annotations"]))["annotations"] if ann["image_id"] in
+                     sorted({a["image_id"] for a in json.load(open(raw["annotations"]))["annotations"]})[:3])
+    assert first_unit > 3 and meta["components"]["seg"]["count"] == whole - (first_unit - 3)
     assert meta["components"]["t2i"]["count"] > 0
     assert "reading stopped after 3 examples" in capsys.readouterr().err
 

@@ -97,7 +97,7 @@ def test_cache_holds_the_vae_moments_of_the_pipeline_crops(cached):
     src_meta = json.loads(open(os.path.join(cached["prepared"], "metadata.json")).read())
     lat = meta["latents"]
     assert lat["resolution"] == R and lat["latent_factor"] == F and lat["channels"] == 4 and lat["crops"] == K
-    assert lat["vae"] == os.path.abspath(cached["sd"]) and lat["format_version"] == 1
+    assert lat["vae"] == os.path.abspath(cached["sd"]) and lat["format_version"] == 2
     assert lat["prepared"] == os.path.abspath(cached["prepared"])
     n_seg, n_t2i = src_meta["components"]["seg"]["count"], src_meta["components"]["t2i"]["count"]
     assert meta["components"]["seg"]["count"] == K * n_seg and meta["components"]["t2i"]["count"] == K * n_t2i
@@ -214,3 +214,53 @@ def test_two_training_steps_on_the_cache(cached, tmp_path):
     summary = json.loads(open(os.path.join(work, "summary.json")).read())
     assert summary["steps"] == 2 and all(np.isfinite(h["loss"]) for h in summary["history"] if "loss" in h)
     assert os.path.isfile(os.path.join(work, "samples", "step_0000002.png"))
+
+
+_TFDS_READ = '''
+import json, sys
+import tensorflow_datasets as tfds
+b = tfds.builder_from_directory(sys.argv[1])
+ds = b.as_data_source("train")
+print(json.dumps({"n": len(ds), "features": sorted(b.info.features.keys()),
+                  "ids": [ds[i]["id"].decode() for i in range(len(ds))]}))
+'''
+
+
+def test_two_processes_write_the_cache_one_process_writes(cached, tmp_path):
+    """`--coordinator-address/--num-processes/--process-id` (what `--distributed` finds on a
+    cluster): each process encodes its share of the shards into one folder, process 0 writes
+    the metadata; the result is the single-process cache, file for file."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = str(tmp_path / "cache2")
+    args = ["--prepared", cached["prepared"], "--out", out, "--vae", cached["sd"], "--resolution", str(R),
+            "--crops", str(K), "--batch", "3", "--seed", "5", "--shard-size", "7",
+            "--coordinator-address", f"127.0.0.1:{port}", "--num-processes", "2"]
+    env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3")
+    procs = [subprocess.Popen([sys.executable, "-m", "smartbrush_jax.data.latents", *args, "--process-id", str(i)],
+                              cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for i in range(2)]
+    logs = [p.communicate(timeout=300)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], "\n".join(log[-3000:] for log in logs)
+    assert "latents: 3 of 6 shards" in logs[0] and "latents: 3 of 6 shards" in logs[1]  # each did its share
+    one, two = (json.loads(open(os.path.join(d, "metadata.json")).read()) for d in (cached["out"], out))
+    for m in (one, two):
+        m.pop("created")
+    assert one == two
+    assert sorted(os.listdir(out)) == sorted(os.listdir(cached["out"]))
+    for f in os.listdir(out):
+        if "array_record" in f:
+            assert open(os.path.join(out, f), "rb").read() == open(os.path.join(cached["out"], f), "rb").read()
+    # and the cache is a TFDS dataset: its split holds every crop, in the metadata's order
+    proc = subprocess.run([sys.executable, "-c", _TFDS_READ, out], capture_output=True, text=True, env=env,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert got["features"] == ["box", "caption", "crop", "id", "kind", "label", "latent_dtype", "latent_logvar",
+                               "latent_mean", "latent_shape", "mask", "source"]
+    ours = [r.get("id") for k in ("seg", "t2i") for r in _records(out, two["components"][k]["files"])]
+    assert got["n"] == len(ours) == two["components"]["seg"]["count"] + two["components"]["t2i"]["count"]
+    assert got["ids"] == ours

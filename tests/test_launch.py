@@ -37,7 +37,7 @@ def same_data(tmp_path_factory):
     which grain interleaves seg, t2i, seg, ...: process i's half-batch equals the same
     half of the single process's batch. `test_data_is_the_same_for_one_or_two_processes`
     checks this; rows still differ in t, s, noise and text dropout (the step's RNG)."""
-    from smartbrush_jax.data.prepare import prepare
+    from smartbrush_jax.data.prepare import ListSource, prepare
     from smartbrush_jax.data.sources import RawExample, mask_box
     from smartbrush_jax.data.synthetic import render_background
     from smartbrush_jax.data.tokenizer import write_word_tokenizer
@@ -62,7 +62,8 @@ def same_data(tmp_path_factory):
            for i in range(4)]
     t2i = [RawExample(f"launch:t{i}", "launch", "t2i", encoded(scene), scene, None, "", caption) for i in range(4)]
     prepared, tokenizer = str(root / "prepared"), str(root / "tokenizer")
-    prepare(prepared, {"seg": iter(seg), "t2i": iter(t2i)}, {}, progress=False)
+    os.makedirs(prepared)
+    prepare(prepared, {"seg": ListSource(seg), "t2i": ListSource(t2i)}, progress=False)
     write_word_tokenizer(tokenizer, [label, caption])
     return prepared, tokenizer
 

@@ -28,12 +28,32 @@ def build_parser():
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="the VAE's compute dtype")
     p.add_argument("--shard-size", type=int, default=5000)
     p.add_argument("--progress-every", type=int, default=1000, help="records between progress lines")
+    g = p.add_argument_group("several hosts (every host runs the same command; one output)")
+    g.add_argument("--distributed", action="store_true", help="let JAX find the cluster (Cloud TPU, SLURM, ...)")
+    g.add_argument("--coordinator-address", help="host:port of process 0")
+    g.add_argument("--num-processes", type=int)
+    g.add_argument("--process-id", type=int)
     return p
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    return run_command(lambda: _report(cache_latents(args), args.out))
+    return run_command(lambda: _run(args))
+
+
+def _run(args) -> int:
+    from smartbrush_jax.distributed import Distributed
+    from smartbrush_jax.errors import InputError
+
+    named = (args.coordinator_address, args.num_processes, args.process_id)
+    if any(v is not None for v in named) and not all(v is not None for v in named):
+        raise InputError("--coordinator-address, --num-processes and --process-id go together")
+    distributed = Distributed(auto=args.distributed, coordinator_address=args.coordinator_address,
+                              num_processes=args.num_processes, process_id=args.process_id)
+    meta = cache_latents(args, distributed)
+    import jax
+
+    return _report(meta, args.out) if jax.process_index() == 0 else 0
 
 
 def _report(meta: dict, out: str) -> int:

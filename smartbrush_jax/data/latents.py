@@ -19,14 +19,21 @@ AutoencoderKL (jitted, `--batch` crops at a time) and writes one record per crop
     crop, box                    the crop's index k and (x0, y0, side) in the source image
 
 Records that fail to decode are skipped and counted by reason, as in `prepare`. The output
-has the layout of a prepared folder (`seg-*`/`t2i-*` shards, `metadata.json`) plus a
-`latents` entry in the metadata; point `config.data.prepared_dirs` at it and train at the
-same resolution with the same VAE. The trade-off: augmentation is fixed to the K crops,
-and the cache takes about 2 * (R/f)^2 * C * 2 bytes per crop (64 KiB at 512 px, SD's VAE).
+has the layout of a prepared folder (`metadata.json` naming the seg and t2i shards) plus a
+`latents` entry in the metadata, and is a TFDS dataset too (`tfds_info.py`); point
+`config.data.prepared_dirs` at it and train at the same resolution with the same VAE. The
+trade-off: augmentation is fixed to the K crops, and the cache takes about
+2 * (R/f)^2 * C * 2 bytes per crop (64 KiB at 512 px, SD's VAE).
+
+On a slice or cluster every host runs the same command with `--distributed` (or the
+coordinator flags): the output shards are fixed before any work (`shard_size // crops`
+input records each), process i encodes shards i, i+N, ... on its own devices, and process 0
+writes the metadata when all are done, so the cache is the same for any number of hosts.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import time
@@ -36,12 +43,11 @@ from typing import List
 import numpy as np
 
 from smartbrush_jax.data.prepare import FORMAT_VERSION as PREPARED_FORMAT_VERSION
-from smartbrush_jax.data.prepare import ShardWriter
 from smartbrush_jax.data.records import RecordError, encode_mask, pack_record, unpack_record
 from smartbrush_jax.data.validate import SKIP_REASONS, Counter, Skip
 from smartbrush_jax.errors import InputError
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # records.py version 2 (TFDS features); caches of version 1 are still read
 _COMPONENT_IDS = {"seg": 0, "t2i": 1}
 
 
@@ -53,8 +59,6 @@ def crop_rng(seed: int, component: str, index: int, crop: int) -> np.random.Gene
 
 def is_latent_cache(folder: str) -> bool:
     """A folder this command wrote: its metadata.json has a `latents` entry."""
-    import json
-
     from smartbrush_jax import storage
 
     try:
@@ -64,8 +68,6 @@ def is_latent_cache(folder: str) -> bool:
 
 
 def _check_args(args):
-    import json
-
     meta_path = os.path.join(args.prepared, "metadata.json")
     if not os.path.isdir(args.prepared):
         raise InputError(f"--prepared {args.prepared}: no such folder")
@@ -89,102 +91,261 @@ def _check_args(args):
     return meta
 
 
-def cache_latents(args) -> dict:
-    import json
-
-    import grain
+def cache_latents(args, distributed=None) -> dict:
+    """Write the cache; every process of a multi-process job (`distributed`, a
+    `smartbrush_jax.distributed.Distributed`) calls this with the same arguments and encodes
+    its share of the shards on its own devices; process 0 writes the metadata once all are
+    done. Returns the metadata."""
     import jax
-    import jax.numpy as jnp
 
-    from smartbrush_jax.data.pipeline import ExampleTransform
-    from smartbrush_jax.models import AutoencoderKL
-    from smartbrush_jax.pretrained import load_diffusers_folder
-    from smartbrush_jax.settings import DataConfig
-    from smartbrush_jax.weights import WeightsError
+    from smartbrush_jax.distributed import Distributed
 
+    (distributed or Distributed()).initialize()
     src_meta = _check_args(args)
-    try:
-        with open(os.path.join(args.vae, "vae", "config.json")) as f:
-            n_blocks = len(json.load(f)["block_out_channels"])
-    except (ValueError, KeyError, TypeError) as e:
-        raise InputError(f"--vae {args.vae}: unreadable vae/config.json ({e})") from None
-    factor = 2 ** (n_blocks - 1)
-    if args.resolution % factor:
-        raise InputError(f"--resolution {args.resolution} is not a multiple of the VAE's factor {factor}")
-    try:
-        sd = load_diffusers_folder(args.vae, components=("vae",))
-    except WeightsError as e:
-        raise InputError(f"--vae {args.vae}: {e}") from None
-    dtype = jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32
-    vae = AutoencoderKL(sd.vae_config, dtype=dtype)
-    channels = sd.vae_config.latent_channels
-    encode = jax.jit(lambda p, x: vae.apply({"params": p}, x, method=vae.encode))
-    params = sd.vae_params
+    encoder = _Encoder(args, src_meta)
+    blocks = _plan(args, src_meta)
+    nproc, me = jax.process_count(), jax.process_index()
+    mine = [i for i in range(len(blocks)) if i % nproc == me]
+    start = time.time()
+    if nproc == 1:
+        from smartbrush_jax.outputs import building
 
-    cfg = DataConfig(resolution=args.resolution, latent_factor=factor, crop_context=tuple(args.crop_context),
-                     max_pixels=int(src_meta.get("max_pixels", DataConfig.max_pixels)))
-    transform = ExampleTransform(cfg)
-    from smartbrush_jax.outputs import building
+        with building(args.out) as out_dir:  # swapped in when complete
+            _write_blocks(out_dir, blocks, mine, encoder, args, start)
+            meta = _assemble(out_dir, blocks, _summaries(out_dir), encoder, args, src_meta)
+    else:
+        meta = _distributed(args, blocks, mine, encoder, src_meta, me, start)
+    print(f"  latents: {len(mine)} of {len(blocks)} shards in {time.time() - start:.0f}s (process {me} of {nproc})",
+          file=sys.stderr)
+    return meta
 
-    with building(args.out) as out_dir:  # swapped in when complete
-        r, B, h = args.resolution, args.batch, args.resolution // factor
-        components, skipped, source_records = {}, {}, {}
-        start, done = time.time(), 0
-        for name, comp in src_meta["components"].items():
-            writer = ShardWriter(out_dir, name, args.shard_size)
-            counts, per_source = Counter(), Counter()
-            pending: List[tuple] = []  # (fields, image crop)
 
-            def flush():
-                if not pending:
-                    return
-                pixels = np.zeros((B, r, r, 3), np.float32)
-                for j, (_, image) in enumerate(pending):
-                    pixels[j] = image.astype(np.float32) / 127.5 - 1.0
-                mean, logvar = jax.device_get(encode(params, jnp.asarray(pixels)))
+class _Encoder:
+    """The VAE encoder, jitted over this process's own devices (the batch split between them)."""
+
+    def __init__(self, args, src_meta):
+        import json
+
+        import jax
+        import jax.numpy as jnp
+        from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+        from smartbrush_jax.data.pipeline import ExampleTransform
+        from smartbrush_jax.models import AutoencoderKL
+        from smartbrush_jax.pretrained import load_diffusers_folder
+        from smartbrush_jax.settings import DataConfig
+        from smartbrush_jax.weights import WeightsError
+
+        try:
+            with open(os.path.join(args.vae, "vae", "config.json")) as f:
+                n_blocks = len(json.load(f)["block_out_channels"])
+        except (ValueError, KeyError, TypeError) as e:
+            raise InputError(f"--vae {args.vae}: unreadable vae/config.json ({e})") from None
+        self.factor = 2 ** (n_blocks - 1)
+        if args.resolution % self.factor:
+            raise InputError(f"--resolution {args.resolution} is not a multiple of the VAE's factor {self.factor}")
+        try:
+            sd = load_diffusers_folder(args.vae, components=("vae",))
+        except WeightsError as e:
+            raise InputError(f"--vae {args.vae}: {e}") from None
+        self.config = sd.vae_config
+        self.channels = sd.vae_config.latent_channels
+        vae = AutoencoderKL(sd.vae_config, dtype=jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32)
+        devices = jax.local_devices()
+        self.mesh = Mesh(np.array(devices), ("data",))
+        self.batch = -(-args.batch // len(devices)) * len(devices)  # a multiple of the local devices
+        self.rows = rows = NamedSharding(self.mesh, PartitionSpec("data"))
+        self.params = jax.device_put(sd.vae_params, NamedSharding(self.mesh, PartitionSpec()))
+        self.encode = jax.jit(lambda p, x: vae.apply({"params": p}, x, method=vae.encode), out_shardings=rows)
+        cfg = DataConfig(resolution=args.resolution, latent_factor=self.factor, crop_context=tuple(args.crop_context),
+                         max_pixels=int(src_meta.get("max_pixels", DataConfig.max_pixels)))
+        self.transform = ExampleTransform(cfg)
+
+    def __call__(self, images: List[np.ndarray]):
+        import jax
+
+        r = images[0].shape[0]
+        pixels = np.zeros((self.batch, r, r, 3), np.float32)
+        for j, image in enumerate(images):
+            pixels[j] = image.astype(np.float32) / 127.5 - 1.0
+        mean, logvar = jax.device_get(self.encode(self.params, jax.device_put(pixels, self.rows)))
+        return mean[:len(images)], logvar[:len(images)]
+
+
+def _plan(args, src_meta) -> List[tuple]:
+    """The output shards, fixed before any work: (component, files, first record, end) --
+    `shard_size // crops` input records each, seg then t2i -- so every process knows every
+    shard's final name, and the cache is the same for any number of processes."""
+    import grain
+
+    from smartbrush_jax.data import tfds_info
+
+    per = max(1, args.shard_size // args.crops)
+    blocks = []
+    for name in tfds_info.split_order(src_meta["components"]):
+        files = [os.path.join(args.prepared, p) for p in src_meta["components"][name]["files"]]
+        n = len(grain.sources.ArrayRecordDataSource(files)) if files else 0
+        blocks += [(name, files, a, min(n, a + per)) for a in range(0, n, per)]
+    return blocks
+
+
+def _write_blocks(out_dir, blocks, mine, encoder, args, start) -> None:
+    import grain
+
+    from smartbrush_jax.data import tfds_info
+    from smartbrush_jax.data.shards import ShardWriter
+
+    os.makedirs(os.path.join(out_dir, "blocks"), exist_ok=True)
+    h = args.resolution // encoder.factor
+    sources, done = {}, 0
+    for i in mine:
+        name, files, a, b = blocks[i]
+        key = tuple(files)
+        if key not in sources:
+            sources[key] = grain.sources.ArrayRecordDataSource(files)
+        src = sources[key]
+        writer = ShardWriter(out_dir, lambda _, i=i: tfds_info.shard_name("cached", i, len(blocks)), 1 << 62)
+        counts, per_source, pending = Counter(), Counter(), []
+
+        def flush():
+            if pending:
+                mean, logvar = encoder([image for _, image in pending])
                 for j, (fields, _) in enumerate(pending):
                     fields["latent_mean"] = np.asarray(mean[j], np.float16).tobytes()
                     fields["latent_logvar"] = np.asarray(logvar[j], np.float16).tobytes()
                     writer.write(pack_record(fields))
                 pending.clear()
 
-            files = [os.path.join(args.prepared, p) for p in comp["files"]]
-            src = grain.sources.ArrayRecordDataSource(files) if files else []
-            for i in range(len(src)):
-                try:
-                    crops = _record_crops(transform, src[i], args, name, i, [h, h, channels])
-                except Skip as e:
-                    counts[e.reason] += 1
-                    continue
-                for fields, image in crops:
-                    per_source[fields["source"]] += 1
-                    pending.append((fields, image))
-                    if len(pending) == B:
-                        flush()
-                done += 1
-                if args.progress_every and done % args.progress_every == 0:
-                    print(f"  latents: {done} records ({done / (time.time() - start):.1f}/s) [{name}]", file=sys.stderr)
-            flush()
-            components[name] = {"count": writer.count, "files": writer.close(), "sources": dict(per_source)}
-            skipped[name] = {k: counts[k] for k in SKIP_REASONS if counts.get(k)}
-            source_records[name] = len(src)
-        meta = {
-            "format_version": PREPARED_FORMAT_VERSION,
-            "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
-            "components": components,
-            "classes": src_meta.get("classes", []),
-            "skipped": skipped,
-            "source_records": source_records,
-            "latents": {"resolution": r, "latent_factor": factor, "channels": channels, "crops": args.crops,
-                        "vae": os.path.abspath(args.vae), "scaling_factor": sd.vae_config.scaling_factor,
-                        "format_version": FORMAT_VERSION, "dtype": "float16", "latent_shape": [h, h, channels],
-                        "seed": args.seed, "crop_context": list(args.crop_context), "vae_dtype": args.dtype,
-                        "prepared": os.path.abspath(args.prepared)},
-        }
-        with open(os.path.join(out_dir, "metadata.json"), "w") as f:
-            json.dump(meta, f, indent=2)
-        print(f"  latents: {done} records in {time.time() - start:.0f}s", file=sys.stderr)
+        for index in range(a, b):
+            try:
+                crops = _record_crops(encoder.transform, src[index], args, name, index, [h, h, encoder.channels])
+            except Skip as e:
+                counts[e.reason] += 1
+                continue
+            for fields, image in crops:
+                per_source[fields["source"]] += 1
+                pending.append((fields, image))
+                if len(pending) == encoder.batch:
+                    flush()
+            done += 1
+            if args.progress_every and done % args.progress_every == 0:
+                print(f"  latents: {done} records ({done / (time.time() - start):.1f}/s)", file=sys.stderr)
+        flush()
+        ((file, count),) = writer.close(allow_empty=True)
+        summary = {"block": i, "component": name, "file": file, "count": count, "records": b - a,
+                   "sources": dict(per_source), "counts": dict(counts),
+                   "bytes": os.path.getsize(os.path.join(out_dir, file))}
+        tmp = os.path.join(out_dir, "blocks", f"{i:06d}.json.tmp")
+        with open(tmp, "w") as f:
+            json.dump(summary, f)
+        os.replace(tmp, tmp[:-4])
+
+
+def _summaries(folder) -> dict:
+    from smartbrush_jax import storage
+
+    out = {}
+    for p in storage.P(storage.join(folder, "blocks")).glob("*.json"):
+        s = json.loads(p.read_text())
+        out[s["block"]] = s
+    return out
+
+
+def _assemble(out_dir, blocks, summaries, encoder, args, src_meta) -> dict:
+    """metadata.json + the TFDS info of the whole cache, from every shard's summary."""
+    import shutil
+
+    from smartbrush_jax.data import tfds_info
+
+    missing = [i for i in range(len(blocks)) if i not in summaries]
+    if missing:
+        raise RuntimeError(f"shards {missing[:5]} of the cache were not written (a process failed?)")
+    components, skipped, source_records = {}, {}, {}
+    for i in range(len(blocks)):
+        s = summaries[i]
+        comp = components.setdefault(s["component"], {"count": 0, "files": [], "shard_lengths": [], "sources": {}})
+        comp["count"] += s["count"]
+        comp["files"].append(s["file"])
+        comp["shard_lengths"].append(s["count"])
+        for k, v in s["sources"].items():
+            comp["sources"][k] = comp["sources"].get(k, 0) + v
+        sk = skipped.setdefault(s["component"], {})
+        for k, v in s["counts"].items():
+            sk[k] = sk.get(k, 0) + v
+        source_records[s["component"]] = source_records.get(s["component"], 0) + s["records"]
+    h = args.resolution // encoder.factor
+    files = [summaries[i]["file"] for i in range(len(blocks))]
+    if files:
+        tfds_info.write_info(out_dir, "cached", [os.path.join(out_dir, f) for f in files],
+                             [summaries[i]["count"] for i in range(len(blocks))],
+                             sum(summaries[i]["bytes"] for i in range(len(blocks))))
+    meta = {
+        "format_version": PREPARED_FORMAT_VERSION,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "components": components,
+        "classes": src_meta.get("classes", []),
+        "skipped": {k: {r: v[r] for r in SKIP_REASONS if v.get(r)} for k, v in skipped.items()},
+        "source_records": source_records,
+        "tfds": {"name": tfds_info.DATASET_NAME["cached"], "split": tfds_info.SPLIT},
+        "latents": {"resolution": args.resolution, "latent_factor": encoder.factor, "channels": encoder.channels,
+                    "crops": args.crops, "vae": os.path.abspath(args.vae),
+                    "scaling_factor": encoder.config.scaling_factor, "format_version": FORMAT_VERSION,
+                    "dtype": "float16", "latent_shape": [h, h, encoder.channels], "seed": args.seed,
+                    "crop_context": list(args.crop_context), "vae_dtype": args.dtype,
+                    "prepared": os.path.abspath(args.prepared)},
+    }
+    with open(os.path.join(out_dir, "metadata.json"), "w") as f:
+        json.dump(meta, f, indent=2)
+    shutil.rmtree(os.path.join(out_dir, "blocks"), ignore_errors=True)
     return meta
+
+
+def _distributed(args, blocks, mine, encoder, src_meta, me, start) -> dict:
+    """Several processes, one output: a folder every process sees (a shared file system) is
+    built as OUT.partial by all and swapped in by process 0; a gs:// OUT gets each process's
+    shards uploaded, then process 0's metadata (last, so a reader never sees half a cache)."""
+    import shutil
+    import tempfile
+
+    from smartbrush_jax import storage
+    from smartbrush_jax.distributed import barrier
+    from smartbrush_jax.outputs import PARTIAL_MARKER, partial_path, swap_in
+
+    if storage.is_remote(args.out):
+        if me == 0 and storage.exists(args.out):
+            storage.P(args.out).rmtree()  # an earlier cache that check_output allowed to be replaced
+        barrier("latents: out ready")
+        with tempfile.TemporaryDirectory(prefix="smartbrush_latents_") as tmp:
+            _write_blocks(tmp, blocks, mine, encoder, args, start)
+            storage.upload(tmp, args.out)
+        barrier("latents: shards written")
+        meta = None
+        if me == 0:
+            with tempfile.TemporaryDirectory(prefix="smartbrush_latents_") as tmp:
+                meta = _assemble(tmp, blocks, _summaries(args.out), encoder, args, src_meta)
+                storage.upload(tmp, args.out)
+            storage.P(storage.join(args.out, "blocks")).rmtree()
+        barrier("latents: metadata written")
+        return meta or json.loads(storage.read_text(storage.join(args.out, "metadata.json")))
+    partial = partial_path(args.out)
+    if me == 0:
+        if os.path.lexists(partial):
+            shutil.rmtree(partial)  # ours (check_output verified the marker)
+        os.makedirs(partial)
+        open(os.path.join(partial, PARTIAL_MARKER), "w").close()
+    barrier("latents: out ready")
+    if not os.path.isfile(os.path.join(partial, PARTIAL_MARKER)):
+        raise InputError(f"--out {args.out}: process {me} does not see {partial}, which process 0 created; with "
+                         "several hosts --out must be on a file system they share (NFS, a gcsfuse mount) or gs://")
+    _write_blocks(partial, blocks, mine, encoder, args, start)
+    barrier("latents: shards written")
+    if me == 0:
+        meta = _assemble(partial, blocks, _summaries(partial), encoder, args, src_meta)
+        os.remove(os.path.join(partial, PARTIAL_MARKER))
+        swap_in(partial, args.out)
+    barrier("latents: metadata written")
+    with open(os.path.join(args.out, "metadata.json")) as f:
+        return json.load(f)
 
 
 def _record_crops(transform, data: bytes, args, component: str, index: int, shape) -> list:

@@ -1,12 +1,23 @@
-"""The record format of prepared datasets: one example per ArrayRecord entry.
+"""The record format of prepared datasets and latent caches: one example per ArrayRecord entry.
 
-A record is `b"SBR1" + uint32 header length + JSON header + blobs`: the header holds
-the plain fields and the offsets of the byte fields (the encoded image, the mask PNG).
-Nothing is pickled, so a prepared dataset from elsewhere is safe to read.
+Version 2 (written now): a `tf.train.Example` protocol buffer with the features of a TFDS
+dataset, so a prepared folder is also a TFDS dataset (`data/tfds_info.py` writes its
+`dataset_info.json` and `features.json`; `tfds.builder_from_directory(folder)` reads it, no
+TensorFlow needed). Our own reader parses the protobuf with the `Example` message that
+tensorflow_datasets vendors (no TensorFlow either). Nothing is pickled, so a prepared
+dataset from elsewhere is safe to read.
 
-Fields: `id` (str), `source` (str: "coco", "openimages", "laion", ...), `kind` ("seg" or
-"t2i"), `label` (str), `caption` (str), `image` (encoded JPEG/PNG bytes), `mask` (PNG
-bytes of the instance mask at the image's size, absent for t2i), `box` ([x0, y0, x1, y1]).
+    prepared   id, source ("coco", "openimages", "laion", ...), kind ("seg" | "t2i"),
+               label, caption (text); image (encoded JPEG/PNG bytes); mask (PNG of the
+               instance mask at the image's size; empty for t2i); box [x0, y0, x1, y1]
+               (int; the whole image for t2i)
+    cached     id, source, kind, label, caption; mask (PNG at the crop's resolution);
+               latent_mean, latent_logvar (float16 bytes), latent_shape [h, w, c],
+               latent_dtype; crop (int); box [x0, y0, side]
+
+Version 1 (`b"SBR1"` + uint32 header length + JSON header + blobs) is still read, so
+folders prepared before keep working (they are not TFDS datasets; prepare them again to
+get that).
 """
 
 from __future__ import annotations
@@ -19,29 +30,97 @@ from typing import Any, Dict
 import numpy as np
 from PIL import Image
 
-MAGIC = b"SBR1"
+MAGIC = b"SBR1"  # version 1
+
+# field -> kind: "text" (UTF-8), "bytes", or ("int", shape)
+PREPARED_FIELDS = {"id": "text", "source": "text", "kind": "text", "label": "text", "caption": "text",
+                   "image": "bytes", "mask": "bytes", "box": ("int", (4,))}
+CACHED_FIELDS = {"id": "text", "source": "text", "kind": "text", "label": "text", "caption": "text",
+                 "mask": "bytes", "latent_mean": "bytes", "latent_logvar": "bytes", "latent_shape": ("int", (3,)),
+                 "latent_dtype": "text", "crop": ("int", ()), "box": ("int", (3,))}
+_SCALARS = {name for schema in (PREPARED_FIELDS, CACHED_FIELDS) for name, kind in schema.items()
+            if isinstance(kind, tuple) and kind[1] == ()}
+_TEXT = {name for schema in (PREPARED_FIELDS, CACHED_FIELDS) for name, kind in schema.items() if kind == "text"}
 
 
 class RecordError(ValueError):
     """A record that cannot be parsed."""
 
 
+def schema_of(fields: Dict[str, Any]) -> Dict[str, Any]:
+    return CACHED_FIELDS if "latent_mean" in fields else PREPARED_FIELDS
+
+
 def pack_record(fields: Dict[str, Any]) -> bytes:
-    header, blobs, offset = {}, [], 0
-    for k, v in fields.items():
-        if isinstance(v, (bytes, bytearray)):
-            header[k] = {"offset": offset, "length": len(v)}
-            blobs.append(bytes(v))
-            offset += len(v)
+    """A version-2 record of `fields` (every field of its schema is written; a missing one
+    is empty or zero, so every record has the features TFDS expects)."""
+    from tensorflow_datasets.proto import tf_example_pb2
+
+    schema = schema_of(fields)
+    unknown = set(fields) - set(schema)
+    if unknown:
+        raise ValueError(f"fields {sorted(unknown)} are not in the record schema {sorted(schema)}")
+    example = tf_example_pb2.Example()
+    for name, kind in schema.items():
+        value = fields.get(name)
+        feature = example.features.feature[name]
+        if kind == "text":
+            text = value if isinstance(value, (bytes, bytearray)) else str(value or "").encode()
+            feature.bytes_list.value.append(bytes(text))
+        elif kind == "bytes":
+            feature.bytes_list.value.append(bytes(value or b""))
         else:
-            header[k] = {"value": v}
-    head = json.dumps(header, separators=(",", ":")).encode()
-    return MAGIC + struct.pack("<I", len(head)) + head + b"".join(blobs)
+            shape = kind[1]
+            if shape == ():
+                ints = [int(value or 0)]
+            else:
+                ints = [int(v) for v in (value if value is not None else [0] * shape[0])]
+            if shape and len(ints) != shape[0]:
+                raise ValueError(f"field {name!r}: {len(ints)} values, expected {shape[0]}")
+            feature.int64_list.value.extend(ints)
+    return example.SerializeToString(deterministic=True)  # map entries sorted: the same bytes in every process
 
 
 def unpack_record(data: bytes) -> Dict[str, Any]:
-    """The fields of a record; RecordError for anything that is not one, whoever wrote it."""
-    if not isinstance(data, (bytes, bytearray)) or len(data) < 8 or data[:4] != MAGIC:
+    """The fields of a record (version 2 or 1); RecordError for anything that is not one,
+    whoever wrote it. Text that is not UTF-8 comes back as bytes (the caller counts it)."""
+    if not isinstance(data, (bytes, bytearray)):
+        raise RecordError(f"a record is bytes, got {type(data).__name__}")
+    if data[:4] == MAGIC:
+        return _unpack_v1(data)
+    from google.protobuf.message import DecodeError
+    from tensorflow_datasets.proto import tf_example_pb2
+
+    try:
+        example = tf_example_pb2.Example.FromString(bytes(data))
+    except (DecodeError, ValueError) as e:
+        raise RecordError(f"not a SmartBrush record ({e})") from None
+    out = {}
+    for name, feature in example.features.feature.items():
+        kind = feature.WhichOneof("kind")
+        if kind == "bytes_list":
+            values = list(feature.bytes_list.value)
+            if len(values) != 1:
+                raise RecordError(f"record field {name!r}: {len(values)} values, expected 1")
+            value = values[0]
+            if name in _TEXT:
+                try:
+                    value = value.decode("utf-8")
+                except UnicodeDecodeError:
+                    pass
+            out[name] = value
+        elif kind == "int64_list":
+            ints = [int(v) for v in feature.int64_list.value]
+            out[name] = ints[0] if name in _SCALARS and len(ints) == 1 else ints
+        elif kind == "float_list":
+            out[name] = [float(v) for v in feature.float_list.value]
+    if not out:
+        raise RecordError("not a SmartBrush record (no feature)")
+    return out
+
+
+def _unpack_v1(data: bytes) -> Dict[str, Any]:
+    if len(data) < 8:
         raise RecordError("not a SmartBrush record (bad magic)")
     (n,) = struct.unpack("<I", data[4:8])
     if 8 + n > len(data):
@@ -70,11 +149,12 @@ def unpack_record(data: bytes) -> Dict[str, Any]:
 
 
 def field(rec: Dict[str, Any], name: str, kind: type = bytes):
-    """`rec[name]`, which must be a `kind`; RecordError if it is missing or of another type."""
+    """`rec[name]`, which must be a `kind`; RecordError if it is missing, empty (a version-2
+    record writes every field, an absent one as empty bytes) or of another type."""
     value = rec.get(name)
-    if not isinstance(value, kind):
-        raise RecordError(f"record {rec.get('id', '?')!r}: field {name!r} is "
-                          f"{'missing' if value is None else type(value).__name__}, expected {kind.__name__}")
+    if not isinstance(value, kind) or (kind is bytes and not value):
+        what = "missing" if value is None else "empty" if isinstance(value, kind) else type(value).__name__
+        raise RecordError(f"record {rec.get('id', '?')!r}: field {name!r} is {what}, expected {kind.__name__}")
     return value
 
 

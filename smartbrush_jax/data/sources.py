@@ -121,30 +121,52 @@ def load_coco(path: str) -> dict:
     return coco
 
 
-def read_coco(annotations, image_dir: str, counts: Counter, min_mask_area: float = 0.01,
-              captions: Optional[Dict[str, str]] = None, max_pixels: int = 8192 * 8192,
-              source: str = "coco") -> Iterator[RawExample]:
-    """One example per non-crowd instance annotation; `annotations` is the JSON's path or
-    what `load_coco` returned."""
-    from pycocotools import mask as mask_utils
+class CocoSource:
+    """COCO instances: one example per non-crowd instance annotation, in (image, annotation)
+    order; work units of `images_per_unit` images (an image's annotations stay in one unit,
+    so it is decoded once). `annotations`: the JSON's path or what `load_coco` returned."""
 
-    coco = load_coco(annotations) if isinstance(annotations, str) else annotations
-    images = {im["id"]: im for im in coco["images"] if isinstance(im, dict) and "id" in im}
-    names = {c["id"]: c["name"] for c in coco.get("categories", []) if isinstance(c, dict) and "id" in c}
-    captions = captions or {}
-    cache = _ImageCache(max_pixels, counts)
-    anns = [a for a in coco["annotations"] if isinstance(a, dict) and {"image_id", "id"} <= set(a)]
-    if len(anns) < len(coco["annotations"]):  # no id / image_id: nothing to key it on
-        counts["corrupt_record"] += len(coco["annotations"]) - len(anns)
-    for ann in sorted(anns, key=lambda a: (_sortable(a["image_id"]), _sortable(a["id"]))):
+    def __init__(self, annotations, image_dir: str, min_mask_area: float = 0.01,
+                 captions: Optional[Dict[str, str]] = None, max_pixels: int = 8192 * 8192, source: str = "coco",
+                 images_per_unit: int = 64):
+        coco = load_coco(annotations) if isinstance(annotations, str) else annotations
+        self.image_dir, self.min_mask_area, self.max_pixels, self.source = image_dir, min_mask_area, max_pixels, source
+        self.captions = captions or {}
+        self.images = {im["id"]: im for im in coco["images"] if isinstance(im, dict) and "id" in im}
+        self.names = {c["id"]: c["name"] for c in coco.get("categories", []) if isinstance(c, dict) and "id" in c}
+        anns = [a for a in coco["annotations"] if isinstance(a, dict) and {"image_id", "id"} <= set(a)]
+        self.plan_counts = Counter()
+        if len(anns) < len(coco["annotations"]):  # no id / image_id: nothing to key it on
+            self.plan_counts["corrupt_record"] += len(coco["annotations"]) - len(anns)
+        self.groups = []  # [(image id, [annotations])] in order
+        for ann in sorted(anns, key=lambda a: (_sortable(a["image_id"]), _sortable(a["id"]))):
+            if not self.groups or self.groups[-1][0] != ann["image_id"]:
+                self.groups.append((ann["image_id"], []))
+            self.groups[-1][1].append(ann)
+        self.per_unit = max(1, images_per_unit)
+
+    def units(self) -> list:
+        return [(i, min(i + self.per_unit, len(self.groups))) for i in range(0, len(self.groups), self.per_unit)]
+
+    def read(self, unit, counts: Counter) -> Iterator[RawExample]:
+        from pycocotools import mask as mask_utils
+
+        cache = _ImageCache(self.max_pixels, counts)
+        for _, anns in self.groups[unit[0]:unit[1]]:
+            for ann in anns:
+                example = self._example(ann, cache, counts, mask_utils)
+                if example is not None:
+                    yield example
+
+    def _example(self, ann, cache, counts, mask_utils) -> Optional[RawExample]:
         if ann.get("iscrowd", 0):
             counts["crowd"] += 1
-            continue
+            return None
         try:
-            info = images.get(ann["image_id"])
+            info = self.images.get(ann["image_id"])
             if info is None:
                 raise Skip("missing_file", f"image id {ann['image_id']} not in the JSON")
-            data, image = cache.get(str(info["id"]), os.path.join(image_dir, info["file_name"]))
+            data, image = cache.get(str(info["id"]), os.path.join(self.image_dir, info["file_name"]))
             h, w = image.shape[:2]
             if (info.get("height", h), info.get("width", w)) != (h, w):
                 raise Skip("mask_outside", f"JSON says {info['width']}x{info['height']}, file is {w}x{h}")
@@ -154,17 +176,29 @@ def read_coco(annotations, image_dir: str, counts: Counter, min_mask_area: float
             if "bbox" in ann:
                 bx, by, bw, bh = ann["bbox"]
                 check_box([bx, by, bx + bw, by + bh], w, h)
-            mask = check_mask(mask, (h, w), min_mask_area)
-            example = RawExample(id=f"{source}:{ann['id']}", source=source, kind="seg", image_bytes=data,
-                                 image=image, mask=mask, label=str(names.get(ann.get("category_id"), "")),
-                                 caption=captions.get(str(ann["id"]), ""), box=mask_box(mask))
+            mask = check_mask(mask, (h, w), self.min_mask_area)
+            return RawExample(id=f"{self.source}:{ann['id']}", source=self.source, kind="seg", image_bytes=data,
+                              image=image, mask=mask, label=str(self.names.get(ann.get("category_id"), "")),
+                              caption=self.captions.get(str(ann["id"]), ""), box=mask_box(mask))
         except Skip as e:
             counts[e.reason] += 1
-            continue
         except (KeyError, TypeError, ValueError, IndexError):  # a malformed annotation (written by another tool)
             counts["corrupt_record"] += 1
-            continue
-        yield example
+        return None
+
+
+def read_all(source, counts: Counter) -> Iterator[RawExample]:
+    """Every example of a source (all its units, in order), counting into `counts`."""
+    counts.update(getattr(source, "plan_counts", {}))
+    for unit in source.units():
+        yield from source.read(unit, counts)
+
+
+def read_coco(annotations, image_dir: str, counts: Counter, min_mask_area: float = 0.01,
+              captions: Optional[Dict[str, str]] = None, max_pixels: int = 8192 * 8192,
+              source: str = "coco") -> Iterator[RawExample]:
+    """Every example of a COCO instances file (see CocoSource)."""
+    return read_all(CocoSource(annotations, image_dir, min_mask_area, captions, max_pixels, source), counts)
 
 
 def _sortable(v):
@@ -212,55 +246,83 @@ def check_openimages(annotations_csv: str, classes_csv: str) -> None:
         raise InputError(f"--openimages-classes {classes_csv}: cannot read it ({e})") from None
 
 
+class OpenImagesSource:
+    """OpenImages v6 segmentation: one example per row of the CSV, in (image, mask) order;
+    work units of `images_per_unit` images. Mask PNGs are looked up under `masks_dir`
+    (directly or in its sub-folders, as the per-prefix zips unpack); a mask of another size
+    than its image is resized to it (nearest neighbour)."""
+
+    def __init__(self, annotations_csv: str, masks_dir: str, images_dir: str, classes_csv: str,
+                 min_mask_area: float = 0.01, captions: Optional[Dict[str, str]] = None,
+                 max_pixels: int = 8192 * 8192, images_per_unit: int = 64):
+        check_openimages(annotations_csv, classes_csv)
+        self.classes = _read_classes(classes_csv)
+        self.mask_index = {}
+        for root, _, files in os.walk(masks_dir):
+            for f in files:
+                self.mask_index.setdefault(f, os.path.join(root, f))
+        self.images_dir, self.min_mask_area, self.max_pixels = images_dir, min_mask_area, max_pixels
+        self.captions = captions or {}
+        with open(annotations_csv, newline="", encoding="utf-8") as f:
+            rows = list(csv.DictReader(f))
+        good = [r for r in rows if all(r.get(c) for c in OPENIMAGES_COLUMNS)]
+        self.plan_counts = Counter()
+        if len(good) < len(rows):  # a short or empty row: nothing to look the mask up by
+            self.plan_counts["corrupt_record"] += len(rows) - len(good)
+        self.groups = []
+        for row in sorted(good, key=lambda r: (r["ImageID"], r["MaskPath"])):
+            if not self.groups or self.groups[-1][0] != row["ImageID"]:
+                self.groups.append((row["ImageID"], []))
+            self.groups[-1][1].append(row)
+        self.per_unit = max(1, images_per_unit)
+
+    def units(self) -> list:
+        return [(i, min(i + self.per_unit, len(self.groups))) for i in range(0, len(self.groups), self.per_unit)]
+
+    def read(self, unit, counts: Counter) -> Iterator[RawExample]:
+        cache = _ImageCache(self.max_pixels, counts)
+        for _, rows in self.groups[unit[0]:unit[1]]:
+            for row in rows:
+                try:
+                    yield self._example(row, cache, counts)
+                except Skip as e:
+                    counts[e.reason] += 1
+
+    def _example(self, row, cache, counts) -> RawExample:
+        data, image = cache.get(row["ImageID"], os.path.join(self.images_dir, row["ImageID"] + ".jpg"))
+        h, w = image.shape[:2]
+        path = self.mask_index.get(os.path.basename(row["MaskPath"]))
+        if path is None:
+            raise Skip("missing_file", row["MaskPath"])
+        try:
+            with Image.open(path) as im:
+                m = im.convert("L")
+                if m.size != (w, h):
+                    counts["converted_mask_resize"] += 1
+                    m = m.resize((w, h), Image.Resampling.NEAREST)
+                mask = np.asarray(m) > 127
+        except Exception as e:  # PIL: UnidentifiedImageError, OSError, DecompressionBombError, ...
+            raise Skip("corrupt_image", f"{path}: {e}") from None
+        if all(row.get(k) for k in ("BoxXMin", "BoxXMax", "BoxYMin", "BoxYMax")):
+            try:
+                box = [float(row["BoxXMin"]) * w, float(row["BoxYMin"]) * h,
+                       float(row["BoxXMax"]) * w, float(row["BoxYMax"]) * h]
+            except ValueError:
+                raise Skip("mask_outside", f"box {row['BoxXMin']}, ... is not a number") from None
+            check_box(box, w, h)
+        mask = check_mask(mask, (h, w), self.min_mask_area)
+        ann_id = os.path.splitext(os.path.basename(row["MaskPath"]))[0]
+        return RawExample(id=f"openimages:{ann_id}", source="openimages", kind="seg", image_bytes=data,
+                          image=image, mask=mask, label=self.classes.get(row["LabelName"], row["LabelName"]),
+                          caption=self.captions.get(ann_id, ""), box=mask_box(mask))
+
+
 def read_openimages(annotations_csv: str, masks_dir: str, images_dir: str, classes_csv: str, counts: Counter,
                     min_mask_area: float = 0.01, captions: Optional[Dict[str, str]] = None,
                     max_pixels: int = 8192 * 8192) -> Iterator[RawExample]:
-    """One example per row of the segmentation CSV. Mask PNGs are looked up under
-    `masks_dir` (directly or in its sub-folders, as the per-prefix zips unpack); a mask of
-    another size than its image is resized to it (nearest neighbour)."""
-    check_openimages(annotations_csv, classes_csv)
-    classes = _read_classes(classes_csv)
-    mask_index = {}
-    for root, _, files in os.walk(masks_dir):
-        for f in files:
-            mask_index.setdefault(f, os.path.join(root, f))
-    captions = captions or {}
-    cache = _ImageCache(max_pixels, counts)
-    with open(annotations_csv, newline="", encoding="utf-8") as f:
-        rows = list(csv.DictReader(f))
-    good = [r for r in rows if all(r.get(c) for c in OPENIMAGES_COLUMNS)]
-    if len(good) < len(rows):  # a short or empty row: nothing to look the mask up by
-        counts["corrupt_record"] += len(rows) - len(good)
-    for row in sorted(good, key=lambda r: (r["ImageID"], r["MaskPath"])):
-        try:
-            data, image = cache.get(row["ImageID"], os.path.join(images_dir, row["ImageID"] + ".jpg"))
-            h, w = image.shape[:2]
-            path = mask_index.get(os.path.basename(row["MaskPath"]))
-            if path is None:
-                raise Skip("missing_file", row["MaskPath"])
-            try:
-                with Image.open(path) as im:
-                    m = im.convert("L")
-                    if m.size != (w, h):
-                        counts["converted_mask_resize"] += 1
-                        m = m.resize((w, h), Image.Resampling.NEAREST)
-                    mask = np.asarray(m) > 127
-            except Exception as e:  # PIL: UnidentifiedImageError, OSError, DecompressionBombError, ...
-                raise Skip("corrupt_image", f"{path}: {e}") from None
-            if all(row.get(k) for k in ("BoxXMin", "BoxXMax", "BoxYMin", "BoxYMax")):
-                try:
-                    box = [float(row["BoxXMin"]) * w, float(row["BoxYMin"]) * h,
-                           float(row["BoxXMax"]) * w, float(row["BoxYMax"]) * h]
-                except ValueError:
-                    raise Skip("mask_outside", f"box {row['BoxXMin']}, ... is not a number") from None
-                check_box(box, w, h)
-            mask = check_mask(mask, (h, w), min_mask_area)
-            ann_id = os.path.splitext(os.path.basename(row["MaskPath"]))[0]
-            yield RawExample(id=f"openimages:{ann_id}", source="openimages", kind="seg", image_bytes=data,
-                             image=image, mask=mask, label=classes.get(row["LabelName"], row["LabelName"]),
-                             caption=captions.get(ann_id, ""), box=mask_box(mask))
-        except Skip as e:
-            counts[e.reason] += 1
+    """Every example of an OpenImages segmentation CSV (see OpenImagesSource)."""
+    return read_all(OpenImagesSource(annotations_csv, masks_dir, images_dir, classes_csv, min_mask_area, captions,
+                                     max_pixels), counts)
 
 
 def _read_classes(path: str) -> Dict[str, str]:
@@ -272,8 +334,7 @@ def _read_classes(path: str) -> Dict[str, str]:
     return out
 
 
-def read_webdataset(tars: Sequence[str], counts: Counter, max_pixels: int = 8192 * 8192,
-                    source: str = "laion", max_image_bytes: int = MAX_IMAGE_BYTES) -> Iterator[RawExample]:
+class WebdatasetSource:
     """Image-text pairs from img2dataset-style tars, by webdataset's rules: members whose
     key (folder + file name up to the name's first dot) is the same form one sample
     (`./00001.jpg` + `./00001.txt`; `shard.v2/00001.jpg` is key `shard.v2/00001`); folders
@@ -281,13 +342,22 @@ def read_webdataset(tars: Sequence[str], counts: Counter, max_pixels: int = 8192
     size (`oversized_file` beyond). A sample without a caption is skipped and counted
     (`no_caption`): an image-text pair without text teaches the text conditioning nothing.
     A shard that cannot be opened or ends early (a truncated `.tar` or `.tar.gz`) is counted
-    `corrupt_shard`; the samples read before the break are kept."""
-    for path in tars:
+    `corrupt_shard`; the samples read before the break are kept. One work unit per tar."""
+
+    def __init__(self, tars: Sequence[str], max_pixels: int = 8192 * 8192, source: str = "laion",
+                 max_image_bytes: int = MAX_IMAGE_BYTES):
+        self.tars, self.max_pixels, self.source, self.max_image_bytes = list(tars), max_pixels, source, max_image_bytes
+
+    def units(self) -> list:
+        return list(range(len(self.tars)))
+
+    def read(self, unit, counts: Counter) -> Iterator[RawExample]:
+        path, max_pixels, source = self.tars[unit], self.max_pixels, self.source
         try:
             tar = tarfile.open(path)
         except (OSError, EOFError, tarfile.TarError):
             counts["corrupt_shard"] += 1
-            continue
+            return
         with tar:
             group, key = {}, None
             try:
@@ -300,13 +370,19 @@ def read_webdataset(tars: Sequence[str], counts: Counter, max_pixels: int = 8192
                         group = {}
                     key = k
                     if ext in _IMAGE_EXT or ext in _TEXT_EXT:
-                        limit = max_image_bytes if ext in _IMAGE_EXT else MAX_TEXT_BYTES
+                        limit = self.max_image_bytes if ext in _IMAGE_EXT else MAX_TEXT_BYTES
                         group[ext] = _TOO_LARGE if member.size > limit else tar.extractfile(member).read()
             except (OSError, EOFError, tarfile.TarError, zlib.error):
                 counts["corrupt_shard"] += 1  # the sample being read when the shard broke is dropped
-                continue
+                return
             if key is not None:
                 yield from _wds_example(group, key, path, counts, max_pixels, source)
+
+
+def read_webdataset(tars: Sequence[str], counts: Counter, max_pixels: int = 8192 * 8192,
+                    source: str = "laion", max_image_bytes: int = MAX_IMAGE_BYTES) -> Iterator[RawExample]:
+    """Every example of webdataset tars (see WebdatasetSource)."""
+    return read_all(WebdatasetSource(tars, max_pixels, source, max_image_bytes), counts)
 
 
 _TOO_LARGE = object()
