@@ -108,3 +108,18 @@ def test_blip_captions_objects_without_a_caption(tmp_path):
     for g in generated:
         assert recs[f"coco:{g['annotation_id']}"]["caption"] == g["caption"]
         assert set(g["caption"].lower().split()) <= vocab
+
+
+def test_blip_device_that_is_not_there_is_refused_before_any_work(tmp_path, capsys):
+    coco, _, _, _ = write_coco(str(tmp_path / "coco"))
+    write_blip(str(tmp_path / "blip"))
+    base = ["--coco-annotations", coco["annotations"], "--coco-images", coco["images"], "--blip-model",
+            str(tmp_path / "blip")]
+    import torch
+
+    if not torch.cuda.is_available():
+        assert main(["--out", str(tmp_path / "o"), *base, "--blip-device", "cuda"]) == 2
+        assert "torch sees no GPU" in capsys.readouterr().err
+    assert main(["--out", str(tmp_path / "o"), *base, "--blip-device", "tpu"]) == 2
+    assert "use cpu, cuda (every GPU) or cuda:N" in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "o") and not os.path.exists(tmp_path / "o.partial")
