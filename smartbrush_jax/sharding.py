@@ -30,14 +30,21 @@ FSDP_RULES = (("out_features", "fsdp"),) + DEFAULT_RULES[1:]
 
 def make_mesh(shape: Dict[str, int], dcn_shape: Dict[str, int] | None = None,
               devices: Sequence[Any] | None = None) -> Mesh:
+    """The (data, fsdp, tensor) mesh over `devices` (default: all), laid out by the physical
+    topology (`mesh_utils.create_device_mesh`: neighbouring mesh positions are ICI
+    neighbours on a TPU torus); with `dcn_shape`, a hybrid mesh whose DCN factor spans the
+    slices (`create_hybrid_device_mesh`), so only those axes cross the data-centre network."""
+    from jax.experimental import mesh_utils
+
     devices = list(devices if devices is not None else jax.devices())
     if dcn_shape and any(v != 1 for v in dcn_shape.values()):
-        from jax.experimental import mesh_utils
-
         dcn = resolve_shape(dcn_shape, math.prod(int(v) for v in dcn_shape.values()))
         ici = resolve_shape(shape, len(devices) // math.prod(dcn))
-        grid = mesh_utils.create_hybrid_device_mesh(ici, dcn, devices)
-    else:
+        grid = mesh_utils.create_hybrid_device_mesh(ici, dcn, devices, allow_split_physical_axes=True)
+    elif devices[0].platform == "tpu":
+        grid = mesh_utils.create_device_mesh(resolve_shape(shape, len(devices)), devices,
+                                             allow_split_physical_axes=True)
+    else:  # CPU and GPU devices: in order (GPU: NVLink within a host comes first)
         grid = np.asarray(devices).reshape(resolve_shape(shape, len(devices)))
     return Mesh(grid, AXES)
 

@@ -63,11 +63,33 @@ class Models:
                 "vae": None if ae.config is None else ae.config.to_diffusers(), "autoencoder": ae.kind}
 
 
-def build_models(config, tokenizer_vocab_size: Optional[int] = None) -> Models:
+CLIP_VOCAB = 49408  # SD v1's CLIP tokenizer
+
+
+def build_models(config, tokenizer_vocab_size: Optional[int] = None, weights: bool = True) -> Models:
+    """The models of the config. `weights=False`: the architecture only (nothing is read or
+    initialised), for compiling ahead of time: a run from SD weights gets SD v1's shapes
+    (the config's `model.unet` and `model.text` are SD v1's by default, SD's VAE, CLIP's
+    vocabulary); the values of the weights do not change a compile."""
     dtype = jnp.bfloat16 if config.model.dtype == "bfloat16" else jnp.float32
     attn = config.model.attention_impl or None
     unet_kw = dict(dtype=dtype, attention_impl=attn, remat=config.model.remat)
     levels = config.model.num_levels
+    if not weights and tokenizer_vocab_size is None:
+        tokenizer_vocab_size = CLIP_VOCAB
+    if config.model.init_from and not weights:
+        from smartbrush_jax.models.vae import VAEConfig
+
+        ae = Identity() if config.model.autoencoder == "identity" else make_autoencoder(VAEConfig(), dtype)
+        vocab = tokenizer_vocab_size or CLIP_VOCAB
+        unet_cfg = UNetConfig.from_diffusers({**config.model.unet.to_dict(), "in_channels": ae.channels + 1,
+                                              "out_channels": ae.channels + 1, "num_class_embeds": levels + 1})
+        text_cfg = CLIPTextConfig.from_transformers({**config.model.text.to_dict(), "vocab_size": vocab,
+                                                     "eos_token_id": vocab - 1, "bos_token_id": vocab - 2,
+                                                     "pad_token_id": vocab - 1})
+        return Models(UNet2DConditionModel(unet_cfg, **unet_kw), CLIPTextModel(text_cfg, dtype=dtype,
+                                                                               attention_impl=attn),
+                      ae, None, NoiseSchedule())
     if config.model.init_from:
         path = config.model.init_from
         sd = as_smartbrush(load_model(path, tokenizer_dir=config.model.tokenizer or None,

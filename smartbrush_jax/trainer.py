@@ -162,12 +162,17 @@ def abstract(tree):
     return jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
 
 
-def abstract_batch(config, models, mesh) -> dict:
-    """The global batch of images the step takes, as sharded `ShapeDtypeStruct`s."""
+def abstract_batch(config, models, mesh, cached: bool = False) -> dict:
+    """The global batch the step takes, as sharded `ShapeDtypeStruct`s: images, or with
+    `cached` the VAE moments a latent cache gives instead."""
 
     b, r, h = config.train.batch_size, config.data.resolution, config.data.resolution // models.latent_factor
     spec = {"image": ((b, r, r, 3), np.uint8), "mask": ((b, r, r), np.uint8), "latent_mask": ((b, h, h), np.float32),
             "tokens": ((b, 77), np.int32)}
+    if cached:
+        del spec["image"]
+        c = models.autoencoder.channels
+        spec.update(latent_mean=((b, h, h, c), np.float32), latent_logvar=((b, h, h, c), np.float32))
     return {k: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding.batch_sharding(mesh))
             for k, (shape, dtype) in spec.items()}
 
@@ -290,6 +295,23 @@ def _all_agree(ok: bool) -> bool:
 
 
 # ---------------------------------------------------------------------------------- train loop
+def startup_report(compiled, s: Setup, peak) -> dict:
+    """The compiled step's memory per device against the accelerator's (the margin), its
+    collectives and a step-time estimate: what `python -m smartbrush_jax.aot` says before a
+    pod is booked, logged on the real hardware."""
+    from smartbrush_jax import compile_report
+
+    device = jax.devices()[0]
+    r = compile_report.step_report(compiled, analytic_flops=s.model_flops / jax.device_count(), peak_flops=peak,
+                                   hbm_bytes=compile_report.device_hbm_bytes(device))
+    for line in compile_report.format_report(r).splitlines():
+        logging.info("compiled step: %s", line)
+    if r["memory"].get("fits") is False:
+        logging.warning("the compiled step needs more memory per device than %s has: expect an out-of-memory "
+                        "error (python -m smartbrush_jax.aot --find-max-batch finds what fits)", device.device_kind)
+    return r
+
+
 def train_loop(s: Setup, stop) -> dict:
 
 
@@ -358,10 +380,11 @@ def train_loop(s: Setup, stop) -> dict:
             return finish_early(got)
         batch_skips, batch = got
         skips = batch_skips if skips is None else skips + batch_skips
-        if step == start:  # compile here (the call below reuses it) for XLA's FLOP count
-            flop_report = flops.step_report(s.step_fn.lower(state, s.frozen, batch).compile(), s.model_flops,
-                                            jax.device_count(), peak)
+        if step == start:  # compile here (the call below reuses it) for XLA's FLOP count and memory
+            compiled = s.step_fn.lower(state, s.frozen, batch).compile()
+            flop_report = flops.step_report(compiled, s.model_flops, jax.device_count(), peak)
             logging.info("%s", flops.format_report(flop_report))
+            startup_report(compiled, s, peak)
             window = (time.time(), step)  # throughput is measured between log points
         state, metrics = s.step_fn(state, s.frozen, batch)
         step += 1

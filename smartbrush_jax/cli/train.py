@@ -18,6 +18,8 @@ import sys  # noqa: E402
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
+from smartbrush_jax.cli.config_check import check_config_file  # noqa: E402
+
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "config file (configs/*.py)", lock_config=True)
 flags.DEFINE_string("workdir", None, "where checkpoints, metrics and samples go")
@@ -42,39 +44,6 @@ def main(argv) -> None:
         logging.error("%s", e)
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2 if isinstance(e, InputError) else 1)
-
-
-def check_config_file(argv) -> None:
-    """ml_collections loads `--config` while absl parses the flags, where any problem is a
-    traceback: look at the file first and exit 2 with one line saying what is wrong."""
-    path = None
-    for i, a in enumerate(argv[1:], 1):
-        if a.startswith("--config="):
-            path = a.split("=", 1)[1]
-        elif a == "--config" and i + 1 < len(argv):
-            path = argv[i + 1]
-    if path is None:
-        return
-    path = path.split(":", 1)[0]  # `file.py:arg` passes an argument to get_config
-    problem = None
-    if not os.path.isfile(path):
-        problem = "no such file"
-    elif not path.endswith(".py"):
-        problem = "not a Python config file (configs/*.py, defining get_config())"
-    else:
-        import importlib.util
-
-        try:
-            spec = importlib.util.spec_from_file_location("smartbrush_config_check", path)
-            module = importlib.util.module_from_spec(spec)
-            spec.loader.exec_module(module)
-            if not callable(getattr(module, "get_config", None)):
-                problem = "defines no get_config()"
-        except Exception as e:  # whatever the file raises: SyntaxError, NameError, ImportError, ...
-            problem = f"cannot be loaded ({type(e).__name__}: {e})"
-    if problem:
-        print(f"error: --config {path}: {problem}", file=sys.stderr)
-        sys.exit(2)
 
 
 def console():

@@ -1,0 +1,190 @@
+"""Ahead-of-time compilation for TPU slices on this CPU host (`smartbrush_jax.aot`), through
+the libtpu wheel of requirements-dev.txt: the tiny config's step compiled for a v4 slice
+with the trainer's own setup; its memory report, the collectives data parallelism and FSDP
+must produce, XLA's FLOPs against our count; meshes laid out by the torus and by slice."""
+
+import importlib.util
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from train_helpers import CONFIG, ROOT, tiny_config
+
+from smartbrush_jax import aot, sharding, tpu_targets
+
+HAVE_LIBTPU = importlib.util.find_spec("libtpu") is not None
+needs_libtpu = pytest.mark.skipif(not HAVE_LIBTPU, reason="libtpu is not installed (pip install -r "
+                                  "requirements-dev.txt; it has no wheel for this platform)")
+
+
+def test_slice_names_map_to_topologies_and_chips():
+    t = tpu_targets.parse("v4-32")
+    assert (t.chips, t.slices, t.topology_name, t.hosts, t.chip.hbm_gib) == (16, 1, "v4:2x2x4", 4, 32)
+    t = tpu_targets.parse("v5p-128")
+    assert (t.chips, t.topology_name, t.chip.hbm_gib) == (64, "v5p:4x4x4", 95)
+    t = tpu_targets.parse("v5litepod-256")
+    assert (t.chips, t.topology_name, t.chip.kind) == (256, "v5e:16x16", "v5e")
+    t = tpu_targets.parse("2xv5p-128")
+    assert (t.chips, t.slices, t.hosts) == (64, 2, 32)
+    assert tpu_targets.parse("v6e-256").chip.bf16_tflops == 918
+    for bad, says in (("v9-8", "unknown TPU kind"), ("v4-33", "v4 slices come as"), ("v4", "not a slice name"),
+                      ("v5e-3", "v5e slices come as")):
+        with pytest.raises(tpu_targets.TargetError, match=says):
+            tpu_targets.parse(bad)
+
+
+def test_missing_libtpu_is_a_clear_error(monkeypatch):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "libtpu" else real(name, *a))
+    with pytest.raises(tpu_targets.TargetError, match="libtpu wheel is not installed"):
+        tpu_targets.parse("v4-8").devices()
+
+
+def _cli(*args):
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    return subprocess.run([sys.executable, "-m", "smartbrush_jax.aot", f"--config={CONFIG}", *args], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=600)
+
+
+def test_cli_unknown_topology_exits_2():
+    p = _cli("--topology=v9-64")
+    assert p.returncode == 2, p.stderr[-2000:]
+    assert "unknown TPU kind 'v9'" in p.stderr
+
+
+def test_find_max_batch_search_is_exact_in_few_compiles(monkeypatch):
+    """Memory linear in the batch (a fixed state plus temporaries per image), as XLA's is:
+    the search finds the exact largest batch from the line, and remembers every compile."""
+    gib = 2**30
+    chip = tpu_targets.Chip("t", "v4", "TPU v4", 32, 275, 1228, True, 3, "megacore")
+    target = tpu_targets.Target("v4-8", chip, 4, 1)
+    calls = []
+
+    def fake_report(config, target, cached, devices):
+        b = config.train.batch_size // 4
+        calls.append(b)
+        temp = int(0.73 * gib * b + (0.31 * gib if b > 20 else 0))  # not quite linear above 20
+        total = int(3.2 * gib) + temp
+        fits = total <= 32 * gib
+        return {"fits": fits, "memory": {"total": total, "temp": temp, "fits": fits}}
+
+    monkeypatch.setattr(aot, "report", fake_report)
+    config = tiny_config()
+    config.train.batch_size = 8 * 4
+    r = aot.find_max_batch(config, target, devices=[0] * 4, log=lambda s: None)
+    # (32 - 3.2) GiB / 0.73 GiB = 39.45 per image; the 0.31 GiB step above 20 makes it 39
+    assert r["max_per_chip_batch"] == 39 and r["first_failure"] == 40 and r["exact"]
+    assert r["compiles"] == len(calls) <= 5 and len(set(calls)) == len(calls)  # 8, then near the line
+    assert r["predicted_max_per_chip_batch"] == 39
+
+
+@pytest.fixture(scope="module")
+def v4_8():
+    if not HAVE_LIBTPU:
+        pytest.skip("libtpu is not installed")
+    return tpu_targets.parse("v4-8")
+
+
+def _tiny(**mesh):
+    c = tiny_config()
+    c.train.batch_size = 8  # 2 per chip
+    for k, v in mesh.items():
+        if k == "fsdp":
+            c.mesh.fsdp = v
+        else:
+            c.mesh.shape = v
+    return c
+
+
+@needs_libtpu
+def test_data_parallel_compile_for_v4_8(v4_8):
+    r = aot.report(_tiny(), v4_8)
+    m = r["memory"]
+    assert r["fits"] and m["hbm"] == 32 * 2**30 and m["margin"] == m["hbm"] - m["total"]
+    assert m["total"] == m["argument"] + m["output"] - m["alias"] + m["temp"] + m["generated_code"]
+    # the state (params, Adam moments, EMA: f32) is donated and aliased, replicated on every chip
+    # (TPU pads small arrays to (8, 128) tiles, so at this size the bytes are several times more)
+    assert m["alias"] >= 4 * 4 * r["trainable_parameters"]
+    # data parallel: the gradients are all-reduced (f32, once per step), nothing is gathered
+    c = r["collectives"]
+    assert set(c) == {"all-reduce"}, c
+    grads = 4 * r["trainable_parameters"]
+    assert 0.98 * grads <= c["all-reduce"]["bytes"] <= 1.02 * grads + 64, (c, grads)
+    # XLA counts the whole step (loss, mask degrader, AdamW, EMA) on top of the U-Net's forward
+    # and backward that we count; at this size the extra is a large share, for SD v1 ~6%
+    ratio = r["flops"]["xla"] / r["flops"]["analytic"]
+    assert 1.0 <= ratio <= 1.6, ratio
+    assert r["estimate"]["seconds"] > 0 and r["estimate"]["method"]
+    assert "FITS, margin +31.9" in "\n".join(aot.summary_lines(r))
+
+
+@needs_libtpu
+def test_fsdp_compile_gathers_params_and_scatters_grads(v4_8):
+    config = _tiny(shape={"data": 1, "fsdp": -1, "tensor": 1}, fsdp=True)
+    config.model.unet.block_out_channels = (64, 64)  # every kernel splits four ways
+    r = aot.report(config, v4_8)
+    c = r["collectives"]
+    grads = 4 * r["trainable_parameters"]
+    # each chip gathers the parameters it is missing and receives only its shard of the
+    # gradients: reduce-scatters, not all-reduces, carry most of them (the rest: the few
+    # parameters too small to split, the loss and norms)
+    assert c["all-gather"]["count"] > 0 and c["reduce-scatter"]["count"] > 0, c
+    assert c["reduce-scatter"]["bytes"] >= 0.5 * grads / 4, (c, grads)
+    assert c["all-reduce"]["bytes"] < 0.5 * grads, (c, grads)
+    config.mesh.shape, config.mesh.fsdp = {"data": -1, "fsdp": 1, "tensor": 1}, False
+    dp = aot.report(config, v4_8)
+    assert set(dp["collectives"]) == {"all-reduce"}
+    # the state is sharded four ways: what a chip holds is a fraction of data parallel's
+    assert r["memory"]["alias"] < 0.5 * dp["memory"]["alias"]
+
+
+@needs_libtpu
+def test_mesh_follows_the_torus_of_a_v4_slice():
+    devices = tpu_targets.parse("v4-32").devices()  # 16 chips, 2x2x4
+    # in an order that says nothing of the torus (as processes list them on a multi-host
+    # slice): the layout must come from the chips' coordinates, not from the list
+    devices = [devices[i] for i in np.random.default_rng(0).permutation(len(devices))]
+    for data, fsdp in ((4, 4), (2, 8), (1, 16)):
+        mesh = sharding.make_mesh({"data": data, "fsdp": fsdp, "tensor": 1}, devices=devices)
+        assert mesh.devices.shape == (data, fsdp, 1)
+        assert sorted(d.id for d in mesh.devices.flat) == sorted(d.id for d in devices)
+        # every fsdp group is a compact block of the torus (its chips fill their bounding box:
+        # its collectives stay on the links among them), not chips scattered over the slice
+        for row in mesh.devices[:, :, 0]:
+            coords = np.array([d.coords for d in row])
+            box = np.prod(coords.max(0) - coords.min(0) + 1)
+            assert box == fsdp, coords.tolist()
+
+
+@needs_libtpu
+def test_multislice_mesh_puts_data_over_dcn_and_fsdp_within_a_slice():
+    devices = tpu_targets.parse("2xv4-8").devices()  # 2 slices of 4 chips
+    assert sorted({d.slice_index for d in devices}) == [0, 1]
+    mesh = sharding.make_mesh({"data": 1, "fsdp": -1, "tensor": 1}, {"data": 2}, devices=devices)
+    assert mesh.devices.shape == (2, 4, 1)
+    slices = np.vectorize(lambda d: d.slice_index)(mesh.devices)
+    for i in range(2):
+        assert len(set(slices[i].flat)) == 1  # an fsdp group never leaves its slice
+    assert slices[0, 0, 0] != slices[1, 0, 0]  # the data axis crosses the slices
+
+
+def test_find_max_batch_on_a_budget_says_what_it_verified_and_what_it_predicts(monkeypatch):
+    chip = tpu_targets.Chip("t", "v4", "TPU v4", 32, 275, 1228, True, 3, "megacore")
+    gib = 2**30
+
+    def fake_report(config, target, cached, devices):
+        b = config.train.batch_size // 4
+        temp = int(0.73 * gib * b)
+        total = int(3.2 * gib) + temp
+        return {"fits": total <= 32 * gib, "memory": {"total": total, "temp": temp}}
+
+    monkeypatch.setattr(aot, "report", fake_report)
+    config = tiny_config()
+    config.train.batch_size = 16 * 4
+    r = aot.find_max_batch(config, tpu_targets.Target("v4-8", chip, 4, 1), max_compiles=2, devices=[0] * 4,
+                           log=lambda s: None)
+    # 16 fits; the line through it and the fixed state says 39.45, 5% under is 37: compiled, fits
+    assert (r["compiles"], r["max_per_chip_batch"], r["exact"], r["first_failure"]) == (2, 37, False, None)
+    assert r["predicted_max_per_chip_batch"] == 39 and "not compiled" in r["prediction"]
