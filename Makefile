@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-fast lint bench clean
+.PHONY: demo test test-fast lint bench clean app
 
 DEMO_DIR ?= runs/demo
 
@@ -23,7 +23,10 @@ demo: $(STAMP)
 	$(PY) -m smartbrush_jax.train --config=configs/cpu_demo.py --workdir=$(DEMO_DIR)
 	$(PY) -m smartbrush_jax.cli.demo --workdir $(DEMO_DIR)
 
+# tests/test_app_browser.py drives Chromium: tests/setup_browser.sh installs Debian's
+# chromium and chromium-driver when they are missing (or says why it cannot; the test skips)
 test: $(STAMP)
+	bash tests/setup_browser.sh
 	$(PY) -m pytest -q
 
 test-fast: $(STAMP)
@@ -31,6 +34,10 @@ test-fast: $(STAMP)
 
 lint: $(STAMP)
 	$(PY) -m ruff check smartbrush_jax tests bench
+
+# the inpainting web app on the demo run (make demo first): http://127.0.0.1:7860
+app: $(STAMP)
+	$(PY) -m smartbrush_jax.app --checkpoint $(DEMO_DIR)
 
 bench: $(STAMP)
 	$(PY) bench/unet_step.py

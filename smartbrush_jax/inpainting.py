@@ -65,6 +65,8 @@ class Inpainter:
         # the U-Net halves the latent grid (len(blocks) - 1) times
         self.size_multiple = self.vae_factor * downsampling_factor(sd.unet_config.block_out_channels)
         self.max_tokens = sd.text_config.max_position_embeddings
+        self._samplers: dict = {}
+        self._progress: Optional[Callable[[int], None]] = None
 
     # -- text
     def tokenize(self, prompt: str) -> tuple[np.ndarray, bool]:
@@ -87,14 +89,24 @@ class Inpainter:
     def _decode(self, params, latents):
         return jnp.clip((self.autoencoder.decode(params, latents) + 1.0) * 127.5, 0.0, 255.0)
 
-    def _sampler(self, cfg: SamplerConfig, progress):
-        def apply_fn(params, x, t, context, levels):
-            return self.unet.apply({"params": params}, x, t, context, levels)
+    def _sampler(self, cfg: SamplerConfig):
+        """The jitted sampler for `cfg`, made once and kept: jit compiles it once per working
+        size and sample count, and every later request of that size reuses the program (a
+        server answers many). Progress goes through `self._progress`, read at each step."""
+        if cfg not in self._samplers:
+            def apply_fn(params, x, t, context, levels):
+                return self.unet.apply({"params": params}, x, t, context, levels)
 
-        def run(params, x0, mask, levels, cond, uncond, rng):
-            return sample(apply_fn, params, x0, mask, levels, cond, uncond, rng, self.schedule, cfg, progress)
+            def run(params, x0, mask, levels, cond, uncond, rng):
+                return sample(apply_fn, params, x0, mask, levels, cond, uncond, rng, self.schedule, cfg,
+                              self._on_step)
 
-        return jax.jit(run)
+            self._samplers[cfg] = jax.jit(run)
+        return self._samplers[cfg]
+
+    def _on_step(self, i) -> None:
+        if self._progress is not None:
+            self._progress(int(i))
 
     # -- the whole thing
     def __call__(self, image: np.ndarray, mask: np.ndarray, prompt: str, negative_prompt: str = "",
@@ -111,8 +123,13 @@ class Inpainter:
         context = self._encode_text(self.sd.text_params, jnp.asarray(ids))
         n = num_samples
         rep = lambda a: jnp.repeat(a, n, axis=0)  # noqa: E731
-        latents, pred = self._sampler(sampler, progress)(
-            self.sd.unet_params, rep(x0), rep(jnp.asarray(latent_mask)[None]), jnp.full((n,), precision, jnp.int32),
-            rep(context[:1]), rep(context[1:]), jax.random.PRNGKey(seed))
+        self._progress = progress
+        try:
+            latents, pred = self._sampler(sampler)(
+                self.sd.unet_params, rep(x0), rep(jnp.asarray(latent_mask)[None]),
+                jnp.full((n,), precision, jnp.int32), rep(context[:1]), rep(context[1:]), jax.random.PRNGKey(seed))
+            latents, pred = jax.block_until_ready((latents, pred))
+        finally:
+            self._progress = None
         decoded = np.asarray(self._decode(self.sd.vae_params, latents))
         return finish(image, mask, decoded, np.asarray(pred), feather, size)

@@ -1,0 +1,245 @@
+"""The inpainting web page (Gradio): upload an image, paint the region (or let its bounding
+box be the region), type the object, choose how closely it follows the shape, run, and see
+the result, the mask the model predicted and the region as it was understood.
+
+    from smartbrush_jax.webapp import InpaintService, build_page
+    page = build_page(InpaintService(Inpainter.load("runs/demo")))
+    page.queue(default_concurrency_limit=1).launch(server_name="127.0.0.1")
+
+`InpaintService.run` is the one request: it reads the editor's layers itself (with the
+same checks and size limit as the `inpaint` command), runs the `Inpainter` the CLI runs
+(its sampler compiled once per working size and reused), and turns every bad input into
+an `InputError` whose message the page shows; the server goes on. The command is
+`cli/app.py` (`python -m smartbrush_jax.app`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+from typing import Callable, List, Optional, Sequence
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from smartbrush_jax.compositing import outline
+from smartbrush_jax.errors import InputError
+from smartbrush_jax.settings import SamplerConfig
+
+MAX_PIXELS = 4096 * 4096  # larger uploads are refused from their header, before decoding
+REGIONS = ("as drawn", "box around the drawing")
+
+
+@dataclasses.dataclass
+class Outputs:
+    results: List[np.ndarray]  # [H, W, 3] uint8 each, the input's size
+    predicted: np.ndarray  # the first result with the predicted mask tinted over it
+    region: np.ndarray  # the input with the region the model was given outlined in red
+
+
+def _open(path: Optional[str], what: str) -> Image.Image:
+    if not path:
+        raise InputError(f"no {what}: upload an image first")
+    try:
+        im = Image.open(path)
+        if im.width * im.height > MAX_PIXELS:
+            raise InputError(f"the {what} is {im.width}x{im.height} pixels, over this app's limit of "
+                             f"{MAX_PIXELS / 1e6:.1f} megapixels (4096 x 4096): downscale it first")
+        im.load()
+        return im
+    except Image.DecompressionBombError:
+        raise InputError(f"the {what} is too large to decode safely: downscale it first") from None
+    except (UnidentifiedImageError, OSError, ValueError) as e:
+        raise InputError(f"cannot read the {what} ({type(e).__name__}): upload a PNG, JPEG or WEBP image") from None
+
+
+def _path(v) -> Optional[str]:
+    """A file path from what Gradio passes for an image (a path, or a FileData-like dict)."""
+    if v is None or isinstance(v, str):
+        return v
+    if isinstance(v, dict):
+        return v.get("path")
+    return getattr(v, "path", None)
+
+
+def read_editor(value) -> tuple[np.ndarray, np.ndarray]:
+    """(image [H,W,3] uint8, mask [H,W] bool) from an ImageEditor value with file paths:
+    the background is the image, every painted pixel of any layer is the region."""
+    if not value or not _path(value.get("background")):
+        raise InputError("no image: upload an image first")
+    image = np.asarray(_open(_path(value["background"]), "image").convert("RGB"))
+    mask = np.zeros(image.shape[:2], bool)
+    for layer in value.get("layers") or []:
+        im = _open(_path(layer), "mask layer")
+        if im.size != (image.shape[1], image.shape[0]):
+            im = im.resize((image.shape[1], image.shape[0]), Image.NEAREST)
+        alpha = np.asarray(im.convert("RGBA"))[..., 3]
+        mask |= alpha > 0
+    return image, mask
+
+
+def box_around(mask: np.ndarray) -> np.ndarray:
+    ys, xs = np.nonzero(mask)
+    out = np.zeros_like(mask)
+    out[ys.min():ys.max() + 1, xs.min():xs.max() + 1] = True
+    return out
+
+
+class InpaintService:
+    """Requests against one loaded model, one at a time (the page's queue runs one; the lock
+    keeps it so for any other caller)."""
+
+    def __init__(self, inpainter, sampler: SamplerConfig = SamplerConfig(), resolution: int = 512,
+                 examples: Sequence[dict] = ()):
+        self.inpainter = inpainter
+        self.sampler = sampler
+        self.resolution = resolution
+        self.examples = list(examples)
+        self._lock = threading.Lock()
+
+    @property
+    def num_levels(self) -> int:
+        return self.inpainter.num_levels
+
+    def run(self, editor, prompt: str, negative_prompt: str = "", precision: float = 0, region: str = REGIONS[0],
+            steps: float = 0, guidance: float = 0, seed: float = 0, num_samples: float = 1,
+            progress: Optional[Callable[[int, int], None]] = None) -> Outputs:
+        image, mask = read_editor(editor)
+        if not mask.any():
+            raise InputError("no region: paint over the part of the image to fill (the brush), then run")
+        if region not in REGIONS:
+            raise InputError(f"region must be one of {REGIONS}, got {region!r}")
+        if region == REGIONS[1]:
+            mask = box_around(mask)
+        if not (prompt or "").strip():
+            raise InputError("no prompt: type the object to paint, e.g. \"a flamingo\"")
+        precision, steps, seed, n = _integer(precision, "precision"), _integer(steps or self.sampler.num_steps,
+                                                                                "steps"), \
+            _integer(seed, "seed"), _integer(num_samples, "number of samples")
+        if not 0 <= precision <= self.num_levels:
+            raise InputError(f"precision must be between 0 (exact shape) and {self.num_levels} (box only) for "
+                             f"this model, got {precision}")
+        if not 1 <= steps <= 1000 or not 1 <= n <= 8:
+            raise InputError(f"steps must be in [1, 1000] and samples in [1, 8], got {steps} and {n}")
+        try:
+            sampler = dataclasses.replace(self.sampler, num_steps=steps,
+                                          guidance_scale=float(guidance or self.sampler.guidance_scale))
+        except ValueError as e:
+            raise InputError(str(e)) from None
+        with self._lock:
+            result = self.inpainter(image, mask, prompt.strip(), (negative_prompt or "").strip(), precision, seed, n,
+                                    sampler, min(self.resolution, max(image.shape[:2])),
+                                    progress=None if progress is None else (lambda i: progress(i + 1, steps)))
+        return Outputs(list(result.images), tint(result.images[0], result.predicted_masks[0]),
+                       outlined(image, mask))
+
+
+def _integer(v, name: str) -> int:
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        raise InputError(f"{name} must be a number, got {v!r}") from None
+    if not np.isfinite(f) or f != int(f):
+        raise InputError(f"{name} must be a whole number, got {v!r}")
+    return int(f)
+
+
+def tint(image: np.ndarray, mask: np.ndarray, colour=(0, 200, 255)) -> np.ndarray:
+    """The predicted mask as a translucent colour over the image, its border solid."""
+    out = image.astype(np.float32)
+    out[mask] = 0.5 * out[mask] + 0.5 * np.asarray(colour, np.float32)
+    out = out.astype(np.uint8)
+    out[outline(mask, 1)] = colour
+    return out
+
+
+def outlined(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    out = image.copy()
+    out[outline(mask, 2)] = (255, 0, 0)
+    return out
+
+
+PRECISION_HELP = ("**Shape precision** s: how closely the object follows the region's shape. "
+                  "0 = exactly the painted shape; higher = the shape is only a rough hint; "
+                  "the top level = the region is just a box, any shape inside it. The model also predicts the "
+                  "object's own mask (shown below); pixels outside your region are never changed.")
+
+
+def _checked(preprocess):
+    """The editor's own preprocessing (which decodes every upload) behind our checks: each
+    file's header is read first (the size limit before anything is decoded) and any failure
+    becomes a message on the page instead of Gradio's generic one."""
+    import gradio as gr
+
+    def run(payload):
+        if payload is not None:
+            files = [payload.background, payload.composite, *(payload.layers or [])]
+            try:
+                for f in files:
+                    if _path(f):
+                        _open(_path(f), "image").close()
+            except InputError as e:
+                raise gr.Error(str(e), print_exception=False) from None
+        try:
+            return preprocess(payload)
+        except Exception as e:  # noqa: BLE001 - anything the decoder raises is a bad upload
+            raise gr.Error(f"cannot read the image ({type(e).__name__}): upload a PNG, JPEG or WEBP image",
+                           print_exception=False) from None
+
+    return run
+
+
+def build_page(service: InpaintService, title: str = "SmartBrush inpainting"):
+    """The Gradio Blocks page; its one endpoint is `/inpaint` (also for gradio_client)."""
+    import gradio as gr
+
+    d = service.sampler
+
+    def handle(editor, prompt, negative, precision, region, steps, guidance, seed, samples,
+               progress=gr.Progress()):
+        progress(0, desc="encoding")
+        try:
+            out = service.run(editor, prompt, negative, precision, region, steps, guidance, seed, samples,
+                              progress=lambda i, n: progress((i, n), desc="sampling", unit="steps"))
+        except InputError as e:
+            raise gr.Error(str(e), print_exception=False) from None
+        return out.results, out.predicted, out.region
+
+    with gr.Blocks(title=title) as page:
+        gr.Markdown(f"# {title}\nUpload an image, paint the region to fill, describe the object, and run.")
+        with gr.Row():
+            with gr.Column():
+                editor = gr.ImageEditor(label="image and region (paint with the brush)", type="filepath",
+                                        sources=("upload", "clipboard"), layers=False, elem_id="editor",
+                                        brush=gr.Brush(colors=["#ff00ff"], color_mode="fixed", default_size=24),
+                                        transforms=(), format="png")
+                region = gr.Radio(list(REGIONS), value=REGIONS[0], label="region",
+                                  info="the painted pixels, or the box around them (draw a stroke along the "
+                                       "diagonal of the box you want)", elem_id="region")
+                prompt = gr.Textbox(label="prompt", placeholder="a flamingo", elem_id="prompt")
+                negative = gr.Textbox(label="negative prompt", placeholder="what to steer away from")
+                precision = gr.Slider(0, service.num_levels, value=0, step=1, label="shape precision",
+                                      info=f"0 = exact shape ... {service.num_levels} = box only",
+                                      elem_id="precision")
+                gr.Markdown(PRECISION_HELP)
+                with gr.Accordion("advanced", open=False):
+                    steps = gr.Slider(1, 200, value=d.num_steps, step=1, label="DDIM steps")
+                    guidance = gr.Slider(0, 20, value=d.guidance_scale, step=0.5, label="guidance scale")
+                    seed = gr.Number(value=0, precision=0, label="seed")
+                    samples = gr.Slider(1, 8, value=1, step=1, label="number of samples")
+                run = gr.Button("Run", variant="primary", elem_id="run")
+            with gr.Column():
+                results = gr.Gallery(label="result (download: PNG)", format="png", elem_id="results",
+                                     columns=2, object_fit="contain")
+                with gr.Row():
+                    predicted = gr.Image(label="predicted object mask over the result", format="png",
+                                         elem_id="predicted", height=240)
+                    shown = gr.Image(label="your region (red outline)", format="png", elem_id="region_view",
+                                     height=240)
+        editor.preprocess = _checked(editor.preprocess)
+        inputs = [editor, prompt, negative, precision, region, steps, guidance, seed, samples]
+        run.click(handle, inputs, [results, predicted, shown], api_name="inpaint")
+        if service.examples:
+            gr.Examples([[e["editor"], e["prompt"], e["precision"]] for e in service.examples],
+                        [editor, prompt, precision], label="held-out demo scenes")
+    return page
