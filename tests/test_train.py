@@ -97,10 +97,15 @@ def test_nonfinite_gradient_leaves_the_state_unchanged(tmp_path, data_dir, caplo
     )
     from smartbrush_jax.trainer import data_configs, data_sources
 
+    import logging
+
+    caplog.set_level(logging.INFO)
     w = _workdir(tmp_path, data_dir, "nan_once")
     summ = run_tiny(w, infinite_grads_at((3,)), train__checkpoint_every=1, train__log_every=1, train__steps=5)
     assert summ["nonfinite_total"] == 1
     assert "step 4: checkpoint skipped (1 non-finite steps in a row); the latest is step 3" in caplog.text
+    # the compiled step's memory and collectives, logged at start-up as `aot` reports them
+    assert "compiled step: memory per device:" in caplog.text and "compiled step: collectives" in caplog.text
     assert sorted(os.listdir(os.path.join(w, "checkpoints"))) == ["1", "2", "3", "5"]
 
     # the step function itself, on checkpoint 3 and a batch of the run's data
