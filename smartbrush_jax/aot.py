@@ -106,12 +106,15 @@ def _first_lines(text: str, n: int) -> str:
 
 
 def find_max_batch(config, target: tpu_targets.Target, cached: bool = False, start: Optional[int] = None,
-                   max_compiles: int = 5, log: Callable[[str], None] = print, devices=None) -> dict:
+                   max_compiles: int = 5, log: Callable[[str], None] = print, devices=None,
+                   on_compile: Optional[Callable[[dict], None]] = None) -> dict:
     """The largest per-chip batch whose step fits, in few compiles: memory grows about
     linearly with the batch, so two fitting compiles give the line, the line predicts the
     largest batch (from one fit: the state's bytes are fixed and the temporaries grow in
     proportion to the batch), and that prediction and the batch above it are checked (a failure lowers
-    the bound, a fit raises it). Every compile's result is kept in `tried`."""
+    the bound, a fit raises it). Every compile's result is kept in `tried`;
+    `on_compile(search so far)` after each one lets a caller keep it (a compile of the full
+    step can exhaust the host's memory and be killed: what the earlier ones found is kept)."""
     devices = devices if devices is not None else target.devices()
     n = len(devices)
     hbm = target.chip.hbm_gib * GIB
@@ -135,9 +138,15 @@ def find_max_batch(config, target: tpu_targets.Target, cached: bool = False, sta
             lo = max(lo, b)
         else:
             hi = b if hi is None else min(hi, b)
+        if on_compile is not None:
+            on_compile(_search_result(tried, lo, hi, hbm))
         if hi is not None and hi - lo <= 1:
             break
         b = _next_batch(tried, lo, hi, hbm)
+    return _search_result(tried, lo, hi, hbm)
+
+
+def _search_result(tried: Dict[int, dict], lo: int, hi: Optional[int], hbm: float) -> dict:
     exact = hi is not None and hi - lo == 1
     limit = _line_limit(tried, hbm)
     if hi is not None and limit is not None:

@@ -182,8 +182,35 @@ def test_find_max_batch_on_a_budget_says_what_it_verified_and_what_it_predicts(m
     monkeypatch.setattr(aot, "report", fake_report)
     config = tiny_config()
     config.train.batch_size = 16 * 4
+    seen = []  # what a caller can save after each compile (one may exhaust the host and be killed)
     r = aot.find_max_batch(config, tpu_targets.Target("v4-8", chip, 4, 1), max_compiles=2, devices=[0] * 4,
-                           log=lambda s: None)
+                           log=lambda s: None, on_compile=seen.append)
+    assert [s["max_per_chip_batch"] for s in seen] == [16, 37] and seen[0]["predicted_max_per_chip_batch"] == 39
     # 16 fits; the line through it and the fixed state says 39.45, 5% under is 37: compiled, fits
     assert (r["compiles"], r["max_per_chip_batch"], r["exact"], r["first_failure"]) == (2, 37, False, None)
     assert r["predicted_max_per_chip_batch"] == 39 and "not compiled" in r["prediction"]
+
+
+def test_collective_bytes_from_optimized_hlo_text():
+    """The forms XLA:TPU prints: async starts (operands, results, scalar contexts), and a
+    reduce-scatter written as an all-reduce fused with each chip's slice."""
+    from smartbrush_jax.compile_report import collectives
+
+    hlo = """
+%all-reduce-scatter.4 (input.4: f32[3,3,64,64]) -> f32[3,3,64,16] {
+  %input.4 = f32[3,3,64,64]{2,3,1,0:T(8,128)S(3)} parameter(0)
+  %all-reduce.7 = f32[3,3,64,64]{2,3,1,0:T(8,128)} all-reduce(%input.4), replica_groups={{0,1,2,3}}, to_apply=%add
+  ROOT %dynamic-slice.5 = f32[3,3,64,16]{2,3,1,0:T(8,128)S(3)} dynamic-slice(%all-reduce.7, %c, %c, %c, %m)
+}
+
+ENTRY %main (p: f32[4]) -> f32[4] {
+  %cp = (f32[1024,64]{1,0}, f32[1024,64]{1,0}, u32[], u32[]) collective-permute-start(%x), source_target_pairs={{0,1}}
+  %cpd = f32[1024,64]{1,0} collective-permute-done(%cp)
+  %ag = (bf16[8,128]{1,0}, bf16[32,128]{1,0}) all-gather-start(%y), dimensions={0}
+  %ar = f32[10]{0} all-reduce(%z), to_apply=%add
+}
+"""
+    assert collectives(hlo) == {"all-reduce": {"count": 1, "bytes": 40},
+                                "all-gather": {"count": 1, "bytes": 32 * 128 * 2},
+                                "reduce-scatter": {"count": 1, "bytes": 3 * 3 * 64 * 16 * 4},
+                                "collective-permute": {"count": 1, "bytes": 1024 * 64 * 4}}

@@ -69,8 +69,9 @@ def main(argv) -> None:
           "on this host; the full SD step takes minutes", file=sys.stderr)
     out = {**versions(), "config": os.path.basename(_config_path())}
     if FLAGS.find_max_batch:
+        partial = (lambda s: _write_json({**out, **s}, FLAGS.json)) if FLAGS.json else None
         search = aot.find_max_batch(config, target, FLAGS.cached_latents, max_compiles=FLAGS.max_compiles,
-                                    devices=devices, log=lambda s: print(s, file=sys.stderr))
+                                    devices=devices, log=lambda s: print(s, file=sys.stderr), on_compile=partial)
         out.update(search)
         best = search["report"]
         note = "exact" if search["exact"] else f"search stopped after {search['compiles']} compiles"
@@ -86,13 +87,18 @@ def main(argv) -> None:
         print("\n".join(aot.summary_lines(r)))
         code = 0 if r["fits"] else 1
     if FLAGS.json:
-        os.makedirs(os.path.dirname(os.path.abspath(FLAGS.json)), exist_ok=True)
-        tmp = FLAGS.json + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(out, f, indent=2, default=str)
-        os.replace(tmp, FLAGS.json)
+        _write_json(out, FLAGS.json)
         print(FLAGS.json)
     sys.exit(code)
+
+
+def _write_json(out: dict, path: str) -> None:
+    """Beside the target, then swapped in: a kill mid-write leaves the previous version."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(out, f, indent=2, default=str)
+    os.replace(tmp, path)
 
 
 def _config_path() -> str:
