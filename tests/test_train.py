@@ -83,6 +83,8 @@ def test_nonfinite_gradient_leaves_the_state_unchanged(tmp_path, data_dir, caplo
     """inf planted in the gradients (the loss stays finite) at step index 3: the update is
     skipped, so the state the step returns equals checkpoint 3 bit for bit (params, Adam
     state, EMA); the run goes on, counts it, and skips the checkpoint of the bad step."""
+    import logging
+
     import jax
     from flax.core import meta
 
@@ -96,8 +98,6 @@ def test_nonfinite_gradient_leaves_the_state_unchanged(tmp_path, data_dir, caplo
         make_train_step,
     )
     from smartbrush_jax.trainer import data_configs, data_sources
-
-    import logging
 
     caplog.set_level(logging.INFO)
     w = _workdir(tmp_path, data_dir, "nan_once")
