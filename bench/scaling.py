@@ -26,14 +26,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # Bandwidths are what a ring/torus collective moves per device per second ("bus bandwidth"):
 # H100 SXM in one node: NVLink 4 via NVSwitch, 450 GB/s per direction spec, ~360 GB/s as
 # nccl-tests busbw; between nodes one 400 Gb/s NDR InfiniBand NIC per GPU, ~45 GB/s.
-# TPU ICI: v4 2,400 Gb/s and v5p 4,800 Gb/s per chip (Google's spec sheets); we count half
-# as usable for one all-reduce (150 and 300 GB/s); a slice is one ICI domain.
+# TPU slices are not modelled here: their memory, collectives and step-time estimates come
+# from compiling the step for them (smartbrush_jax.aot, bench/tpu_aot.sh, bench/aot_table.py).
 HARDWARE = {
     "8xH100 (1 node, NVLink)": (989e12, 8, 360e9, 1, 45e9),
     "64xH100 (8 nodes, IB NDR)": (989e12, 8, 360e9, 8, 45e9),
-    "TPU v4-32 (16 chips)": (275e12, 16, 150e9, 1, 0.0),
-    "TPU v4-256 (128 chips)": (275e12, 128, 150e9, 1, 0.0),
-    "TPU v5p-128 (64 chips)": (459e12, 64, 300e9, 1, 0.0),
 }
 
 

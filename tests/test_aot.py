@@ -214,3 +214,29 @@ ENTRY %main (p: f32[4]) -> f32[4] {
                                 "all-gather": {"count": 1, "bytes": 32 * 128 * 2},
                                 "reduce-scatter": {"count": 1, "bytes": 3 * 3 * 64 * 16 * 4},
                                 "collective-permute": {"count": 1, "bytes": 1024 * 64 * 4}}
+
+
+@pytest.mark.parametrize("name,topology", [("tpu_v4", "v4-32"), ("tpu_v5p", "v5p-128")])
+def test_shipped_tpu_configs_are_what_was_compiled(name, topology):
+    """Each TPU config validates for its slice, and its committed ahead-of-time compile
+    (bench/results/tpu_aot_<slice>_vae.json, the figures its docstring quotes) is of this
+    very step: the same batch per chip, remat, attention, mesh and dtype, and it fits."""
+    import importlib.util
+    import json
+
+    from smartbrush_jax.config import validate
+
+    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "configs", f"{name}.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    c = mod.get_config()
+    target = tpu_targets.parse(topology)
+    validate(c, target.chips, target.hosts, data=False)
+    with open(os.path.join(ROOT, "bench", "results", f"tpu_aot_{topology}_vae.json")) as f:
+        r = json.load(f)
+    compiled = r["report"] if "report" in r else r
+    assert compiled["fits"] and compiled["memory"]["margin"] > 0.15 * compiled["memory"]["hbm"]
+    assert compiled["per_chip_batch"] == c.train.batch_size // target.chips
+    assert (compiled["remat"], compiled["attention"], compiled["dtype"], compiled["fsdp"]) == \
+        (c.model.remat, c.model.attention_impl, c.model.dtype, c.mesh.fsdp)
+    assert compiled["mesh"] == dict(c.mesh.shape) and compiled["vae_in_step"]
