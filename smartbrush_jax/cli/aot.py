@@ -108,9 +108,19 @@ def _config_path() -> str:
     return ""
 
 
+def _underscored(arg: str) -> str:
+    """`--find-max-batch` as `--find_max_batch` (both spellings work; config overrides, which
+    hold dots, are left alone)."""
+    if not arg.startswith("--"):
+        return arg
+    name, eq, value = arg[2:].partition("=")
+    return arg if "." in name else "--" + name.replace("-", "_") + eq + value
+
+
 def console():
     from smartbrush_jax.cli.config_check import check_config_file
 
+    sys.argv = [sys.argv[0]] + [_underscored(a) for a in sys.argv[1:]]
     check_config_file(sys.argv)
     flags.mark_flags_as_required(["config", "topology"])
     app.run(main)
