@@ -80,11 +80,11 @@ def _bytes(shape: str, async_start: bool = False) -> int:
 
 
 def costs(compiled) -> Dict[str, Optional[float]]:
-    """XLA's own counts for one device's program: flops, bytes accessed, optimal_seconds."""
-    c = compiled.cost_analysis()
-    if isinstance(c, (list, tuple)):
-        c = c[0] if c else {}
-    c = c or {}
+    """XLA's own counts for one device's program: flops, bytes accessed, optimal_seconds
+    (each None where the backend gives none)."""
+    from smartbrush_jax.flops import cost_analysis
+
+    c = cost_analysis(compiled)
     return {"flops": _num(c.get("flops")), "bytes_accessed": _num(c.get("bytes accessed")),
             "optimal_seconds": _num(c.get("optimal_seconds"))}
 

@@ -101,6 +101,13 @@ def outline(mask: np.ndarray, width: int = 2) -> np.ndarray:
     return mask & ~eroded
 
 
+def outlined(image: np.ndarray, mask: np.ndarray, width: int = 2) -> np.ndarray:
+    """A copy of `image` with the border of `mask` drawn in red."""
+    out = image.copy()
+    out[outline(mask, width)] = (255, 0, 0)
+    return out
+
+
 def make_grid(image: np.ndarray, mask: np.ndarray, result: InpaintResult) -> np.ndarray:
     """One row per sample: input with the mask outlined in red | result | predicted mask."""
     return np.concatenate([grid_row(image, mask, img, pm) for img, pm in zip(result.images, result.predicted_masks)],
@@ -111,7 +118,6 @@ def grid_row(image: np.ndarray, user_mask: np.ndarray, result: np.ndarray, predi
              outline_width: int = 2) -> np.ndarray:
     """[H, 3W, 3] uint8: the input with the user's mask outlined in red | the result | the
     predicted mask (white), all at one size (the one grid drawing of the project)."""
-    shown = image.copy()
-    shown[outline(user_mask, outline_width)] = (255, 0, 0)
+    shown = outlined(image, user_mask, outline_width)
     pred_rgb = np.repeat((predicted.astype(np.uint8) * 255)[..., None], 3, axis=2)
     return np.concatenate([shown, result, pred_rgb], axis=1)

@@ -68,16 +68,21 @@ def train_step_flops(forward_flops: int) -> int:
     return 3 * int(forward_flops)
 
 
-def compiled_flops(compiled) -> Optional[float]:
-    """XLA's FLOP count of a compiled program (`jax.jit(f).lower(...).compile()`), per
-    device for a sharded program; None where the backend gives none."""
+def cost_analysis(compiled) -> dict:
+    """XLA's cost analysis of a compiled program (`jax.jit(f).lower(...).compile()`), per
+    device for a sharded program, as one dict; empty where the backend gives none."""
     try:
         cost = compiled.cost_analysis()
     except Exception:  # some backends do not implement it
-        return None
+        return {}
     if isinstance(cost, (list, tuple)):  # older JAX: one dict per program
         cost = cost[0] if cost else None
-    flops = (cost or {}).get("flops")
+    return dict(cost or {})
+
+
+def compiled_flops(compiled) -> Optional[float]:
+    """XLA's FLOP count of a compiled program; None where the backend gives none."""
+    flops = cost_analysis(compiled).get("flops")
     return float(flops) if flops is not None and flops > 0 else None
 
 

@@ -22,7 +22,8 @@ from typing import Callable, List, Optional, Sequence
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from smartbrush_jax.compositing import outline
+from smartbrush_jax.box import Box
+from smartbrush_jax.compositing import outline, outlined
 from smartbrush_jax.errors import InputError
 from smartbrush_jax.settings import SamplerConfig
 
@@ -78,13 +79,6 @@ def read_editor(value) -> tuple[np.ndarray, np.ndarray]:
     return image, mask
 
 
-def box_around(mask: np.ndarray) -> np.ndarray:
-    ys, xs = np.nonzero(mask)
-    out = np.zeros_like(mask)
-    out[ys.min():ys.max() + 1, xs.min():xs.max() + 1] = True
-    return out
-
-
 class InpaintService:
     """Requests against one loaded model, one at a time (the page's queue runs one; the lock
     keeps it so for any other caller)."""
@@ -110,7 +104,7 @@ class InpaintService:
         if region not in REGIONS:
             raise InputError(f"region must be one of {REGIONS}, got {region!r}")
         if region == REGIONS[1]:
-            mask = box_around(mask)
+            mask = Box.of_mask(mask).mask(mask.shape)
         if not (prompt or "").strip():
             raise InputError("no prompt: type the object to paint, e.g. \"a flamingo\"")
         precision, steps, seed, n = _integer(precision, "precision"), _integer(steps or self.sampler.num_steps,
@@ -150,12 +144,6 @@ def tint(image: np.ndarray, mask: np.ndarray, colour=(0, 200, 255)) -> np.ndarra
     out[mask] = 0.5 * out[mask] + 0.5 * np.asarray(colour, np.float32)
     out = out.astype(np.uint8)
     out[outline(mask, 1)] = colour
-    return out
-
-
-def outlined(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    out = image.copy()
-    out[outline(mask, 2)] = (255, 0, 0)
     return out
 
 

@@ -164,6 +164,10 @@ def test_compiled_flops_forms():
         raise NotImplementedError
 
     assert flops.compiled_flops(SimpleNamespace(cost_analysis=unsupported)) is None
+    from smartbrush_jax import compile_report  # the start-up report reads the same way: no crash
+
+    assert compile_report.costs(SimpleNamespace(cost_analysis=unsupported)) == \
+        {"flops": None, "bytes_accessed": None, "optimal_seconds": None}
 
     report = flops.step_report(SimpleNamespace(cost_analysis=lambda: {"flops": 3e12}), 10e12, 4, 989e12)
     assert report["xla_flops_per_step"] == 12e12 and report["xla_over_model"] == pytest.approx(1.2)

@@ -14,7 +14,6 @@ anyone who can reach it can run the model and upload images to this machine. Bad
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import socket
 import sys
@@ -51,6 +50,7 @@ def main(argv=None) -> int:
 def load_service(args):
     """The `InpaintService` for `args`; InputError when no model can be had."""
     from smartbrush_jax import storage
+    from smartbrush_jax.checkpoints import read_model_config
     from smartbrush_jax.cli.inpaint import warn
     from smartbrush_jax.inpainting import Inpainter
     from smartbrush_jax.pretrained import ema_choice
@@ -72,9 +72,8 @@ def load_service(args):
         raise InputError("--resolution must be >= 8 and --levels >= 1")
     inpainter = Inpainter.load(path, args.tokenizer, args.levels, ema_choice(args.ema), warn=warn)
     sampler = SamplerConfig()
-    model_json = os.path.join(path, "model.json")
-    if os.path.isfile(model_json):  # a training run: its own sampler settings
-        run = json.load(open(model_json)).get("sampler", {})
+    if storage.isfile(storage.join(path, "model.json")):  # a training run: its own sampler settings
+        run = read_model_config(path).get("sampler", {})
         sampler = SamplerConfig(num_steps=run.get("num_steps", sampler.num_steps),
                                 guidance_scale=run.get("guidance_scale", sampler.guidance_scale))
     examples = heldout_examples(path, args.examples, inpainter.num_levels)
@@ -85,31 +84,21 @@ def heldout_examples(workdir: str, n: int, num_levels: int) -> list:
     """Up to `n` held-out scenes of a demo run as editor values (image + painted object),
     prompts asking for another colour, at a few precision levels; written to a new
     temporary folder of ours. Empty for anything else."""
-    ann_path = os.path.join(workdir, "data", "raw_heldout", "annotations.json")
-    if n <= 0 or not os.path.isfile(ann_path):
+    from smartbrush_jax.cli.demo import heldout_scenes
+
+    if n <= 0 or not os.path.isfile(os.path.join(workdir, "data", "raw_heldout", "annotations.json")):
         return []
-    from pycocotools import mask as mu
-
-    from smartbrush_jax.cli.demo import other_colour
-
-    coco = json.load(open(ann_path))
-    names = {c["id"]: c["name"] for c in coco["categories"]}
-    images = {im["id"]: im for im in coco["images"]}
-    anns = [a for a in coco["annotations"]
-            if a["area"] >= 0.06 * images[a["image_id"]]["height"] * images[a["image_id"]]["width"]][:n]
     out = tempfile.mkdtemp(prefix="smartbrush_app_examples_")
     levels = [0, num_levels // 2, num_levels]
     examples = []
-    for k, a in enumerate(anns):
-        src = os.path.join(workdir, "data", "raw_heldout", "images", images[a["image_id"]]["file_name"])
-        exact = mu.decode(dict(a["segmentation"], counts=a["segmentation"]["counts"].encode())).astype(bool)
+    for k, (src, exact, prompt) in enumerate(heldout_scenes(workdir, n)):
         layer = np.zeros(exact.shape + (4,), np.uint8)
         layer[exact] = (255, 0, 255, 255)
         image_path, layer_path = os.path.join(out, f"scene{k}.png"), os.path.join(out, f"scene{k}_region.png")
         Image.open(src).convert("RGB").save(image_path)
         Image.fromarray(layer).save(layer_path)
         examples.append({"editor": {"background": image_path, "layers": [layer_path], "composite": None},
-                         "prompt": other_colour(names[a["category_id"]]), "precision": levels[k % len(levels)]})
+                         "prompt": prompt, "precision": levels[k % len(levels)]})
     return examples
 
 

@@ -28,6 +28,25 @@ def other_colour(label: str) -> str:
     return f"a {names[(names.index(colour) + 3) % len(names)]} {shape}"
 
 
+def heldout_scenes(workdir: str, n: int):
+    """The first `n` held-out objects of a demo run (those of at least 6% of their image):
+    [(image path, exact mask [H, W] bool, prompt asking for the shape in another colour)].
+    InputError when the run has no held-out set."""
+    from pycocotools import mask as mu
+
+    raw = os.path.join(workdir, "data", "raw_heldout")
+    if not os.path.isfile(os.path.join(raw, "annotations.json")):
+        raise InputError(f"{raw}/annotations.json missing: train the demo first (make demo)")
+    coco = json.load(open(os.path.join(raw, "annotations.json")))
+    names = {c["id"]: c["name"] for c in coco["categories"]}
+    images = {im["id"]: im for im in coco["images"]}
+    anns = [a for a in coco["annotations"]
+            if a["area"] >= 0.06 * images[a["image_id"]]["height"] * images[a["image_id"]]["width"]][:n]
+    return [(os.path.join(raw, "images", images[a["image_id"]]["file_name"]),
+             mu.decode(dict(a["segmentation"], counts=a["segmentation"]["counts"].encode())).astype(bool),
+             other_colour(names[a["category_id"]])) for a in anns]
+
+
 def main(argv=None) -> int:
     return run_command(lambda: _main(argv))
 
@@ -44,7 +63,6 @@ def _main(argv) -> int:
     args = ap.parse_args(argv)
 
     import jax
-    from pycocotools import mask as mu
 
     from smartbrush_jax.checkpoints import load_workdir, read_model_config
     from smartbrush_jax.compositing import make_grid
@@ -52,9 +70,7 @@ def _main(argv) -> int:
     from smartbrush_jax.masks import degrade_mask
     from smartbrush_jax.settings import DEGRADE, SamplerConfig
 
-    raw = os.path.join(args.workdir, "data", "raw_heldout")
-    if not os.path.isfile(os.path.join(raw, "annotations.json")):
-        raise InputError(f"{raw}/annotations.json missing: train the demo first (make demo)")
+    scenes = heldout_scenes(args.workdir, args.num_scenes)
     step, sd = load_workdir(args.workdir)
     run = read_model_config(args.workdir)  # the run's own degradation and sampler settings
     degrade, run_sampler = run.get("degrade", DEGRADE), run.get("sampler", {})
@@ -62,20 +78,12 @@ def _main(argv) -> int:
     levels = [int(x) for x in args.levels.split(",")]
     out = args.out or os.path.join(args.workdir, "inpaint")
     os.makedirs(out, exist_ok=True)
-    coco = json.load(open(os.path.join(raw, "annotations.json")))
-    names = {c["id"]: c["name"] for c in coco["categories"]}
-    images = {im["id"]: im for im in coco["images"]}
-    anns = [a for a in coco["annotations"]  # objects of at least 6% of their image
-            if a["area"] >= 0.06 * images[a["image_id"]]["height"] * images[a["image_id"]]["width"]][:args.num_scenes]
     sampler = SamplerConfig(num_steps=args.steps or run_sampler.get("num_steps", SamplerConfig.num_steps),
                             guidance_scale=args.guidance or run_sampler.get("guidance_scale",
                                                                             SamplerConfig.guidance_scale))
     rows, paths = [], []
-    for k, a in enumerate(anns):
-        image = np.asarray(Image.open(os.path.join(raw, "images", images[a["image_id"]]["file_name"])).convert("RGB"))
-        rle = dict(a["segmentation"], counts=a["segmentation"]["counts"].encode())
-        exact = mu.decode(rle).astype(bool)
-        prompt = other_colour(names[a["category_id"]])
+    for k, (image_path, exact, prompt) in enumerate(scenes):
+        image = np.asarray(Image.open(image_path).convert("RGB"))
         cells = []
         for level in levels:
             user = np.asarray(jax.device_get(degrade_mask(exact[None].astype(np.float32), np.array([level]),
