@@ -8,7 +8,7 @@ import os
 import platform
 import sys
 import time
-from typing import Callable, Dict, List, Optional
+from typing import Dict, List
 
 # bench/ runs as a script: make `smartbrush_jax` importable without installing it
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -28,8 +28,8 @@ def environment() -> Dict[str, object]:
 
 
 def model_flops(cfg, batch, latent):
-    from smartbrush_jax import flops
     from smartbrush_jax.models import UNetConfig
+    from smartbrush_jax.planning import flops
 
     fwd = flops.unet_forward_flops(UNetConfig.from_diffusers(cfg["unet"]), batch, latent, latent, cfg["tokens"])
     return flops.train_step_flops(fwd)
@@ -52,70 +52,6 @@ def write_json(path, obj):
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         with open(path, "w") as f:
             json.dump(obj, f, indent=2)
-
-
-def is_oom(exc: BaseException) -> bool:
-    """An out-of-memory error of either framework (JAX: RESOURCE_EXHAUSTED; torch:
-    OutOfMemoryError), as opposed to a bug that the search must not swallow."""
-    text = f"{type(exc).__name__}: {exc}"
-    return any(s in text for s in ("RESOURCE_EXHAUSTED", "OutOfMemoryError", "out of memory", "Out of memory"))
-
-
-class LinearMemory:
-    """Peak bytes as a line in the batch size, from the probes so far; predicts the batch
-    that fills `capacity` bytes (a guess for the search, which then checks it)."""
-
-    def __init__(self, capacity: Optional[float]):
-        self.capacity, self.points = capacity, {}
-
-    def add(self, batch: int, peak_bytes: Optional[float]) -> None:
-        if peak_bytes:
-            self.points[batch] = float(peak_bytes)
-
-    def predict(self) -> Optional[float]:
-        if not self.capacity or len(self.points) < 2:
-            return None
-        (b1, m1), (b2, m2) = sorted(self.points.items())[-2:]
-        slope = (m2 - m1) / (b2 - b1)
-        return b2 + (self.capacity - m2) / slope if slope > 0 else None
-
-
-def largest_fitting(fits: Callable[[int], bool], start: int, limit: int, granularity: int, budget_s: float,
-                    predict: Callable[[], Optional[float]] = lambda: None, log=print) -> Dict[str, object]:
-    """The largest batch (a multiple of `granularity`, at most `limit`) for which
-    `fits(batch)` is True: double from `start` until a failure, then bisect (a memory
-    prediction, when there is one, picks the next probe instead of plain doubling or the
-    midpoint). Stops when the bracket is one granularity wide, or when the next probe would
-    end after `budget_s`: then `exact` is False and the answer is the bracket
-    [max_batch, first_failure)."""
-    t_end = time.time() + budget_s
-    lo, hi, tried, b = 0, None, [], start
-    while True:
-        t0 = time.time()
-        ok = fits(b)
-        dt = time.time() - t0
-        tried.append({"batch": b, "fits": ok, "seconds": round(dt, 1)})
-        log(f"[max-batch]   batch {b}: {'fits' if ok else 'out of memory'} ({dt:.0f} s)")
-        lo, hi = (b, hi) if ok else (lo, b)
-        nxt = _next_probe(lo, hi, granularity, limit, predict())
-        if nxt is None or time.time() + dt > t_end:
-            break
-        b = nxt
-    exact = (hi is not None and hi - lo <= granularity) or (hi is None and lo >= limit)
-    return {"max_batch": lo or None, "first_failure": hi, "exact": exact, "limit": limit, "tried": tried}
-
-
-def _next_probe(lo: int, hi: Optional[int], g: int, limit: int, pred: Optional[float]) -> Optional[int]:
-    down = lambda x: max(g, int(x) // g * g)  # noqa: E731
-    if hi is None:  # still growing
-        if lo >= limit:
-            return None
-        cand = 2 * lo if not pred else down(pred)
-        return min(max(cand, lo + g), limit)
-    if hi - lo <= g:
-        return None
-    cand = down(pred) if pred and lo < pred < hi else down(lo + (hi - lo) / 2)
-    return min(max(cand, lo + g), hi - g) if hi - g >= lo + g else None
 
 
 def print_table(rows: List[Dict[str, object]]) -> None:

@@ -5,7 +5,7 @@
 
 Every figure is read from a compile for the target TPU (XLA's memory analysis, the
 collectives of its optimized HLO, its cost analysis); the step time is recomputed here
-with `compile_report.estimate` from the stored counts, so that every row is estimated by
+with `xla.estimate` from the stored counts, so that every row is estimated by
 the same rule (a roofline lower bound unless XLA's own estimate is plausible).
 """
 
@@ -18,7 +18,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from smartbrush_jax import compile_report  # noqa: E402
+from smartbrush_jax.planning import xla  # noqa: E402
 
 GIB = 2**30
 
@@ -37,13 +37,14 @@ def load(paths):
 def row(name: str, search: dict, r: dict) -> str:
     chip = r["chip"]
     m = r["memory"]
-    est = compile_report.estimate(r["xla_costs"], chip["bf16_tflops"] * 1e12, chip["hbm_gbps"] * 1e9,
+    est = xla.estimate(r["xla_costs"], chip["bf16_tflops"] * 1e12, chip["hbm_gbps"] * 1e9,
                                   r["flops"]["analytic"])
     mfu = r["flops"]["analytic"] / (est["seconds"] * chip["bf16_tflops"] * 1e12)
     coll = ", ".join(f"{k} {v['bytes'] / GIB:.1f}" for k, v in r["collectives"].items() if v["bytes"] >= GIB / 100)
-    from smartbrush_jax.aot import _line_limit
+    from smartbrush_jax.planning.search import Probe, memory_line
 
-    line = _line_limit({r["per_chip_batch"]: r}, chip["hbm_gib"] * GIB) if r.get("fits") else None
+    one = {r["per_chip_batch"]: Probe(True, m["total"], m["temp"])}
+    line = memory_line(one, chip["hbm_gib"] * GIB) if r.get("fits") else None
     largest = f"line: {int(line)}" if line else "-"
     if "max_per_chip_batch" in search:
         largest = f"{search['max_per_chip_batch']} compiled"

@@ -70,8 +70,8 @@ def record(part, case, res):
 # ---------------------------------------------------------------------------- whole step
 
 def jax_step(cfg, batch, attention):
+    from smartbrush_jax.interop.loader import init_params
     from smartbrush_jax.models import UNet2DConditionModel, UNetConfig
-    from smartbrush_jax.pretrained import init_params
 
     model = UNet2DConditionModel(UNetConfig.from_diffusers(cfg["unet"]), attention_impl=attention)
     params = init_params(model, jax.random.PRNGKey(0))

@@ -78,9 +78,9 @@ def bench_jax(cfg, inp, steps, guidance, repeats):
     import jax
     import jax.numpy as jnp
 
-    from smartbrush_jax.diffusion import sample
+    from smartbrush_jax.interop.loader import init_params
     from smartbrush_jax.models import UNet2DConditionModel, UNetConfig
-    from smartbrush_jax.pretrained import init_params
+    from smartbrush_jax.sampling.sampler import sample
     from smartbrush_jax.settings import SamplerConfig
 
     model = UNet2DConditionModel(UNetConfig.from_diffusers(cfg["unet"]))

@@ -6,7 +6,7 @@ step. Prints the tables of bench/SCALING.md (which explains the model).
     python bench/scaling.py --measured bench/results/gpu_sd_v1_unet_step.json   # a measured step
 
 Inputs: the SD v1 SmartBrush U-Net's parameter count (eval_shape, nothing allocated), its
-training FLOPs per image from `smartbrush_jax.flops` (3x the analytic forward at 512 px),
+training FLOPs per image from `smartbrush_jax.planning.flops` (3x the analytic forward at 512 px),
 the VAE encode FLOPs (XLA's count of the lowered encoder) for steps that encode online,
 and the hardware table below (spec-sheet peaks and interconnect bandwidths).
 """
@@ -27,7 +27,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # H100 SXM in one node: NVLink 4 via NVSwitch, 450 GB/s per direction spec, ~360 GB/s as
 # nccl-tests busbw; between nodes one 400 Gb/s NDR InfiniBand NIC per GPU, ~45 GB/s.
 # TPU slices are not modelled here: their memory, collectives and step-time estimates come
-# from compiling the step for them (smartbrush_jax.aot, bench/tpu_aot.sh, bench/aot_table.py).
+# from compiling the step for them (smartbrush_jax.train.aot, bench/tpu_aot.sh, bench/aot_table.py).
 HARDWARE = {
     "8xH100 (1 node, NVLink)": (989e12, 8, 360e9, 1, 45e9),
     "64xH100 (8 nodes, IB NDR)": (989e12, 8, 360e9, 8, 45e9),
@@ -51,9 +51,10 @@ def model_numbers():
     import jax.numpy as jnp
     import numpy as np
 
-    from smartbrush_jax.flops import train_step_flops, unet_forward_flops
+    from smartbrush_jax.interop.loader import SD_V1_UNET, SD_V1_VAE, abstract_params
     from smartbrush_jax.models import AutoencoderKL, UNet2DConditionModel
-    from smartbrush_jax.pretrained import SD_V1_UNET, SD_V1_VAE, abstract_params
+    from smartbrush_jax.planning.flops import train_step_flops, unet_forward_flops
+    from smartbrush_jax.planning.xla import costs
 
     # SmartBrush: latent + mask in, noise + mask logit out, 11 precision levels
     unet_cfg = dataclasses.replace(SD_V1_UNET, in_channels=5, out_channels=5, num_class_embeddings=11)
@@ -64,9 +65,7 @@ def model_numbers():
     vae_params = abstract_params(vae)
     lowered = jax.jit(lambda p, x: vae.apply({"params": p}, x, method=vae.encode)).lower(
         vae_params, jax.ShapeDtypeStruct((1, 512, 512, 3), jnp.float32))
-    cost = lowered.cost_analysis()
-    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    return {"params": params, "unet_train_flops": unet_train, "vae_encode_flops": float(cost["flops"])}
+    return {"params": params, "unet_train_flops": unet_train, "vae_encode_flops": costs(lowered)["flops"]}
 
 
 def analyse(m: dict, mfus, grad_bytes: int, online_vae: bool):

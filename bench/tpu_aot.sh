@@ -16,7 +16,7 @@ OUT=${OUT:-bench/results}
 run() {  # name, then flags
   local name=$1; shift
   echo "== $name: $*" >&2
-  "$PY" -m smartbrush_jax.aot "$@" --json "$OUT/tpu_aot_$name.json" || echo "($name exited $?)" >&2
+  "$PY" -m smartbrush_jax.cli.aot "$@" --json "$OUT/tpu_aot_$name.json" || echo "($name exited $?)" >&2
 }
 # attention at 4096 tokens: XLA's, against the chunked attention of configs/tpu_v4.py below
 run v4-32_cached_xla_attention --config=configs/tpu_v4.py --topology=v4-32 --cached_latents --per_chip_batch=16 \

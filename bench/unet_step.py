@@ -14,7 +14,7 @@ Ours: fp32 parameters, compute in `--dtype`, attention through `jax.nn.dot_produ
 PyTorch: fp32 parameters under `torch.autocast` for bf16, SDPA attention (diffusers'
 default), `torch.compile` on CUDA (`--no-compile` turns it off), channels-last and fused
 AdamW on CUDA. TFLOP/s and MFU count model FLOPs (3 x the analytic forward of
-`smartbrush_jax.flops`, the same for both sides); the peak is the device's bf16 dense peak.
+`smartbrush_jax.planning.flops`, the same for both sides); the peak is the device's bf16 dense peak.
 On an accelerator each side runs in its own process, so neither framework holds memory
 while the other runs. Prints images/s for each and the ratio ours / PyTorch last.
 """
@@ -31,6 +31,8 @@ import time
 
 import _common
 import numpy as np
+
+from smartbrush_jax.planning.search import Probe, is_oom, largest_batch
 
 _UNET = dict(layers_per_block=2, attention_head_dim=8, in_channels=5, out_channels=5, num_class_embeds=11)
 CONFIGS = {
@@ -109,7 +111,7 @@ def bench_torch(cfg, args):
     loss.item()
     sync()
     dt = (time.perf_counter() - t0) / args.steps
-    from smartbrush_jax.flops import peak_flops_per_device
+    from smartbrush_jax.planning.flops import peak_flops_per_device
 
     peak = None if dev == "cpu" else peak_flops_per_device(_common.Named(torch.cuda.get_device_name()))
     return dict(params=sum(p.numel() for p in model.parameters()), compile_s=compile_s, compiled=step.compiled,
@@ -127,10 +129,10 @@ def max_batch_torch(cfg, args, checkpointing, budget_s):
         print("[max-batch] PyTorch: no CUDA device; probing up to --max-batch-limit on the CPU")
     # one dynamic-shape compile serves every batch size of the search
     _, step, to_device, dev = torch_setup(cfg, args, checkpointing=checkpointing, dynamic=True)
-    mem = _common.LinearMemory(0.95 * torch.cuda.mem_get_info()[1] if dev == "cuda" else None)
+    capacity = 0.95 * torch.cuda.mem_get_info()[1] if dev == "cuda" else None
     state = {"step": step}
 
-    def fits(b):
+    def fits(b) -> Probe:
         batch = to_device(make_batch(cfg, b, args.latent))
         if dev == "cuda":
             torch.cuda.reset_peak_memory_stats()
@@ -139,11 +141,11 @@ def max_batch_torch(cfg, args, checkpointing, budget_s):
                 state["step"](*batch)
             if dev == "cuda":
                 torch.cuda.synchronize()
-                mem.add(b, torch.cuda.max_memory_allocated())
-            return True
+                return Probe(True, torch.cuda.max_memory_allocated())
+            return Probe(True)
         except Exception as e:
-            if _common.is_oom(e):
-                return False
+            if is_oom(e):
+                return Probe(False)
             if not state["step"].compiled:
                 raise
             print(f"[max-batch] torch.compile failed ({type(e).__name__}: {str(e)[:200]}); searching in eager mode")
@@ -158,7 +160,7 @@ def max_batch_torch(cfg, args, checkpointing, budget_s):
             if dev == "cuda":
                 torch.cuda.empty_cache()
 
-    out = _common.largest_fitting(fits, args.batch, args.max_batch_limit, cfg["granularity"], budget_s, mem.predict)
+    out = search(fits, args, cfg, budget_s, capacity)
     return dict(out, gradient_checkpointing=checkpointing, compiled=state["step"].compiled)
 
 
@@ -229,7 +231,8 @@ def jax_attention(cfg, args, remat, batch):
 def bench_jax(cfg, args):
     import jax
 
-    from smartbrush_jax.flops import compiled_flops, peak_flops_per_device
+    from smartbrush_jax.planning.flops import peak_flops_per_device
+    from smartbrush_jax.planning.xla import costs
 
     batch = jax.device_put(make_batch(cfg, args.batch, args.latent))
     _, init, step, impl = jax_attention(cfg, args, args.remat, batch)
@@ -248,7 +251,7 @@ def bench_jax(cfg, args):
     dev = jax.devices()[0]
     stats = dev.memory_stats() or {}
     return dict(params=int(sum(x.size for x in jax.tree_util.tree_leaves(state[0]))), compile_s=compile_s,
-                attention=impl, remat=args.remat, loss=float(loss), xla_flops_per_step=compiled_flops(compiled),
+                attention=impl, remat=args.remat, loss=float(loss), xla_flops_per_step=costs(compiled)["flops"],
                 peak_bytes=stats.get("peak_bytes_in_use"), device=str(dev.device_kind),
                 **_common.speed(cfg, args.batch, args.latent, dt, peak_flops_per_device(dev)))
 
@@ -259,31 +262,39 @@ def max_batch_jax(cfg, args, remat, budget_s):
     import jax
 
     _, init, step, impl = jax_attention(cfg, args, remat, jax.device_put(make_batch(cfg, args.batch, args.latent)))
-    mem = _common.LinearMemory((jax.devices()[0].memory_stats() or {}).get("bytes_limit"))
+    capacity = (jax.devices()[0].memory_stats() or {}).get("bytes_limit")
 
-    def fits(b):
+    def fits(b) -> Probe:
         batch = jax.device_put(make_batch(cfg, b, args.latent))
         state = init()
         try:
             compiled = step.lower(state, batch).compile()
             m = compiled.memory_analysis()
-            if m is not None:
-                mem.add(b, m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes
-                        + m.temp_size_in_bytes)
+            peak = None if m is None else (m.argument_size_in_bytes + m.output_size_in_bytes
+                                           - m.alias_size_in_bytes + m.temp_size_in_bytes)
             for _ in range(2):
                 state, loss = compiled(state, batch)
             loss.block_until_ready()
-            return True
+            return Probe(True, peak)
         except Exception as e:
-            if not _common.is_oom(e):
+            if not is_oom(e):
                 raise
-            return False
+            return Probe(False)
         finally:
             del state, batch
             gc.collect()
 
-    out = _common.largest_fitting(fits, args.batch, args.max_batch_limit, cfg["granularity"], budget_s, mem.predict)
+    out = search(fits, args, cfg, budget_s, capacity)
     return dict(out, remat=remat, attention=impl)
+
+
+def search(fits, args, cfg, budget_s, capacity) -> dict:
+    """The package's one largest-batch search (`smartbrush_jax/planning/search.py`), run on this device."""
+    log = lambda line: print(f"[max-batch] {line.strip()}")  # noqa: E731
+    out = largest_batch(fits, args.batch, capacity=capacity, limit=args.max_batch_limit,
+                        granularity=cfg["granularity"], budget_s=budget_s, log=log)
+    out.pop("detail")
+    return out
 
 
 # ---------------------------------------------------------------------------- parity check
@@ -296,7 +307,7 @@ def check(args):
     from diffusers import UNet2DConditionModel as TorchUNet
     from flax.core import meta
 
-    from smartbrush_jax.weights import torch_to_flax
+    from smartbrush_jax.interop.weights import torch_to_flax
 
     cfg = CONFIGS["tiny"]
     dev = "cuda" if torch.cuda.is_available() else "cpu"

@@ -6,7 +6,7 @@ EMA, data 0.8 / 0.2 with BLIP/label captions:
         --config.model.init_from=gs://bucket/models/stable-diffusion-v1-2 \\
         --config.data.prepared_dirs='("/mnt/gcs/bucket/data/coco_openimages", "/mnt/gcs/bucket/data/laion")'
 
-What fits, compiled for v5p-128 on a CPU host (`python -m smartbrush_jax.aot
+What fits, compiled for v5p-128 on a CPU host (`python -m smartbrush_jax.cli.aot
 --config=configs/tpu_v5p.py --topology=v5p-128`, bench/results/tpu_aot_v5p-128_*.json):
 with the VAE encode in the step, 30.5 GiB per chip (13.4 of replicated state, 16.1 of
 temporaries), a 64.5 GiB margin; the memory line puts the largest batch at ~79 per chip

@@ -158,56 +158,6 @@ def restore_state(workdir: str, step: Optional[int] = None, like: Any = None):
     raise CheckpointError(f"{ckpt_dir}: no checkpoint can be restored: {'; '.join(errors)}")
 
 
-def write_run_files(workdir: str, model_config: dict, tokenizer_dir: str, frozen=None) -> None:
-    """model.json, the tokenizer and, for a run from scratch, the frozen (random) text
-    encoder as `frozen_text.safetensors` (a run from SD weights names `init_from`)."""
-    storage.makedirs(workdir)
-    if frozen is not None:
-        import jax
-        from safetensors.numpy import save
-
-        from smartbrush_jax.weights import flax_to_torch
-
-        storage.write_bytes(storage.join(workdir, "frozen_text.safetensors"),
-                            save(flax_to_torch(jax.device_get(frozen["text"]))))
-    storage.write_text(storage.join(workdir, "model.json"), json.dumps(model_config, indent=2))
-    dst = storage.join(workdir, "tokenizer")
-    if storage.absolute(tokenizer_dir) != dst:
-        storage.upload(storage.local_copy(tokenizer_dir), dst)
-
-
-def load_workdir(workdir: str, step: Optional[int] = None, ema: bool = True):
-    """A training run as a `StableDiffusion` bundle for inpainting and export: the U-Net
-    from the checkpoint (EMA weights by default), the text encoder (and VAE) it trained with."""
-    from smartbrush_jax.data.tokenizer import load_tokenizer
-    from smartbrush_jax.models import CLIPTextConfig, CLIPTextModel, UNetConfig
-    from smartbrush_jax.pretrained import StableDiffusion, abstract_params, load_model
-    from smartbrush_jax.weights import read_state_dict, torch_to_flax
-
-    cfg = read_model_config(workdir)
-    step, unet_params = restore_params(workdir, step, ema)
-    sd = StableDiffusion(unet_config=UNetConfig.from_diffusers(cfg["unet"]), unet_params=_as_jax(unet_params),
-                         tokenizer=load_tokenizer(storage.local_copy(storage.join(workdir, "tokenizer"))))
-    if cfg.get("init_from"):  # the frozen text encoder and VAE the run started from
-        base = load_model(cfg["init_from"], components=("vae", "text_encoder"), ema=False)
-        sd.text_config, sd.text_params = base.text_config, base.text_params
-        sd.vae_config, sd.vae_params, sd.scheduler_config = base.vae_config, base.vae_params, base.scheduler_config
-    else:
-        sd.text_config = CLIPTextConfig.from_transformers(cfg["text"])
-        state = read_state_dict(storage.local_copy(storage.join(workdir, "frozen_text.safetensors")))
-        sd.text_params = _as_jax(torch_to_flax(state, abstract_params(CLIPTextModel(sd.text_config))))
-    if cfg.get("autoencoder") == "identity":
-        sd.vae_config, sd.vae_params = None, None
-    return step, sd
-
-
-def _as_jax(tree):
-    import jax
-    import jax.numpy as jnp
-
-    return jax.tree_util.tree_map(jnp.asarray, tree)
-
-
 def read_model_config(workdir: str) -> dict:
     path = storage.join(workdir, "model.json")
     if not storage.isfile(path):

@@ -65,7 +65,7 @@ def validate(c: ml_collections.ConfigDict, num_devices: int | None = None, proce
     need(c.train.max_nonfinite_in_a_row >= 1, "train.max_nonfinite_in_a_row", "must be >= 1")
     need(c.train.peak_tflops >= 0, "train.peak_tflops", f"must be >= 0 (0: from the device), got {c.train.peak_tflops}")
     need(not data or c.data.prepared_dirs or c.data.synthetic_scenes > 0, "data.prepared_dirs",
-         "give prepared data folders (python -m smartbrush_jax.data.prepare) or data.synthetic_scenes > 0")
+         "give prepared data folders (python -m smartbrush_jax.cli.prepare) or data.synthetic_scenes > 0")
     need(c.train.batch_size % process_count == 0, "train.batch_size",
          f"{c.train.batch_size} is not divisible by the {process_count} processes")
     if num_devices is not None:

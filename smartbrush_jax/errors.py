@@ -25,3 +25,8 @@ def run_command(fn: Callable[[], int | None]) -> int:
     except InputError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+
+
+def warn(message: str) -> None:
+    """What a command says about input it could use after a change (`warning: ...` on stderr)."""
+    print(f"warning: {message}", file=sys.stderr)

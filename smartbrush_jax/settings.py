@@ -197,7 +197,7 @@ class LossConfig:
 
 @dataclasses.dataclass(frozen=True)
 class SamplerConfig:
-    """Every knob of SmartBrush sampling, shared by the JAX sampler (`diffusion.sample`) and
+    """Every knob of SmartBrush sampling, shared by the JAX sampler (`sampling.sampler.sample`) and
     the PyTorch pipeline (each is a CLI flag of `inpaint`)."""
 
     num_steps: int = 50

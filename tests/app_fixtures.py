@@ -34,9 +34,9 @@ class Spy:
 
 @contextlib.contextmanager
 def serve(sd_path: str, steps: int = 3):
-    from smartbrush_jax.inpainting import Inpainter
+    from smartbrush_jax.app.page import InpaintService, build_page
+    from smartbrush_jax.sampling.runner import Inpainter
     from smartbrush_jax.settings import SamplerConfig
-    from smartbrush_jax.webapp import InpaintService, build_page
 
     spy = Spy(Inpainter.load(sd_path))
     service = InpaintService(spy, SamplerConfig(num_steps=steps), resolution=64)

@@ -7,7 +7,7 @@ def write_tiny_clip(folder: str, words=("a red star", "the blue cat", "green squ
     """A random transformers CLIPModel (32-px images) with tokenizer and image processor."""
     from transformers import CLIPConfig, CLIPImageProcessorPil, CLIPModel
 
-    from smartbrush_jax.data.tokenizer import write_word_tokenizer
+    from smartbrush_jax.models.tokenizer import write_word_tokenizer
 
     vocab = write_word_tokenizer(folder, list(words))
     layers = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)

@@ -57,7 +57,7 @@ def torch_vae(seed: int = 0, **overrides):
 
 def write_tokenizer(folder: str) -> int:
     """A CLIP-format BPE tokenizer knowing a few words. Returns the vocabulary size."""
-    from smartbrush_jax.data.tokenizer import write_word_tokenizer
+    from smartbrush_jax.models.tokenizer import write_word_tokenizer
 
     return write_word_tokenizer(folder, ["the cat", "a red star", "at"])
 

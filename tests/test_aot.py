@@ -1,4 +1,4 @@
-"""Ahead-of-time compilation for TPU slices on this CPU host (`smartbrush_jax.aot`), through
+"""Ahead-of-time compilation for TPU slices on this CPU host (`smartbrush_jax.train.aot`), through
 the libtpu wheel of requirements-dev.txt: the tiny config's step compiled for a v4 slice
 with the trainer's own setup; its memory report, the collectives data parallelism and FSDP
 must produce, XLA's FLOPs against our count; meshes laid out by the torus and by slice."""
@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 from train_helpers import CONFIG, ROOT, tiny_config
 
-from smartbrush_jax import aot, sharding, tpu_targets
+from smartbrush_jax.planning import targets
+from smartbrush_jax.train import aot, sharding
 
 HAVE_LIBTPU = importlib.util.find_spec("libtpu") is not None
 needs_libtpu = pytest.mark.skipif(not HAVE_LIBTPU, reason="libtpu is not installed (pip install -r "
@@ -20,31 +21,31 @@ needs_libtpu = pytest.mark.skipif(not HAVE_LIBTPU, reason="libtpu is not install
 
 
 def test_slice_names_map_to_topologies_and_chips():
-    t = tpu_targets.parse("v4-32")
+    t = targets.parse("v4-32")
     assert (t.chips, t.slices, t.topology_name, t.hosts, t.chip.hbm_gib) == (16, 1, "v4:2x2x4", 4, 32)
-    t = tpu_targets.parse("v5p-128")
+    t = targets.parse("v5p-128")
     assert (t.chips, t.topology_name, t.chip.hbm_gib) == (64, "v5p:4x4x4", 95)
-    t = tpu_targets.parse("v5litepod-256")
+    t = targets.parse("v5litepod-256")
     assert (t.chips, t.topology_name, t.chip.kind) == (256, "v5e:16x16", "v5e")
-    t = tpu_targets.parse("2xv5p-128")
+    t = targets.parse("2xv5p-128")
     assert (t.chips, t.slices, t.hosts) == (64, 2, 32)
-    assert tpu_targets.parse("v6e-256").chip.bf16_tflops == 918
+    assert targets.parse("v6e-256").chip.bf16_tflops == 918
     for bad, says in (("v9-8", "unknown TPU kind"), ("v4-33", "v4 slices come as"), ("v4", "not a slice name"),
                       ("v5e-3", "v5e slices come as")):
-        with pytest.raises(tpu_targets.TargetError, match=says):
-            tpu_targets.parse(bad)
+        with pytest.raises(targets.TargetError, match=says):
+            targets.parse(bad)
 
 
 def test_missing_libtpu_is_a_clear_error(monkeypatch):
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "libtpu" else real(name, *a))
-    with pytest.raises(tpu_targets.TargetError, match="libtpu wheel is not installed"):
-        tpu_targets.parse("v4-8").devices()
+    with pytest.raises(targets.TargetError, match="libtpu wheel is not installed"):
+        targets.parse("v4-8").devices()
 
 
 def _cli(*args):
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-    return subprocess.run([sys.executable, "-m", "smartbrush_jax.aot", f"--config={CONFIG}", *args], cwd=ROOT,
+    return subprocess.run([sys.executable, "-m", "smartbrush_jax.cli.aot", f"--config={CONFIG}", *args], cwd=ROOT,
                           env=env, capture_output=True, text=True, timeout=600)
 
 
@@ -58,8 +59,8 @@ def test_find_max_batch_search_is_exact_in_few_compiles(monkeypatch):
     """Memory linear in the batch (a fixed state plus temporaries per image), as XLA's is:
     the search finds the exact largest batch from the line, and remembers every compile."""
     gib = 2**30
-    chip = tpu_targets.Chip("t", "v4", "TPU v4", 32, 275, 1228, True, 3, "megacore")
-    target = tpu_targets.Target("v4-8", chip, 4, 1)
+    chip = targets.Chip("t", "v4", "TPU v4", 32, 275, 1228, True, 3, "megacore")
+    target = targets.Target("v4-8", chip, 4, 1)
     calls = []
 
     def fake_report(config, target, cached, devices):
@@ -84,7 +85,7 @@ def test_find_max_batch_search_is_exact_in_few_compiles(monkeypatch):
 def v4_8():
     if not HAVE_LIBTPU:
         pytest.skip("libtpu is not installed")
-    return tpu_targets.parse("v4-8")
+    return targets.parse("v4-8")
 
 
 @pytest.fixture(scope="module")
@@ -141,7 +142,7 @@ def test_fsdp_compile_gathers_params_and_scatters_grads(reports):
 
 @needs_libtpu
 def test_mesh_follows_the_torus_of_a_v4_slice():
-    devices = tpu_targets.parse("v4-32").devices()  # 16 chips, 2x2x4
+    devices = targets.parse("v4-32").devices()  # 16 chips, 2x2x4
     # in an order that says nothing of the torus (as processes list them on a multi-host
     # slice): the layout must come from the chips' coordinates, not from the list
     devices = [devices[i] for i in np.random.default_rng(0).permutation(len(devices))]
@@ -159,7 +160,7 @@ def test_mesh_follows_the_torus_of_a_v4_slice():
 
 @needs_libtpu
 def test_multislice_mesh_puts_data_over_dcn_and_fsdp_within_a_slice():
-    devices = tpu_targets.parse("2xv4-8").devices()  # 2 slices of 4 chips
+    devices = targets.parse("2xv4-8").devices()  # 2 slices of 4 chips
     assert sorted({d.slice_index for d in devices}) == [0, 1]
     mesh = sharding.make_mesh({"data": 1, "fsdp": -1, "tensor": 1}, {"data": 2}, devices=devices)
     assert mesh.devices.shape == (2, 4, 1)
@@ -170,7 +171,7 @@ def test_multislice_mesh_puts_data_over_dcn_and_fsdp_within_a_slice():
 
 
 def test_find_max_batch_on_a_budget_says_what_it_verified_and_what_it_predicts(monkeypatch):
-    chip = tpu_targets.Chip("t", "v4", "TPU v4", 32, 275, 1228, True, 3, "megacore")
+    chip = targets.Chip("t", "v4", "TPU v4", 32, 275, 1228, True, 3, "megacore")
     gib = 2**30
 
     def fake_report(config, target, cached, devices):
@@ -183,7 +184,7 @@ def test_find_max_batch_on_a_budget_says_what_it_verified_and_what_it_predicts(m
     config = tiny_config()
     config.train.batch_size = 16 * 4
     seen = []  # what a caller can save after each compile (one may exhaust the host and be killed)
-    r = aot.find_max_batch(config, tpu_targets.Target("v4-8", chip, 4, 1), max_compiles=2, devices=[0] * 4,
+    r = aot.find_max_batch(config, targets.Target("v4-8", chip, 4, 1), max_compiles=2, devices=[0] * 4,
                            log=lambda s: None, on_compile=seen.append)
     assert [s["max_per_chip_batch"] for s in seen] == [16, 37] and seen[0]["predicted_max_per_chip_batch"] == 39
     # 16 fits; the line through it and the fixed state says 39.45, 5% under is 37: compiled, fits
@@ -194,7 +195,7 @@ def test_find_max_batch_on_a_budget_says_what_it_verified_and_what_it_predicts(m
 def test_collective_bytes_from_optimized_hlo_text():
     """The forms XLA:TPU prints: async starts (operands, results, scalar contexts), and a
     reduce-scatter written as an all-reduce fused with each chip's slice."""
-    from smartbrush_jax.compile_report import collectives
+    from smartbrush_jax.planning.xla import collectives
 
     hlo = """
 %all-reduce-scatter.4 (input.4: f32[3,3,64,64]) -> f32[3,3,64,16] {
@@ -230,7 +231,7 @@ def test_shipped_tpu_configs_are_what_was_compiled(name, topology):
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     c = mod.get_config()
-    target = tpu_targets.parse(topology)
+    target = targets.parse(topology)
     validate(c, target.chips, target.hosts, data=False)
     with open(os.path.join(ROOT, "bench", "results", f"tpu_aot_{topology}_vae.json")) as f:
         r = json.load(f)

@@ -130,7 +130,7 @@ def test_heldout_demo_scenes_become_examples(demo_run):
 
     from pycocotools import mask as mu
 
-    from smartbrush_jax.cli.app import heldout_examples
+    from smartbrush_jax.app.page import heldout_examples
 
     examples = heldout_examples(demo_run, 3, 10)
     assert len(examples) == 3 and [e["precision"] for e in examples] == [0, 5, 10]

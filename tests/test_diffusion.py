@@ -7,15 +7,9 @@ import pytest
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler
 
-from smartbrush_jax.diffusion import (
-    NoiseSchedule,
-    add_noise,
-    compose_noisy_latent,
-    ddim_step,
-    sample,
-    smartbrush_loss,
-)
+from smartbrush_jax.diffusion import NoiseSchedule, add_noise, compose_noisy_latent, smartbrush_loss
 from smartbrush_jax.masks import degrade_mask
+from smartbrush_jax.sampling.sampler import ddim_step, sample
 from smartbrush_jax.settings import LossConfig, SamplerConfig
 
 SD_SCHED = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, num_train_timesteps=1000)
@@ -122,8 +116,8 @@ def test_loss_of_a_zero_unet_matches_closed_form():
 def test_dice_gradient_reaches_the_mask_logit_channel():
     """Through a real (tiny) SmartBrush U-Net: the DICE term moves the mask-logit output
     channel's weights (non-zero, finite gradient), and the noise term does not."""
+    from smartbrush_jax.interop.loader import init_params
     from smartbrush_jax.models import UNet2DConditionModel, UNetConfig
-    from smartbrush_jax.pretrained import init_params
 
     cfg = UNetConfig(in_channels=5, out_channels=5, num_class_embeddings=11, block_out_channels=(32, 32),
                      down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),

@@ -15,12 +15,13 @@ import torch
 from PIL import Image
 from sd_fixtures import rel_err
 
-from smartbrush_jax.checkpoints import load_workdir
+from smartbrush_jax.interop.loader import load_workdir
 from smartbrush_jax.cli.export import main
-from smartbrush_jax.diffusion import NoiseSchedule, sample
-from smartbrush_jax.export import _settings, write_export
-from smartbrush_jax.pretrained import load_diffusers_folder, to_smartbrush
+from smartbrush_jax.diffusion import NoiseSchedule
+from smartbrush_jax.interop.export import _settings, write_export
+from smartbrush_jax.interop.loader import load_diffusers_folder, to_smartbrush
 from smartbrush_jax.pytorch import PipelineError, SmartBrushPipeline
+from smartbrush_jax.sampling.sampler import sample
 from smartbrush_jax.settings import SamplerConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -130,7 +131,7 @@ def test_pytorch_sampler_matches_jax_sampler(latent_export):
 
 
 def test_pytorch_pipeline_matches_jax_inpainter(demo_run, demo_export):
-    from smartbrush_jax.inpainting import Inpainter
+    from smartbrush_jax.sampling.runner import Inpainter
 
     rng = np.random.default_rng(2)
     image = rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)

@@ -8,9 +8,9 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from smartbrush_jax import flops
+from smartbrush_jax.interop.loader import SD_V1_UNET
 from smartbrush_jax.models import UNet2DConditionModel, UNetConfig
-from smartbrush_jax.pretrained import SD_V1_UNET
+from smartbrush_jax.planning import flops, xla
 
 _BASE = dict(block_out_channels=(32, 64), layers_per_block=1, cross_attention_dim=24, attention_head_dim=4,
              norm_num_groups=8, in_channels=5, out_channels=5, num_class_embeds=11,
@@ -78,7 +78,7 @@ def test_analytic_count_matches_xla(name):
     # the usual convention costs every output position the whole kernel: more
     assert flops.unet_forward_flops(cfg, b, h, w, t) > exact
     if name == "no_attention_blocks":  # the trainer's path, compile then count: the same (cheapest here)
-        assert flops.compiled_flops(jax.jit(fn).lower(*args).compile()) == pytest.approx(total, rel=0.005)
+        assert xla.costs(jax.jit(fn).lower(*args).compile())["flops"] == pytest.approx(total, rel=0.005)
 
 
 def test_count_by_hand_one_level_unet():
@@ -154,23 +154,25 @@ def test_mfu_and_throughput():
 
 
 def test_compiled_flops_forms():
+    """XLA's count as the one reader (`planning.xla.costs`) gives it, and the start-up
+    report's FLOPs line built from it."""
     m, k, n = 4, 5, 6
     compiled = jax.jit(lambda a, b: a @ b).lower(jnp.ones((m, k)), jnp.ones((k, n))).compile()
-    assert flops.compiled_flops(compiled) == 2 * m * k * n
-    assert flops.compiled_flops(SimpleNamespace(cost_analysis=lambda: [{"flops": 7.0}])) == 7.0  # older JAX
-    assert flops.compiled_flops(SimpleNamespace(cost_analysis=lambda: None)) is None
+    xla_flops = lambda c: xla.costs(c)["flops"]  # noqa: E731
+    assert xla_flops(compiled) == 2 * m * k * n
+    assert xla_flops(SimpleNamespace(cost_analysis=lambda: [{"flops": 7.0}])) == 7.0  # older JAX
+    assert xla_flops(SimpleNamespace(cost_analysis=lambda: None)) is None
 
     def unsupported():
         raise NotImplementedError
 
-    assert flops.compiled_flops(SimpleNamespace(cost_analysis=unsupported)) is None
-    from smartbrush_jax import compile_report  # the start-up report reads the same way: no crash
-
-    assert compile_report.costs(SimpleNamespace(cost_analysis=unsupported)) == \
+    assert xla_flops(SimpleNamespace(cost_analysis=unsupported)) is None
+    assert xla.costs(SimpleNamespace(cost_analysis=unsupported)) == \
         {"flops": None, "bytes_accessed": None, "optimal_seconds": None}
 
-    report = flops.step_report(SimpleNamespace(cost_analysis=lambda: {"flops": 3e12}), 10e12, 4, 989e12)
-    assert report["xla_flops_per_step"] == 12e12 and report["xla_over_model"] == pytest.approx(1.2)
-    assert "XLA cost analysis 12 TFLOP (4 x 3)" in flops.format_report(report)
-    none = flops.step_report(SimpleNamespace(cost_analysis=lambda: {}), 1, 1, None)
-    assert "XLA cost analysis unavailable" in flops.format_report(none) and "no MFU" in flops.format_report(none)
+    fake = lambda cost: SimpleNamespace(cost_analysis=cost, memory_analysis=lambda: None)  # noqa: E731
+    report = xla.step_report(fake(lambda: {"flops": 3e12}), analytic_flops=10e12 / 4, peak_flops=989e12, devices=4)
+    assert report["flops"]["xla_flops_per_step"] == 12e12 and report["flops"]["xla_over_model"] == pytest.approx(1.2)
+    assert "XLA cost analysis 12 TFLOP (4 x 3)" in xla.format_report(report)
+    none = xla.step_report(fake(lambda: {}), analytic_flops=1, peak_flops=None)
+    assert "XLA cost analysis unavailable" in xla.format_report(none) and "no MFU" in xla.format_report(none)

@@ -381,8 +381,8 @@ def test_only_our_error_types_become_exit_2(monkeypatch, capsys):
 
     from absl import flags
 
-    from smartbrush_jax import trainer
     from smartbrush_jax.cli import train as command
+    from smartbrush_jax.train import loop as trainer
 
     flags.FLAGS(["train", f"--config={ROOT}/tests/configs/tiny_train.py", "--workdir=/nonexistent"])
     monkeypatch.setattr(trainer, "run", lambda *a, **k: bug())
@@ -454,7 +454,7 @@ def test_inpaint_refuses_a_decompression_bomb_and_a_file_as_out(tmp_path, capsys
 def test_garbage_and_pickles_with_code_are_told_apart(tmp_path):
     import torch
 
-    from smartbrush_jax.weights import WeightsError, read_state_dict
+    from smartbrush_jax.interop.weights import WeightsError, read_state_dict
 
     garbage = tmp_path / "garbage.pth"
     garbage.write_bytes(os.urandom(512))

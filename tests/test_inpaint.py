@@ -11,8 +11,8 @@ from PIL import Image
 
 from smartbrush_jax.cli.inpaint import main
 from smartbrush_jax.compositing import working_size
-from smartbrush_jax.inpainting import Inpainter
-from smartbrush_jax.pretrained import load_diffusers_folder, to_smartbrush
+from smartbrush_jax.interop.loader import load_diffusers_folder, to_smartbrush
+from smartbrush_jax.sampling.runner import Inpainter
 from smartbrush_jax.settings import SamplerConfig
 
 H, W = 50, 70

@@ -71,7 +71,7 @@ def cached(tmp_path_factory, sd_folder):
 
 
 def _vae(sd_path):
-    from smartbrush_jax.pretrained import load_diffusers_folder
+    from smartbrush_jax.interop.loader import load_diffusers_folder
 
     sd = load_diffusers_folder(sd_path, components=("vae",))
     return sd.vae(), sd.vae_params, sd.vae_config.scaling_factor
@@ -143,8 +143,8 @@ def test_cached_pipeline_batches(cached):
 
 
 def test_encode_from_cache_equals_encode_from_images(cached):
-    from smartbrush_jax.autoencoder import VAE, Identity
-    from smartbrush_jax.train_state import Models, encode
+    from smartbrush_jax.models.autoencoder import VAE, Identity
+    from smartbrush_jax.train.step import Models, encode
 
     vae, params, scale = _vae(cached["sd"])
     models = Models(unet=None, text=None, autoencoder=VAE(vae), pretrained=None, schedule=None)
@@ -240,7 +240,7 @@ def test_two_processes_write_the_cache_one_process_writes(cached, tmp_path):
             "--crops", str(K), "--batch", "3", "--seed", "5", "--shard-size", "7",
             "--coordinator-address", f"127.0.0.1:{port}", "--num-processes", "2"]
     env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3")
-    procs = [subprocess.Popen([sys.executable, "-m", "smartbrush_jax.data.latents", *args, "--process-id", str(i)],
+    procs = [subprocess.Popen([sys.executable, "-m", "smartbrush_jax.cli.latents", *args, "--process-id", str(i)],
                               cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
              for i in range(2)]
     logs = [p.communicate(timeout=300)[0] for p in procs]

@@ -40,7 +40,7 @@ def same_data(tmp_path_factory):
     from smartbrush_jax.data.prepare import ListSource, prepare
     from smartbrush_jax.data.sources import RawExample, mask_box
     from smartbrush_jax.data.synthetic import render_background
-    from smartbrush_jax.data.tokenizer import write_word_tokenizer
+    from smartbrush_jax.models.tokenizer import write_word_tokenizer
 
     root = tmp_path_factory.mktemp("launch_data")
     rng = np.random.default_rng(0)

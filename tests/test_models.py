@@ -9,6 +9,7 @@ from flax import traverse_util
 from jax.sharding import PartitionSpec
 from sd_fixtures import TINY_TEXT, TINY_UNET, TINY_VAE
 
+from smartbrush_jax.interop.loader import abstract_params, example_inputs, init_params, logical_axes
 from smartbrush_jax.models import (
     AutoencoderKL,
     CLIPTextConfig,
@@ -17,7 +18,6 @@ from smartbrush_jax.models import (
     UNetConfig,
     VAEConfig,
 )
-from smartbrush_jax.pretrained import abstract_params, example_inputs, init_params, logical_axes
 
 MODELS = {
     "unet": lambda: UNet2DConditionModel(UNetConfig.from_diffusers({**TINY_UNET, "in_channels": 5,

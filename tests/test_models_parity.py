@@ -19,6 +19,8 @@ from sd_fixtures import (
     write_tokenizer,
 )
 
+from smartbrush_jax.interop.loader import abstract_params
+from smartbrush_jax.interop.weights import torch_to_flax
 from smartbrush_jax.models import (
     AutoencoderKL,
     CLIPTextConfig,
@@ -27,8 +29,6 @@ from smartbrush_jax.models import (
     UNetConfig,
     VAEConfig,
 )
-from smartbrush_jax.pretrained import abstract_params
-from smartbrush_jax.weights import torch_to_flax
 
 TOL = 1e-5
 

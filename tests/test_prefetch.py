@@ -9,7 +9,7 @@ import grain
 import numpy as np
 import pytest
 
-from smartbrush_jax.prefetch import DevicePrefetch
+from smartbrush_jax.train.prefetch import DevicePrefetch
 
 
 def _iterator():

@@ -158,7 +158,7 @@ def test_killed_prepare_resumes_without_redoing_finished_units(tmp_path):
             syn["captions"], "--webdataset", syn["image_text"], "--unit-images", "1", "--shard-size", "4"]
     out = str(tmp_path / "prepared")
     partial = out + ".partial"
-    cmd = [sys.executable, "-m", "smartbrush_jax.data.prepare", "--out", out, "--workers", "2", *args]
+    cmd = [sys.executable, "-m", "smartbrush_jax.cli.prepare", "--out", out, "--workers", "2", *args]
     proc = subprocess.Popen(cmd, env=env(), cwd=ROOT, start_new_session=True, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE)
     deadline = time.time() + 300

@@ -16,10 +16,10 @@ import pytest
 import torch
 from sd_fixtures import state_dict_numpy, torch_unet
 
-from smartbrush_jax import ldm_keys
+from smartbrush_jax.interop import ldm_keys
+from smartbrush_jax.interop.loader import ema_key, load_diffusers_folder, load_single_file, read_configs
+from smartbrush_jax.interop.weights import WeightsError, flax_to_torch, read_state_dict
 from smartbrush_jax.models import UNetConfig, VAEConfig
-from smartbrush_jax.pretrained import ema_key, load_diffusers_folder, load_single_file, read_configs
-from smartbrush_jax.weights import WeightsError, flax_to_torch, read_state_dict
 
 LIGHTNING = "pytorch_lightning.callbacks.model_checkpoint"
 

@@ -10,9 +10,9 @@ from flax import traverse_util
 from sd_fixtures import TINY_UNET
 
 from smartbrush_jax.config import REMAT, ConfigError, base_config, validate
+from smartbrush_jax.interop.loader import abstract_params, init_params, logical_axes
 from smartbrush_jax.models import UNet2DConditionModel, UNetConfig
 from smartbrush_jax.models.unet import REMAT_POLICIES
-from smartbrush_jax.pretrained import abstract_params, init_params, logical_axes
 
 CONFIG = UNetConfig.from_diffusers({**TINY_UNET, "in_channels": 5, "out_channels": 5, "num_class_embeds": 11})
 

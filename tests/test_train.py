@@ -88,16 +88,17 @@ def test_nonfinite_gradient_leaves_the_state_unchanged(tmp_path, data_dir, caplo
     import jax
     from flax.core import meta
 
-    from smartbrush_jax.checkpoints import load_workdir, restore_state
+    from smartbrush_jax.checkpoints import restore_state
+    from smartbrush_jax.interop.loader import load_workdir
     from smartbrush_jax.data.pipeline import make_dataset
-    from smartbrush_jax.train_state import (
+    from smartbrush_jax.train.loop import data_configs, data_sources
+    from smartbrush_jax.train.step import (
         build_models,
         infinite_grads_at,
         init_state_fn,
         make_optimizer,
         make_train_step,
     )
-    from smartbrush_jax.trainer import data_configs, data_sources
 
     caplog.set_level(logging.INFO)
     w = _workdir(tmp_path, data_dir, "nan_once")
@@ -132,8 +133,8 @@ def test_nonfinite_gradient_leaves_the_state_unchanged(tmp_path, data_dir, caplo
 
 
 def test_nonfinite_steps_in_a_row_stop_the_run(tmp_path, data_dir):
-    from smartbrush_jax.train_state import infinite_grads_at
-    from smartbrush_jax.trainer import TrainingError
+    from smartbrush_jax.train.loop import TrainingError
+    from smartbrush_jax.train.step import infinite_grads_at
 
     w = _workdir(tmp_path, data_dir, "nan_many")
     with pytest.raises(TrainingError, match="3 non-finite steps in a row .* last good checkpoint is step 4"):

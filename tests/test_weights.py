@@ -13,10 +13,9 @@ from flax import traverse_util
 from safetensors.torch import save_file
 from sd_fixtures import nchw, nhwc, state_dict_numpy, torch_unet, write_sd_folder
 
-from smartbrush_jax import ldm_keys
-from smartbrush_jax.models import UNet2DConditionModel, UNetConfig, VAEConfig
-from smartbrush_jax.pretrained import abstract_params, load_diffusers_folder, load_single_file, to_smartbrush
-from smartbrush_jax.weights import (
+from smartbrush_jax.interop import ldm_keys
+from smartbrush_jax.interop.loader import abstract_params, load_diffusers_folder, load_single_file, to_smartbrush
+from smartbrush_jax.interop.weights import (
     WeightsError,
     channel_surgery,
     flax_to_torch,
@@ -24,6 +23,7 @@ from smartbrush_jax.weights import (
     torch_key,
     torch_to_flax,
 )
+from smartbrush_jax.models import UNet2DConditionModel, UNetConfig, VAEConfig
 
 
 def _flat(tree):

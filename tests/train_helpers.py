@@ -115,7 +115,7 @@ def flat(tree):
 def run_tiny(workdir, corrupt_grads=None, **overrides):
     """The trainer in this process on the micro config, `section__field=value` overridden
     (`train__steps=5`); returns its summary."""
-    from smartbrush_jax.trainer import run
+    from smartbrush_jax.train.loop import run
 
     config = tiny_config()
     for key, value in overrides.items():

@@ -1,6 +1,6 @@
-"""`python -m smartbrush_jax.aot --config=configs/tpu_v4.py --topology=v4-32` (or
+"""`python -m smartbrush_jax.cli.aot --config=configs/tpu_v4.py --topology=v4-32` (or
 `smartbrush-aot`): the train step compiled ahead of time for a TPU slice on this host, and
-what it needs (the library: `smartbrush_jax.aot`).
+what it needs (the library: `smartbrush_jax.train.aot`).
 
     --topology v4-32 | v5p-128 | v5litepod-256 | v6e-256 | 2xv5p-128 (slices x name)
     --cached-latents      the step reads a latent cache (no VAE encode in the step)
@@ -51,12 +51,13 @@ def versions() -> dict:
 
 def main(argv) -> None:
     del argv
-    from smartbrush_jax import aot, tpu_targets
     from smartbrush_jax.config import ConfigError, validate
     from smartbrush_jax.errors import InputError
+    from smartbrush_jax.planning import targets
+    from smartbrush_jax.train import aot
 
     try:
-        target = tpu_targets.parse(FLAGS.topology)
+        target = targets.parse(FLAGS.topology)
         devices = target.devices()
         config = FLAGS.config
         if FLAGS.per_chip_batch:
@@ -118,7 +119,7 @@ def _underscored(arg: str) -> str:
 
 
 def console():
-    from smartbrush_jax.cli.config_check import check_config_file
+    from smartbrush_jax.cli.absl_config import check_config_file
 
     sys.argv = [sys.argv[0]] + [_underscored(a) for a in sys.argv[1:]]
     check_config_file(sys.argv)

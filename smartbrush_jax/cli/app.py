@@ -17,12 +17,8 @@ import argparse
 import os
 import socket
 import sys
-import tempfile
 
-import numpy as np
-from PIL import Image
-
-from smartbrush_jax.errors import InputError, run_command
+from smartbrush_jax.errors import InputError, run_command, warn
 
 DEMO_RUN = "runs/demo"
 
@@ -50,12 +46,11 @@ def main(argv=None) -> int:
 def load_service(args):
     """The `InpaintService` for `args`; InputError when no model can be had."""
     from smartbrush_jax import storage
+    from smartbrush_jax.app.page import InpaintService, heldout_examples
     from smartbrush_jax.checkpoints import read_model_config
-    from smartbrush_jax.cli.inpaint import warn
-    from smartbrush_jax.inpainting import Inpainter
-    from smartbrush_jax.pretrained import ema_choice
+    from smartbrush_jax.interop.loader import ema_choice
+    from smartbrush_jax.sampling.runner import Inpainter
     from smartbrush_jax.settings import SamplerConfig
-    from smartbrush_jax.webapp import InpaintService
 
     path = args.checkpoint
     if path is None:
@@ -80,28 +75,6 @@ def load_service(args):
     return InpaintService(inpainter, sampler, args.resolution, examples)
 
 
-def heldout_examples(workdir: str, n: int, num_levels: int) -> list:
-    """Up to `n` held-out scenes of a demo run as editor values (image + painted object),
-    prompts asking for another colour, at a few precision levels; written to a new
-    temporary folder of ours. Empty for anything else."""
-    from smartbrush_jax.cli.demo import heldout_scenes
-
-    if n <= 0 or not os.path.isfile(os.path.join(workdir, "data", "raw_heldout", "annotations.json")):
-        return []
-    out = tempfile.mkdtemp(prefix="smartbrush_app_examples_")
-    levels = [0, num_levels // 2, num_levels]
-    examples = []
-    for k, (src, exact, prompt) in enumerate(heldout_scenes(workdir, n)):
-        layer = np.zeros(exact.shape + (4,), np.uint8)
-        layer[exact] = (255, 0, 255, 255)
-        image_path, layer_path = os.path.join(out, f"scene{k}.png"), os.path.join(out, f"scene{k}_region.png")
-        Image.open(src).convert("RGB").save(image_path)
-        Image.fromarray(layer).save(layer_path)
-        examples.append({"editor": {"background": image_path, "layers": [layer_path], "composite": None},
-                         "prompt": prompt, "precision": levels[k % len(levels)]})
-    return examples
-
-
 def port_free(host: str, port: int) -> bool:
     with socket.socket() as s:
         try:
@@ -117,7 +90,7 @@ def serve(args) -> int:
     if not port_free(args.host, args.port):
         raise InputError(f"--port {args.port}: {args.host}:{args.port} is in use (another app?); pick another port")
     service = load_service(args)
-    from smartbrush_jax.webapp import build_page
+    from smartbrush_jax.app.page import build_page
 
     page = build_page(service)
     if args.host not in ("127.0.0.1", "localhost", "::1") or args.share:

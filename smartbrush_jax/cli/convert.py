@@ -1,14 +1,14 @@
-"""`smartbrush-convert` / `python -m smartbrush_jax.convert --ckpt sd-v1-2.ckpt --tokenizer DIR --out DIR`:
-a single-file SD v1 release -> a stock diffusers folder (`smartbrush_jax.convert.convert`,
+"""`smartbrush-convert` / `python -m smartbrush_jax.cli.convert --ckpt sd-v1-2.ckpt --tokenizer DIR --out DIR`:
+a single-file SD v1 release -> a stock diffusers folder (`smartbrush_jax.interop.convert.convert`,
 whose docstring says what is read and written)."""
 
 from __future__ import annotations
 
 import argparse
 
-from smartbrush_jax.convert import __doc__ as CONVERT_DOC
-from smartbrush_jax.convert import convert
 from smartbrush_jax.errors import run_command
+from smartbrush_jax.interop.convert import __doc__ as CONVERT_DOC
+from smartbrush_jax.interop.convert import convert
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,6 +1,6 @@
 """The demo's second half: inpaint held-out synthetic scenes with a trained run.
 
-    python -m smartbrush_jax.demo --workdir runs/demo
+    python -m smartbrush_jax.cli.demo --workdir runs/demo
 
 For a few held-out objects, degrades each mask to several precision levels and asks the
 model to paint the same shape in another colour ("a green star" where a red star was).
@@ -11,40 +11,14 @@ mask outlined | result | predicted mask), and prints the paths.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
 import numpy as np
 from PIL import Image
 
-from smartbrush_jax.data.synthetic import COLOURS
-from smartbrush_jax.errors import InputError, run_command
-
-
-def other_colour(label: str) -> str:
-    colour, shape = label.split(" ", 1)
-    names = list(COLOURS)
-    return f"a {names[(names.index(colour) + 3) % len(names)]} {shape}"
-
-
-def heldout_scenes(workdir: str, n: int):
-    """The first `n` held-out objects of a demo run (those of at least 6% of their image):
-    [(image path, exact mask [H, W] bool, prompt asking for the shape in another colour)].
-    InputError when the run has no held-out set."""
-    from pycocotools import mask as mu
-
-    raw = os.path.join(workdir, "data", "raw_heldout")
-    if not os.path.isfile(os.path.join(raw, "annotations.json")):
-        raise InputError(f"{raw}/annotations.json missing: train the demo first (make demo)")
-    coco = json.load(open(os.path.join(raw, "annotations.json")))
-    names = {c["id"]: c["name"] for c in coco["categories"]}
-    images = {im["id"]: im for im in coco["images"]}
-    anns = [a for a in coco["annotations"]
-            if a["area"] >= 0.06 * images[a["image_id"]]["height"] * images[a["image_id"]]["width"]][:n]
-    return [(os.path.join(raw, "images", images[a["image_id"]]["file_name"]),
-             mu.decode(dict(a["segmentation"], counts=a["segmentation"]["counts"].encode())).astype(bool),
-             other_colour(names[a["category_id"]])) for a in anns]
+from smartbrush_jax.data.synthetic import heldout_scenes
+from smartbrush_jax.errors import run_command
 
 
 def main(argv=None) -> int:
@@ -66,8 +40,8 @@ def _main(argv) -> int:
 
     from smartbrush_jax.checkpoints import load_workdir, read_model_config
     from smartbrush_jax.compositing import make_grid
-    from smartbrush_jax.inpainting import Inpainter
     from smartbrush_jax.masks import degrade_mask
+    from smartbrush_jax.sampling.runner import Inpainter
     from smartbrush_jax.settings import DEGRADE, SamplerConfig
 
     scenes = heldout_scenes(args.workdir, args.num_scenes)

@@ -1,5 +1,5 @@
-"""`smartbrush-export` / `python -m smartbrush_jax.export`: a training run -> a diffusers
-folder (`smartbrush_jax.export.export_workdir`); `--verify` compares diffusers' U-Net with ours."""
+"""`smartbrush-export` / `python -m smartbrush_jax.cli.export`: a training run -> a diffusers
+folder (`smartbrush_jax.interop.export.export_workdir`); `--verify` compares diffusers' U-Net with ours."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import argparse
 import sys
 
 from smartbrush_jax.errors import run_command
-from smartbrush_jax.export import export_workdir, verify_unet
+from smartbrush_jax.interop.export import export_workdir, verify_unet
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -23,8 +23,8 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from smartbrush_jax import storage
 from smartbrush_jax.box import Box
-from smartbrush_jax.errors import InputError, run_command
-from smartbrush_jax.pretrained import ema_choice
+from smartbrush_jax.errors import InputError, run_command, warn
+from smartbrush_jax.interop.loader import ema_choice
 from smartbrush_jax.settings import SamplerConfig
 
 MAX_PIXELS = 8192 * 8192  # larger images are refused before they are decoded
@@ -85,7 +85,7 @@ def run(args) -> int:
     if args.num_samples < 1 or args.resolution < 8 or args.feather < 0:
         raise InputError("--num-samples must be >= 1, --resolution >= 8 and --feather >= 0")
 
-    from smartbrush_jax.inpainting import Inpainter
+    from smartbrush_jax.sampling.runner import Inpainter
 
     if args.levels < 1:
         raise InputError(f"--levels must be >= 1, got {args.levels}")
@@ -176,10 +176,6 @@ def box_mask(spec: str, size: tuple[int, int]) -> np.ndarray:
     if x0 < 0 or y0 < 0 or x1 > w or y1 > h:
         warn(f"--box {spec} extends past the {w}x{h} image: clipped")
     return Box(max(x0, 0), max(y0, 0), min(x1, w), min(y1, h)).mask((h, w))
-
-
-def warn(message: str) -> None:
-    print(f"warning: {message}", file=sys.stderr)
 
 
 def _save(array: np.ndarray, path: str) -> str:

@@ -1,4 +1,4 @@
-"""`smartbrush-latents` / `python -m smartbrush_jax.data.latents`: a prepared folder -> a
+"""`smartbrush-latents` / `python -m smartbrush_jax.cli.latents`: a prepared folder -> a
 latent cache (the library, with what a cache holds: `smartbrush_jax.data.latents`)."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from smartbrush_jax.errors import run_command
 def build_parser():
     p = argparse.ArgumentParser(prog="smartbrush-latents", description=LATENTS_DOC,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--prepared", required=True, help="a folder written by `python -m smartbrush_jax.data.prepare`")
+    p.add_argument("--prepared", required=True, help="a folder written by `python -m smartbrush_jax.cli.prepare`")
     p.add_argument("--out", required=True, help="the cache folder to write (new, or a cache to replace with "
                                               "--overwrite)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out that is a latent cache")
@@ -50,7 +50,10 @@ def _run(args) -> int:
         raise InputError("--coordinator-address, --num-processes and --process-id go together")
     distributed = Distributed(auto=args.distributed, coordinator_address=args.coordinator_address,
                               num_processes=args.num_processes, process_id=args.process_id)
-    meta = cache_latents(args, distributed)
+    meta = cache_latents(args.prepared, args.out, args.vae, args.resolution, distributed=distributed,
+                         crops=args.crops, batch=args.batch, seed=args.seed, crop_context=tuple(args.crop_context),
+                         dtype=args.dtype, shard_size=args.shard_size, progress_every=args.progress_every,
+                         overwrite=args.overwrite)
     import jax
 
     return _report(meta, args.out) if jax.process_index() == 0 else 0

@@ -1,8 +1,8 @@
-"""`smartbrush-prepare` / `python -m smartbrush_jax.data.prepare`: raw data sets -> a prepared
+"""`smartbrush-prepare` / `python -m smartbrush_jax.cli.prepare`: raw data sets -> a prepared
 folder of ArrayRecord shards that is also a TFDS dataset (the library:
 `smartbrush_jax.data.prepare`, which says how a run is split, resumed and assembled).
 
-    python -m smartbrush_jax.data.prepare --out /data/prepared \\
+    python -m smartbrush_jax.cli.prepare --out /data/prepared \\
         --coco-annotations instances_train2017.json --coco-images train2017/ \\
         --openimages-csv train-annotations-object-segmentation.csv \\
         --openimages-masks masks/ --openimages-images train/ \\

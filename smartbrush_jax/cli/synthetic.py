@@ -1,4 +1,4 @@
-"""`python -m smartbrush_jax.data.synthetic --out data/shapes --num-scenes 2000 --size 64`:
+"""`python -m smartbrush_jax.cli.synthetic --out data/shapes --num-scenes 2000 --size 64`:
 the bundled synthetic shapes set (`smartbrush_jax.data.synthetic`, whose docstring says what
 it holds), in COCO + webdataset format."""
 

@@ -1,6 +1,6 @@
 """`python -m smartbrush_jax.train --config=configs/tpu_v4.py --workdir=DIR` (or `smartbrush-train`)
 
-Trains SmartBrush (`smartbrush_jax.trainer.run`). Any config field can be overridden:
+Trains SmartBrush (`smartbrush_jax.train.loop.run`). Any config field can be overridden:
 `--config.optim.lr=2e-5`. Several processes: `--distributed` (the cluster's auto-detection:
 Cloud TPU, SLURM, ...) or `--coordinator_address=host:port --num_processes=N --process_id=i`.
 Exit codes: 0 done or stopped by SIGTERM with a checkpoint, 1 the run cannot go on (too
@@ -18,7 +18,7 @@ import sys  # noqa: E402
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from smartbrush_jax.cli.config_check import check_config_file  # noqa: E402
+from smartbrush_jax.cli.absl_config import check_config_file  # noqa: E402
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "config file (configs/*.py)", lock_config=True)
@@ -34,7 +34,7 @@ def main(argv) -> None:
     if FLAGS.config is None or FLAGS.workdir is None:
         raise app.UsageError("--config and --workdir are required")
     from smartbrush_jax.errors import InputError
-    from smartbrush_jax.trainer import Distributed, TrainingError, run
+    from smartbrush_jax.train.loop import Distributed, TrainingError, run
 
     distributed = Distributed(auto=FLAGS.distributed, coordinator_address=FLAGS.coordinator_address,
                               num_processes=FLAGS.num_processes, process_id=FLAGS.process_id)

@@ -1,6 +1,6 @@
-"""`python -m smartbrush_jax.data.latents`: a prepared folder -> a latent cache.
+"""`python -m smartbrush_jax.cli.latents`: a prepared folder -> a latent cache.
 
-    python -m smartbrush_jax.data.latents --prepared /data/prepared --out /data/latents512 \\
+    python -m smartbrush_jax.cli.latents --prepared /data/prepared --out /data/latents512 \\
         --vae /models/stable-diffusion-v1-2 --resolution 512 [--crops 4] [--batch 32] [--seed 0]
 
 The frozen VAE encoder costs about half a U-Net training step at 512 px (1.11 of 2.41
@@ -33,12 +33,13 @@ writes the metadata when all are done, so the cache is the same for any number o
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
 import time
 import zlib
-from typing import List
+from typing import List, Tuple
 
 import numpy as np
 
@@ -67,32 +68,51 @@ def is_latent_cache(folder: str) -> bool:
         return False
 
 
-def _check_args(args):
-    meta_path = os.path.join(args.prepared, "metadata.json")
-    if not os.path.isdir(args.prepared):
-        raise InputError(f"--prepared {args.prepared}: no such folder")
+def _check(spec: "CacheSpec"):
+    meta_path = os.path.join(spec.prepared, "metadata.json")
+    if not os.path.isdir(spec.prepared):
+        raise InputError(f"--prepared {spec.prepared}: no such folder")
     if not os.path.isfile(meta_path):
-        raise InputError(f"--prepared {args.prepared}: no metadata.json (run `python -m smartbrush_jax.data.prepare`)")
+        raise InputError(f"--prepared {spec.prepared}: no metadata.json (run `python -m smartbrush_jax.cli.prepare`)")
     try:
         with open(meta_path) as f:
             meta = json.load(f)
         meta["components"].items()
     except (ValueError, KeyError, TypeError, AttributeError) as e:
-        raise InputError(f"--prepared {args.prepared}: unreadable metadata.json ({type(e).__name__}: {e})") from None
+        raise InputError(f"--prepared {spec.prepared}: unreadable metadata.json ({type(e).__name__}: {e})") from None
     if meta.get("latents"):
-        raise InputError(f"--prepared {args.prepared} is already a latent cache; give the prepared folder it came from")
-    if not os.path.isfile(os.path.join(args.vae, "vae", "config.json")):
-        raise InputError(f"--vae {args.vae}: no vae/config.json (expected a diffusers Stable Diffusion folder)")
-    if args.crops < 1 or args.batch < 1 or args.resolution < 1 or args.shard_size < 1:
+        raise InputError(f"--prepared {spec.prepared} is already a latent cache; give the prepared folder it came from")
+    if not os.path.isfile(os.path.join(spec.vae, "vae", "config.json")):
+        raise InputError(f"--vae {spec.vae}: no vae/config.json (expected a diffusers Stable Diffusion folder)")
+    if spec.crops < 1 or spec.batch < 1 or spec.resolution < 1 or spec.shard_size < 1:
         raise InputError("--crops, --batch, --resolution and --shard-size must be positive")
     from smartbrush_jax.outputs import check_output
 
-    check_output(args.out, [args.prepared, args.vae], is_latent_cache, args.overwrite, what="latent cache")
+    check_output(spec.out, [spec.prepared, spec.vae], is_latent_cache, spec.overwrite, what="latent cache")
     return meta
 
 
-def cache_latents(args, distributed=None) -> dict:
-    """Write the cache; every process of a multi-process job (`distributed`, a
+@dataclasses.dataclass(frozen=True)
+class CacheSpec:
+    """What `cache_latents` writes (the command's flags, `smartbrush-latents --help`)."""
+
+    prepared: str  # a prepared folder
+    out: str  # the cache folder to write
+    vae: str  # a diffusers SD folder with vae/
+    resolution: int  # crop size in pixels (config.data.resolution)
+    crops: int = 1  # crops per record
+    batch: int = 16  # crops per VAE call
+    seed: int = 0
+    crop_context: Tuple[float, float] = (1.2, 3.0)  # crop side / object size, sampled uniformly
+    dtype: str = "float32"  # the VAE's compute dtype
+    shard_size: int = 5000
+    progress_every: int = 1000  # records between progress lines
+    overwrite: bool = False  # replace an existing `out` that is a latent cache
+
+
+def cache_latents(prepared: str, out: str, vae: str, resolution: int, *, distributed=None, **options) -> dict:
+    """Write the cache of `prepared` to `out` (`CacheSpec` says what each option means);
+    every process of a multi-process job (`distributed`, a
     `smartbrush_jax.distributed.Distributed`) calls this with the same arguments and encodes
     its share of the shards on its own devices; process 0 writes the metadata once all are
     done. Returns the metadata."""
@@ -100,21 +120,22 @@ def cache_latents(args, distributed=None) -> dict:
 
     from smartbrush_jax.distributed import Distributed
 
+    spec = CacheSpec(prepared, out, vae, resolution, **options)
     (distributed or Distributed()).initialize()
-    src_meta = _check_args(args)
-    encoder = _Encoder(args, src_meta)
-    blocks = _plan(args, src_meta)
+    src_meta = _check(spec)
+    encoder = _Encoder(spec, src_meta)
+    blocks = _plan(spec, src_meta)
     nproc, me = jax.process_count(), jax.process_index()
     mine = [i for i in range(len(blocks)) if i % nproc == me]
     start = time.time()
     if nproc == 1:
         from smartbrush_jax.outputs import building
 
-        with building(args.out) as out_dir:  # swapped in when complete
-            _write_blocks(out_dir, blocks, mine, encoder, args, start)
-            meta = _assemble(out_dir, blocks, _summaries(out_dir), encoder, args, src_meta)
+        with building(spec.out) as out_dir:  # swapped in when complete
+            _write_blocks(out_dir, blocks, mine, encoder, spec, start)
+            meta = _assemble(out_dir, blocks, _summaries(out_dir), encoder, spec, src_meta)
     else:
-        meta = _distributed(args, blocks, mine, encoder, src_meta, me, start)
+        meta = _distributed(spec, blocks, mine, encoder, src_meta, me, start)
     print(f"  latents: {len(mine)} of {len(blocks)} shards in {time.time() - start:.0f}s (process {me} of {nproc})",
           file=sys.stderr)
     return meta
@@ -123,7 +144,7 @@ def cache_latents(args, distributed=None) -> dict:
 class _Encoder:
     """The VAE encoder, jitted over this process's own devices (the batch split between them)."""
 
-    def __init__(self, args, src_meta):
+    def __init__(self, spec, src_meta):
         import json
 
         import jax
@@ -131,33 +152,33 @@ class _Encoder:
         from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
         from smartbrush_jax.data.pipeline import ExampleTransform
+        from smartbrush_jax.interop.loader import load_diffusers_folder
+        from smartbrush_jax.interop.weights import WeightsError
         from smartbrush_jax.models import AutoencoderKL
-        from smartbrush_jax.pretrained import load_diffusers_folder
         from smartbrush_jax.settings import DataConfig
-        from smartbrush_jax.weights import WeightsError
 
         try:
-            with open(os.path.join(args.vae, "vae", "config.json")) as f:
+            with open(os.path.join(spec.vae, "vae", "config.json")) as f:
                 n_blocks = len(json.load(f)["block_out_channels"])
         except (ValueError, KeyError, TypeError) as e:
-            raise InputError(f"--vae {args.vae}: unreadable vae/config.json ({e})") from None
+            raise InputError(f"--vae {spec.vae}: unreadable vae/config.json ({e})") from None
         self.factor = 2 ** (n_blocks - 1)
-        if args.resolution % self.factor:
-            raise InputError(f"--resolution {args.resolution} is not a multiple of the VAE's factor {self.factor}")
+        if spec.resolution % self.factor:
+            raise InputError(f"--resolution {spec.resolution} is not a multiple of the VAE's factor {self.factor}")
         try:
-            sd = load_diffusers_folder(args.vae, components=("vae",))
+            sd = load_diffusers_folder(spec.vae, components=("vae",))
         except WeightsError as e:
-            raise InputError(f"--vae {args.vae}: {e}") from None
+            raise InputError(f"--vae {spec.vae}: {e}") from None
         self.config = sd.vae_config
         self.channels = sd.vae_config.latent_channels
-        vae = AutoencoderKL(sd.vae_config, dtype=jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32)
+        vae = AutoencoderKL(sd.vae_config, dtype=jnp.bfloat16 if spec.dtype == "bfloat16" else jnp.float32)
         devices = jax.local_devices()
         self.mesh = Mesh(np.array(devices), ("data",))
-        self.batch = -(-args.batch // len(devices)) * len(devices)  # a multiple of the local devices
+        self.batch = -(-spec.batch // len(devices)) * len(devices)  # a multiple of the local devices
         self.rows = rows = NamedSharding(self.mesh, PartitionSpec("data"))
         self.params = jax.device_put(sd.vae_params, NamedSharding(self.mesh, PartitionSpec()))
         self.encode = jax.jit(lambda p, x: vae.apply({"params": p}, x, method=vae.encode), out_shardings=rows)
-        cfg = DataConfig(resolution=args.resolution, latent_factor=self.factor, crop_context=tuple(args.crop_context),
+        cfg = DataConfig(resolution=spec.resolution, latent_factor=self.factor, crop_context=tuple(spec.crop_context),
                          max_pixels=int(src_meta.get("max_pixels", DataConfig.max_pixels)))
         self.transform = ExampleTransform(cfg)
 
@@ -172,7 +193,7 @@ class _Encoder:
         return mean[:len(images)], logvar[:len(images)]
 
 
-def _plan(args, src_meta) -> List[tuple]:
+def _plan(spec, src_meta) -> List[tuple]:
     """The output shards, fixed before any work: (component, files, first record, end) --
     `shard_size // crops` input records each, seg then t2i -- so every process knows every
     shard's final name, and the cache is the same for any number of processes."""
@@ -180,23 +201,23 @@ def _plan(args, src_meta) -> List[tuple]:
 
     from smartbrush_jax.data import tfds_info
 
-    per = max(1, args.shard_size // args.crops)
+    per = max(1, spec.shard_size // spec.crops)
     blocks = []
     for name in tfds_info.split_order(src_meta["components"]):
-        files = [os.path.join(args.prepared, p) for p in src_meta["components"][name]["files"]]
+        files = [os.path.join(spec.prepared, p) for p in src_meta["components"][name]["files"]]
         n = len(grain.sources.ArrayRecordDataSource(files)) if files else 0
         blocks += [(name, files, a, min(n, a + per)) for a in range(0, n, per)]
     return blocks
 
 
-def _write_blocks(out_dir, blocks, mine, encoder, args, start) -> None:
+def _write_blocks(out_dir, blocks, mine, encoder, spec, start) -> None:
     import grain
 
     from smartbrush_jax.data import tfds_info
     from smartbrush_jax.data.shards import ShardWriter
 
     os.makedirs(os.path.join(out_dir, "blocks"), exist_ok=True)
-    h = args.resolution // encoder.factor
+    h = spec.resolution // encoder.factor
     sources, done = {}, 0
     for i in mine:
         name, files, a, b = blocks[i]
@@ -218,7 +239,7 @@ def _write_blocks(out_dir, blocks, mine, encoder, args, start) -> None:
 
         for index in range(a, b):
             try:
-                crops = _record_crops(encoder.transform, src[index], args, name, index, [h, h, encoder.channels])
+                crops = _record_crops(encoder.transform, src[index], spec, name, index, [h, h, encoder.channels])
             except Skip as e:
                 counts[e.reason] += 1
                 continue
@@ -228,7 +249,7 @@ def _write_blocks(out_dir, blocks, mine, encoder, args, start) -> None:
                 if len(pending) == encoder.batch:
                     flush()
             done += 1
-            if args.progress_every and done % args.progress_every == 0:
+            if spec.progress_every and done % spec.progress_every == 0:
                 print(f"  latents: {done} records ({done / (time.time() - start):.1f}/s)", file=sys.stderr)
         flush()
         ((file, count),) = writer.close(allow_empty=True)
@@ -251,7 +272,7 @@ def _summaries(folder) -> dict:
     return out
 
 
-def _assemble(out_dir, blocks, summaries, encoder, args, src_meta) -> dict:
+def _assemble(out_dir, blocks, summaries, encoder, spec, src_meta) -> dict:
     """metadata.json + the TFDS info of the whole cache, from every shard's summary."""
     import shutil
 
@@ -273,7 +294,7 @@ def _assemble(out_dir, blocks, summaries, encoder, args, src_meta) -> dict:
         for k, v in s["counts"].items():
             sk[k] = sk.get(k, 0) + v
         source_records[s["component"]] = source_records.get(s["component"], 0) + s["records"]
-    h = args.resolution // encoder.factor
+    h = spec.resolution // encoder.factor
     files = [summaries[i]["file"] for i in range(len(blocks))]
     if files:
         tfds_info.write_info(out_dir, "cached", [os.path.join(out_dir, f) for f in files],
@@ -287,12 +308,12 @@ def _assemble(out_dir, blocks, summaries, encoder, args, src_meta) -> dict:
         "skipped": {k: {r: v[r] for r in SKIP_REASONS if v.get(r)} for k, v in skipped.items()},
         "source_records": source_records,
         "tfds": {"name": tfds_info.DATASET_NAME["cached"], "split": tfds_info.SPLIT},
-        "latents": {"resolution": args.resolution, "latent_factor": encoder.factor, "channels": encoder.channels,
-                    "crops": args.crops, "vae": os.path.abspath(args.vae),
+        "latents": {"resolution": spec.resolution, "latent_factor": encoder.factor, "channels": encoder.channels,
+                    "crops": spec.crops, "vae": os.path.abspath(spec.vae),
                     "scaling_factor": encoder.config.scaling_factor, "format_version": FORMAT_VERSION,
-                    "dtype": "float16", "latent_shape": [h, h, encoder.channels], "seed": args.seed,
-                    "crop_context": list(args.crop_context), "vae_dtype": args.dtype,
-                    "prepared": os.path.abspath(args.prepared)},
+                    "dtype": "float16", "latent_shape": [h, h, encoder.channels], "seed": spec.seed,
+                    "crop_context": list(spec.crop_context), "vae_dtype": spec.dtype,
+                    "prepared": os.path.abspath(spec.prepared)},
     }
     with open(os.path.join(out_dir, "metadata.json"), "w") as f:
         json.dump(meta, f, indent=2)
@@ -300,7 +321,7 @@ def _assemble(out_dir, blocks, summaries, encoder, args, src_meta) -> dict:
     return meta
 
 
-def _distributed(args, blocks, mine, encoder, src_meta, me, start) -> dict:
+def _distributed(spec, blocks, mine, encoder, src_meta, me, start) -> dict:
     """Several processes, one output: a folder every process sees (a shared file system) is
     built as OUT.partial by all and swapped in by process 0; a gs:// OUT gets each process's
     shards uploaded, then process 0's metadata (last, so a reader never sees half a cache)."""
@@ -311,23 +332,23 @@ def _distributed(args, blocks, mine, encoder, src_meta, me, start) -> dict:
     from smartbrush_jax.distributed import barrier
     from smartbrush_jax.outputs import PARTIAL_MARKER, partial_path, swap_in
 
-    if storage.is_remote(args.out):
-        if me == 0 and storage.exists(args.out):
-            storage.P(args.out).rmtree()  # an earlier cache that check_output allowed to be replaced
+    if storage.is_remote(spec.out):
+        if me == 0 and storage.exists(spec.out):
+            storage.P(spec.out).rmtree()  # an earlier cache that check_output allowed to be replaced
         barrier("latents: out ready")
         with tempfile.TemporaryDirectory(prefix="smartbrush_latents_") as tmp:
-            _write_blocks(tmp, blocks, mine, encoder, args, start)
-            storage.upload(tmp, args.out)
+            _write_blocks(tmp, blocks, mine, encoder, spec, start)
+            storage.upload(tmp, spec.out)
         barrier("latents: shards written")
         meta = None
         if me == 0:
             with tempfile.TemporaryDirectory(prefix="smartbrush_latents_") as tmp:
-                meta = _assemble(tmp, blocks, _summaries(args.out), encoder, args, src_meta)
-                storage.upload(tmp, args.out)
-            storage.P(storage.join(args.out, "blocks")).rmtree()
+                meta = _assemble(tmp, blocks, _summaries(spec.out), encoder, spec, src_meta)
+                storage.upload(tmp, spec.out)
+            storage.P(storage.join(spec.out, "blocks")).rmtree()
         barrier("latents: metadata written")
-        return meta or json.loads(storage.read_text(storage.join(args.out, "metadata.json")))
-    partial = partial_path(args.out)
+        return meta or json.loads(storage.read_text(storage.join(spec.out, "metadata.json")))
+    partial = partial_path(spec.out)
     if me == 0:
         if os.path.lexists(partial):
             shutil.rmtree(partial)  # ours (check_output verified the marker)
@@ -335,27 +356,27 @@ def _distributed(args, blocks, mine, encoder, src_meta, me, start) -> dict:
         open(os.path.join(partial, PARTIAL_MARKER), "w").close()
     barrier("latents: out ready")
     if not os.path.isfile(os.path.join(partial, PARTIAL_MARKER)):
-        raise InputError(f"--out {args.out}: process {me} does not see {partial}, which process 0 created; with "
+        raise InputError(f"--out {spec.out}: process {me} does not see {partial}, which process 0 created; with "
                          "several hosts --out must be on a file system they share (NFS, a gcsfuse mount) or gs://")
-    _write_blocks(partial, blocks, mine, encoder, args, start)
+    _write_blocks(partial, blocks, mine, encoder, spec, start)
     barrier("latents: shards written")
     if me == 0:
-        meta = _assemble(partial, blocks, _summaries(partial), encoder, args, src_meta)
+        meta = _assemble(partial, blocks, _summaries(partial), encoder, spec, src_meta)
         os.remove(os.path.join(partial, PARTIAL_MARKER))
-        swap_in(partial, args.out)
+        swap_in(partial, spec.out)
     barrier("latents: metadata written")
-    with open(os.path.join(args.out, "metadata.json")) as f:
+    with open(os.path.join(spec.out, "metadata.json")) as f:
         return json.load(f)
 
 
-def _record_crops(transform, data: bytes, args, component: str, index: int, shape) -> list:
+def _record_crops(transform, data: bytes, spec, component: str, index: int, shape) -> list:
     """The K (fields, image crop) of one prepared record; Skip if it is bad."""
     from smartbrush_jax.data.validate import check_caption
 
     try:
         rec = unpack_record(data)
         text = {k: check_caption(rec.get(k, "")) for k in ("label", "caption")}
-        crops = [transform.crop(rec, crop_rng(args.seed, component, index, k)) for k in range(args.crops)]
+        crops = [transform.crop(rec, crop_rng(spec.seed, component, index, k)) for k in range(spec.crops)]
     except RecordError as e:  # whatever does not parse or decode, as the training pipeline counts it
         raise Skip("corrupt_record", str(e)) from None
     out = []
@@ -366,9 +387,3 @@ def _record_crops(transform, data: bytes, args, component: str, index: int, shap
                   "latent_shape": list(shape), "latent_dtype": "float16"}
         out.append((fields, c["image"]))
     return out
-
-
-if __name__ == "__main__":
-    from smartbrush_jax.cli.latents import main
-
-    sys.exit(main())

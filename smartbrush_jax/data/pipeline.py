@@ -16,7 +16,7 @@ A batch (per host) is a dict of numpy arrays:
     id           [B] str                 the record's id ("coco:123")
     skips        [B, len(SKIP_REASONS)]  records dropped (by reason) since the previous example
 
-Latent caches (`python -m smartbrush_jax.data.latents`: K fixed crops per record, their
+Latent caches (`python -m smartbrush_jax.cli.latents`: K fixed crops per record, their
 VAE moments precomputed) give instead of `image`:
     latent_mean    [B, R/f, R/f, C] float32  the VAE encoder's mean of the stored crop
     latent_logvar  [B, R/f, R/f, C] float32  and its log-variance (z is sampled at train time)
@@ -39,9 +39,9 @@ from PIL import Image
 
 from smartbrush_jax.box import Box
 from smartbrush_jax.data.records import RecordError, decode_mask, field, unpack_record
-from smartbrush_jax.data.tokenizer import load_tokenizer
 from smartbrush_jax.data.validate import SKIP_REASONS, Skip, check_caption, check_mask, decode_image
 from smartbrush_jax.errors import InputError
+from smartbrush_jax.models.tokenizer import load_tokenizer
 from smartbrush_jax.settings import DataConfig
 
 _TOKENIZER_LOCK = threading.Lock()
@@ -65,7 +65,7 @@ def component_files(prepared_dirs: Sequence[str]) -> Dict[str, list]:
 def _read_meta(d: str) -> dict:
     meta_path = os.path.join(d, "metadata.json")
     if not os.path.isfile(meta_path):
-        raise DataError(f"{d}: no metadata.json: not a prepared folder (run `python -m smartbrush_jax.data.prepare` "
+        raise DataError(f"{d}: no metadata.json: not a prepared folder (run `python -m smartbrush_jax.cli.prepare` "
                         "first)")
     with open(meta_path) as f:
         return json.load(f)
@@ -82,7 +82,7 @@ def latent_cache(prepared_dirs: Sequence[str]) -> Optional[dict]:
     if len(cached) != len(entries):
         plain = [d for d, e in entries.items() if not e]
         raise DataError(f"data.prepared_dirs mixes latent caches {cached} with prepared folders {plain}: cache all "
-                        "of them (`python -m smartbrush_jax.data.latents`) or none")
+                        "of them (`python -m smartbrush_jax.cli.latents`) or none")
     keys = ("resolution", "latent_factor", "channels", "vae", "scaling_factor")
     first = entries[cached[0]]
     for d in cached[1:]:
@@ -105,7 +105,7 @@ def uncached_dirs(prepared_dirs: Sequence[str]) -> list:
 def make_dataset(cfg: DataConfig, process_index: int = 0, process_count: int = 1) -> grain.IterDataset:
     """The batched, mixed, per-host IterDataset for one process of `process_count`.
 
-    Latent caches (folders written by `python -m smartbrush_jax.data.latents`) give
+    Latent caches (folders written by `python -m smartbrush_jax.cli.latents`) give
     `latent_mean`/`latent_logvar` instead of `image` (see the module docstring)."""
     cache = latent_cache(cfg.prepared_dirs)
     if cache is not None and (cache["resolution"], cache["latent_factor"]) != (cfg.resolution, cfg.latent_factor):

@@ -296,9 +296,3 @@ def is_prepared(folder: str) -> bool:
         return "format_version" in meta and "components" in meta and not meta.get("latents")
     except (OSError, ValueError, TypeError):
         return False
-
-
-if __name__ == "__main__":
-    from smartbrush_jax.cli.prepare import main
-
-    sys.exit(main())

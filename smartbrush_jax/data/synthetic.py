@@ -1,13 +1,19 @@
 """A procedural shapes data set that ships with the project: the demo's and the tests'
 embedded default. Deterministic from a seed; no download.
 
-    python -m smartbrush_jax.data.synthetic --out data/shapes --num-scenes 2000 --size 64
+    python -m smartbrush_jax.cli.synthetic --out data/shapes --num-scenes 2000 --size 64
 
 Writes, in the formats real data comes in (so it travels the same code path):
     images/*.png            textured backgrounds with 1-3 coloured shapes
     annotations.json        COCO instances (compressed RLE masks of the visible parts)
     captions.jsonl          a longer caption per annotation ("a red star with a thin black outline")
     image_text-00000.tar    webdataset image-text pairs (whole scenes with scene captions)
+
+A training run with `data.synthetic_scenes` > 0 keeps the set in `WORKDIR/data/`
+(`build_run_set`): `raw_train/`, `raw_heldout/` (written as above; another seed),
+`prepared/` and `heldout/` (prepared folders), `tokenizer/` (a word tokenizer of the
+captions' words) and `READY` once all are complete. `heldout_scenes` reads the held-out
+objects back for the demo and the app's examples.
 """
 
 from __future__ import annotations
@@ -172,7 +178,73 @@ def is_synthetic_set(folder: str) -> bool:
                                                                  "image_text-00000.tar"))
 
 
-if __name__ == "__main__":
-    from smartbrush_jax.cli.synthetic import main
+# ------------------------------------------------------------------------- the set in a run
+VOCABULARY = list(COLOURS) + list(SHAPES) + ["a", "small", "large", "with", "thin", "black", "outline", "on", "the",
+                                             "left", "right", "in", "middle", "and", "background"] + list(BACKGROUNDS)
 
-    sys.exit(main())
+
+def run_set_dirs(workdir: str) -> dict:
+    """Where a run keeps its shapes set (module doc)."""
+    root = os.path.join(workdir, "data")
+    return {name: os.path.join(root, name) for name in
+            ("raw_train", "raw_heldout", "prepared", "heldout", "tokenizer", "READY")}
+
+
+def build_run_set(workdir: str, num_scenes: int, size: int) -> dict:
+    """Write and prepare the shapes set of a run (module doc), unless `READY` says it was
+    built already (a resumed run). Returns `run_set_dirs(workdir)`."""
+    from smartbrush_jax.data.prepare import prepare
+    from smartbrush_jax.data.sources import CocoSource, WebdatasetSource, read_captions
+    from smartbrush_jax.models.tokenizer import write_word_tokenizer
+    from smartbrush_jax.outputs import building
+    from smartbrush_jax.settings import DataConfig
+
+    dirs = run_set_dirs(workdir)
+    if os.path.isfile(dirs["READY"]):
+        return dirs
+    print(f"building the synthetic shapes set: {num_scenes} scenes at {size}px in {os.path.dirname(dirs['READY'])}",
+          file=sys.stderr)
+    for name, scenes, seed in (("train", num_scenes, 0), ("heldout", max(8, num_scenes // 20), 1)):
+        raw = write_dataset(dirs[f"raw_{name}"], scenes, size, seed)
+        sources = {"coco": CocoSource(raw["annotations"], raw["images"], min_mask_area=0.01,
+                                      captions=read_captions(raw["captions"])),
+                   "webdataset": WebdatasetSource([raw["image_text"]])}
+        with building(dirs["prepared" if name == "train" else "heldout"]) as tmp:  # replaces an interrupted build
+            prepare(tmp, sources, workers=1, progress=False,  # in this process: no fork of a JAX process
+                    extra_meta={"min_mask_area": 0.01, "max_pixels": DataConfig.max_pixels})
+    write_word_tokenizer(dirs["tokenizer"], [" ".join(VOCABULARY)])
+    open(dirs["READY"], "w").close()
+    return dirs
+
+
+def other_colour(label: str) -> str:
+    """The prompt the demo asks for: the same shape in another colour ("red star" -> "a green star")."""
+    colour, shape = label.split(" ", 1)
+    names = list(COLOURS)
+    return f"a {names[(names.index(colour) + 3) % len(names)]} {shape}"
+
+
+def has_heldout(workdir: str) -> bool:
+    return os.path.isfile(os.path.join(run_set_dirs(workdir)["raw_heldout"], "annotations.json"))
+
+
+def heldout_scenes(workdir: str, n: int):
+    """The first `n` held-out objects of a run on the shapes set (those of at least 6% of
+    their image): [(image path, exact mask [H, W] bool, prompt asking for the shape in
+    another colour)]. InputError when the run has no held-out set."""
+    from pycocotools import mask as mu
+
+    from smartbrush_jax.errors import InputError
+
+    raw = run_set_dirs(workdir)["raw_heldout"]
+    if not has_heldout(workdir):
+        raise InputError(f"{raw}/annotations.json missing: train the demo first (make demo)")
+    with open(os.path.join(raw, "annotations.json")) as f:
+        coco = json.load(f)
+    names = {c["id"]: c["name"] for c in coco["categories"]}
+    images = {im["id"]: im for im in coco["images"]}
+    anns = [a for a in coco["annotations"]
+            if a["area"] >= 0.06 * images[a["image_id"]]["height"] * images[a["image_id"]]["width"]][:n]
+    return [(os.path.join(raw, "images", images[a["image_id"]]["file_name"]),
+             mu.decode(dict(a["segmentation"], counts=a["segmentation"]["counts"].encode())).astype(bool),
+             other_colour(names[a["category_id"]])) for a in anns]

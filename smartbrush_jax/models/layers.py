@@ -1,7 +1,7 @@
 """Building blocks shared by the U-Net, the VAE and the CLIP text encoder.
 
 Every layer is a thin wrapper over a flax.linen layer whose parameters carry logical
-axis names (see `smartbrush_jax.sharding` once it exists): dense and conv kernels are
+axis names (see `smartbrush_jax.train.sharding` once it exists): dense and conv kernels are
 annotated `(..., "in_features", "out_features")`, biases and norm scales
 `("out_features",)` / `("norm",)`, embedding tables `("vocab", "out_features")`. The
 names are data: a sharding config maps them to mesh axes (replicated by default, FSDP by
@@ -9,7 +9,7 @@ rule), so the model code never mentions a mesh.
 
 Layout is channels-last (`[B, H, W, C]`), the natural layout for XLA on TPU and GPU.
 Parameter *names* follow diffusers/transformers module names, so the weight mapping in
-`smartbrush_jax.weights` is mechanical.
+`smartbrush_jax.interop.weights` is mechanical.
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """SmartBrush inpainting in PyTorch on stock diffusers/transformers components: the same
-sampler as `smartbrush_jax.diffusion.sample` (DDIM, classifier-free guidance, precision
+sampler as `smartbrush_jax.sampling.sampler.sample` (DDIM, classifier-free guidance, precision
 level as `class_labels`, background restored outside the predicted mask after every
 step) and the same image handling (`smartbrush_jax.compositing`). No JAX needed.
 
@@ -26,8 +26,8 @@ from smartbrush_jax.compositing import (
     model_inputs,
     working_size,
 )
-from smartbrush_jax.diffusers_writer import SETTINGS_VERSION  # the writer owns the format
 from smartbrush_jax.errors import InputError
+from smartbrush_jax.interop.diffusers_writer import SETTINGS_VERSION  # the writer owns the format
 from smartbrush_jax.settings import SamplerConfig
 
 SETTINGS_FILE = "smartbrush.json"
@@ -185,7 +185,7 @@ class SmartBrushPipeline:
 
 
 def predicted_region(mask_logit: torch.Tensor, user_mask: torch.Tensor, cfg: SamplerConfig) -> torch.Tensor:
-    """As `smartbrush_jax.diffusion.predicted_region`: threshold, dilate by a
+    """As `smartbrush_jax.sampling.sampler.predicted_region`: threshold, dilate by a
     (2r+1)^2 square, clip to the user's mask, fall back to it when nearly empty."""
     pred = (torch.sigmoid(mask_logit.float()) > cfg.mask_threshold).to(user_mask.dtype)
     r = cfg.mask_dilate

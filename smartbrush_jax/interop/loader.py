@@ -21,9 +21,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from smartbrush_jax import ldm_keys
 from smartbrush_jax.compositing import downsampling_factor
-from smartbrush_jax.data.tokenizer import load_tokenizer
+from smartbrush_jax.interop import ldm_keys
+from smartbrush_jax.interop.weights import WeightsError, channel_surgery, read_state_dict, torch_key, torch_to_flax
 from smartbrush_jax.models import (
     AutoencoderKL,
     CLIPTextConfig,
@@ -32,7 +32,7 @@ from smartbrush_jax.models import (
     UNetConfig,
     VAEConfig,
 )
-from smartbrush_jax.weights import WeightsError, channel_surgery, read_state_dict, torch_key, torch_to_flax
+from smartbrush_jax.models.tokenizer import load_tokenizer
 
 COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer")
 _WEIGHT_FILES = {
@@ -123,8 +123,6 @@ def load_model(path: str, *, tokenizer_dir: Optional[str] = None, ema="auto",
     from smartbrush_jax import storage
 
     if storage.isfile(storage.join(path, "model.json")):
-        from smartbrush_jax.checkpoints import load_workdir
-
         step, sd = load_workdir(path)
         print(f"loaded {path} at step {step} (EMA weights)", file=sys.stderr)
         return sd
@@ -134,6 +132,34 @@ def load_model(path: str, *, tokenizer_dir: Optional[str] = None, ema="auto",
     if os.path.isfile(path):
         return load_single_file(path, tokenizer_dir=tokenizer_dir, ema=ema)
     raise WeightsError(f"{path}: no such file or folder")
+
+
+def load_workdir(workdir: str, step: Optional[int] = None, ema: bool = True):
+    """A training run as a `StableDiffusion` bundle for inpainting and export: the U-Net
+    from the checkpoint (EMA weights by default), the text encoder (and VAE) it trained with."""
+    from smartbrush_jax import storage
+    from smartbrush_jax.checkpoints import read_model_config, restore_params
+
+    cfg = read_model_config(workdir)
+    step, unet_params = restore_params(workdir, step, ema)
+    sd = StableDiffusion(unet_config=UNetConfig.from_diffusers(cfg["unet"]), unet_params=_as_jax(unet_params),
+                         tokenizer=load_tokenizer(storage.local_copy(storage.join(workdir, "tokenizer"))))
+    if cfg.get("init_from"):  # the frozen text encoder and VAE the run started from
+        base = load_model(cfg["init_from"], components=("vae", "text_encoder"), ema=False)
+        sd.text_config, sd.text_params = base.text_config, base.text_params
+        sd.vae_config, sd.vae_params, sd.scheduler_config = base.vae_config, base.vae_params, base.scheduler_config
+    else:
+        sd.text_config = CLIPTextConfig.from_transformers(cfg["text"])
+        state = read_state_dict(storage.local_copy(storage.join(workdir, "frozen_text.safetensors")))
+        sd.text_params = _as_jax(torch_to_flax(state, abstract_params(CLIPTextModel(sd.text_config))))
+    if cfg.get("autoencoder") == "identity":
+        sd.vae_config, sd.vae_params = None, None
+    return step, sd
+
+
+def _as_jax(tree):
+    return jax.tree_util.tree_map(jnp.asarray, tree)
+
 
 
 def folder_components(path: str) -> tuple:

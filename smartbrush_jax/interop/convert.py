@@ -1,4 +1,4 @@
-"""`python -m smartbrush_jax.convert --ckpt sd-v1-2.ckpt --tokenizer DIR --out DIR [--ema auto]`
+"""`python -m smartbrush_jax.cli.convert --ckpt sd-v1-2.ckpt --tokenizer DIR --out DIR [--ema auto]`
 
 A single-file Stable Diffusion v1 checkpoint (the CompVis release `.ckpt`, a PyTorch
 Lightning checkpoint, or a `.safetensors` with the same key names) -> a stock diffusers
@@ -33,9 +33,9 @@ def is_converted(folder: str) -> bool:
 def convert(ckpt: str, tokenizer: str, out: str, ema: str = "auto", configs_from: str | None = None,
             overwrite: bool = False) -> str:
     """Write the diffusers folder for `ckpt` at `out`; returns `out`."""
-    from smartbrush_jax.diffusers_writer import write_diffusers_folder, write_json
+    from smartbrush_jax.interop.diffusers_writer import write_diffusers_folder, write_json
+    from smartbrush_jax.interop.loader import ema_choice, load_single_file, read_configs
     from smartbrush_jax.outputs import building, check_output
-    from smartbrush_jax.pretrained import ema_choice, load_single_file, read_configs
 
     if not os.path.isfile(ckpt):
         raise InputError(f"--ckpt {ckpt}: no such file")
@@ -54,9 +54,3 @@ def convert(ckpt: str, tokenizer: str, out: str, ema: str = "auto", configs_from
     print(f"wrote {out}: load it with diffusers' StableDiffusionPipeline.from_pretrained, or use it as "
           f"--config.model.init_from / inpaint --checkpoint", file=sys.stderr)
     return out
-
-
-if __name__ == "__main__":
-    from smartbrush_jax.cli.convert import main
-
-    sys.exit(main())

@@ -1,6 +1,6 @@
 """The trainer, callable from Python: `run(config, workdir)` trains SmartBrush.
 
-    from smartbrush_jax.trainer import run             # (config: configs/*.py's get_config())
+    from smartbrush_jax.train.loop import run             # (config: configs/*.py's get_config())
     summary = run(config, "runs/x")                    # one process
     run(config, "runs/x", distributed=Distributed(auto=True))   # every process of a pod / SLURM job
 
@@ -24,37 +24,24 @@ from typing import Any, Callable, Optional
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # clu's TensorBoard writer imports TensorFlow
 
-import flax.linen as nn  # noqa: E402
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 from absl import logging  # noqa: E402
 from clu import metric_writers, periodic_actions  # noqa: E402
-from flax.core import meta  # noqa: E402
 
-from smartbrush_jax import checkpoints, flops, sharding, storage  # noqa: E402
+from smartbrush_jax import checkpoints, storage  # noqa: E402
 from smartbrush_jax.config import ConfigError, validate  # noqa: E402
 from smartbrush_jax.data.pipeline import DataError, latent_cache, make_dataset, uncached_dirs  # noqa: E402
-from smartbrush_jax.data.prepare import prepare  # noqa: E402
-from smartbrush_jax.data.sources import CocoSource, WebdatasetSource, read_captions  # noqa: E402
-from smartbrush_jax.data.synthetic import COLOURS, SHAPES, write_dataset  # noqa: E402
-from smartbrush_jax.data.tokenizer import load_tokenizer, write_word_tokenizer  # noqa: E402
 from smartbrush_jax.data.validate import SKIP_REASONS  # noqa: E402
 from smartbrush_jax.distributed import Distributed  # noqa: E402,F401  (part of this API)
-from smartbrush_jax.heldout import HeldoutGrids  # noqa: E402
-from smartbrush_jax.outputs import building  # noqa: E402
+from smartbrush_jax.models.tokenizer import load_tokenizer  # noqa: E402
+from smartbrush_jax.planning import flops, xla  # noqa: E402
 from smartbrush_jax.preemption import StopRequest  # noqa: E402
-from smartbrush_jax.prefetch import DevicePrefetch  # noqa: E402
 from smartbrush_jax.settings import DataConfig, SettingsError, from_section  # noqa: E402
-from smartbrush_jax.train_state import (  # noqa: E402
-    TrainState,
-    build_models,
-    frozen_init_fn,
-    init_state_fn,
-    loss_config,
-    make_optimizer,
-    make_train_step,
-    pretrained_frozen,
-)
+from smartbrush_jax.train import sharding  # noqa: E402
+from smartbrush_jax.train.heldout import HeldoutGrids  # noqa: E402
+from smartbrush_jax.train.prefetch import DevicePrefetch  # noqa: E402
+from smartbrush_jax.train.step import abstract, build_models, build_step, loss_config  # noqa: E402
 
 # what the step reads from a batch: `image` from prepared folders, `latent_mean`/`latent_logvar` from latent caches
 BATCH_KEYS = ("image", "latent_mean", "latent_logvar", "mask", "latent_mask", "tokens")
@@ -134,73 +121,13 @@ def setup(config, workdir: str, cleanup: contextlib.ExitStack, corrupt_grads=Non
         logging.info("resumed from step %d", start)
         print(f"resumed from step {start}", file=sys.stderr)
     if pidx == 0:
-        checkpoints.write_run_files(workdir, run_model_config(config, models), tokenizer.name_or_path,
+        write_run_files(workdir, run_model_config(config, models), tokenizer.name_or_path,
                                     None if config.model.init_from else frozen)
     latent = train_cfg.resolution // models.latent_factor
     model_flops = flops.train_step_flops(flops.unet_forward_flops(
         models.unet.config, config.train.batch_size, latent, latent, len(empty_tokens)))
     return Setup(config, workdir, models, tokenizer, mesh, state, frozen, start, step_fn, data_iter, mngr,
                  heldout_cfg, empty_tokens, model_flops)
-
-
-def build_step(config, models, mesh, empty_tokens, corrupt_grads=None, materialize: bool = True):
-    """(state, frozen, step_fn): the sharded train state and frozen models, and the step
-    jitted with their shardings and the batch's (donating the state). With
-    `materialize=False` the state and frozen models are abstract (`ShapeDtypeStruct`s with
-    their shardings: nothing is allocated), for compiling ahead of time for other hardware."""
-
-    tx = make_optimizer(config)
-    state, frozen, state_shardings, frozen_shardings = init_state(models, config, tx, mesh, materialize)
-    step_fn = jax.jit(make_train_step(models, config, tx, empty_tokens, corrupt_grads),
-                      in_shardings=(state_shardings, frozen_shardings, sharding.batch_sharding(mesh)),
-                      out_shardings=(state_shardings, sharding.replicated(mesh)), donate_argnums=(0,))
-    return state, frozen, step_fn
-
-
-def abstract(tree):
-    """`ShapeDtypeStruct`s with the shardings of a tree of arrays (what Orbax restores into)."""
-    return jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
-
-
-def abstract_batch(config, models, mesh, cached: bool = False) -> dict:
-    """The global batch the step takes, as sharded `ShapeDtypeStruct`s: images, or with
-    `cached` the VAE moments a latent cache gives instead."""
-
-    b, r, h = config.train.batch_size, config.data.resolution, config.data.resolution // models.latent_factor
-    spec = {"image": ((b, r, r, 3), np.uint8), "mask": ((b, r, r), np.uint8), "latent_mask": ((b, h, h), np.float32),
-            "tokens": ((b, 77), np.int32)}
-    if cached:
-        del spec["image"]
-        c = models.autoencoder.channels
-        spec.update(latent_mean=((b, h, h, c), np.float32), latent_logvar=((b, h, h, c), np.float32))
-    return {k: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding.batch_sharding(mesh))
-            for k, (shape, dtype) in spec.items()}
-
-
-def init_state(models, config, tx, mesh, materialize: bool = True):
-    """Sharded train state and frozen params. From scratch: initialised by a jit with
-    out_shardings from `eval_shape`, so nothing is materialised unsharded. From SD: the
-    converted host arrays are placed straight into their shardings."""
-    rules = sharding.rules_from_config(config.mesh.fsdp)
-    init = init_state_fn(models, tx, config.train.seed)
-    boxed = jax.eval_shape(init)
-    state_shardings = sharding.param_shardings(mesh, nn.get_partition_spec(boxed), rules, meta.unbox(boxed))
-    finit = frozen_init_fn(models, config.train.seed)
-    fboxed = jax.eval_shape(finit)
-    frozen_shardings = sharding.param_shardings(mesh, nn.get_partition_spec(fboxed), rules, meta.unbox(fboxed))
-    if not materialize:
-        shaped = lambda t, s: jax.tree_util.tree_map(  # noqa: E731
-            lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh), meta.unbox(t), s)
-        return shaped(boxed, state_shardings), shaped(fboxed, frozen_shardings), state_shardings, frozen_shardings
-    if models.pretrained is None:
-        state = jax.jit(lambda: meta.unbox(init()), out_shardings=state_shardings)()
-        frozen = jax.jit(lambda: meta.unbox(finit()), out_shardings=frozen_shardings)()
-        return state, frozen, state_shardings, frozen_shardings
-    params = jax.device_put(models.pretrained.unet_params, state_shardings.params)
-    frozen = jax.device_put(pretrained_frozen(models), frozen_shardings)
-    rng = jax.random.fold_in(jax.random.PRNGKey(config.train.seed), 2)
-    state = jax.jit(lambda p: TrainState.create(p, tx, rng), out_shardings=state_shardings)(params)
-    return state, frozen, state_shardings, frozen_shardings
 
 
 def run_model_config(config, models) -> dict:
@@ -211,6 +138,24 @@ def run_model_config(config, models) -> dict:
             "init_ema": config.model.init_ema, "resolution": config.data.resolution,
             "degrade": loss_config(config).degrade,
             "sampler": {"num_steps": config.train.sample_steps, "guidance_scale": config.train.sample_guidance}}
+
+
+def write_run_files(workdir: str, model_config: dict, tokenizer_dir: str, frozen=None) -> None:
+    """model.json, the tokenizer and, for a run from scratch, the frozen (random) text
+    encoder as `frozen_text.safetensors` (a run from SD weights names `init_from`)."""
+    storage.makedirs(workdir)
+    if frozen is not None:
+        import jax
+        from safetensors.numpy import save
+
+        from smartbrush_jax.interop.weights import flax_to_torch
+
+        storage.write_bytes(storage.join(workdir, "frozen_text.safetensors"),
+                            save(flax_to_torch(jax.device_get(frozen["text"]))))
+    storage.write_text(storage.join(workdir, "model.json"), json.dumps(model_config, indent=2))
+    dst = storage.join(workdir, "tokenizer")
+    if storage.absolute(tokenizer_dir) != dst:
+        storage.upload(storage.local_copy(tokenizer_dir), dst)
 
 
 def data_sources(config, workdir: str):
@@ -237,7 +182,7 @@ def data_sources(config, workdir: str):
             raise ConfigError(f"config.data.synthetic_scenes: the shapes set is built in the workdir, and {workdir} "
                               "is a URL (Grain reads local shards): build it on a local disk (python -m "
                               "smartbrush_jax.data.synthetic; smartbrush-prepare) and give it in data.prepared_dirs")
-        train_dir, heldout_dir, synth_tok = build_synthetic(config, os.path.join(workdir, "data"))
+        train_dir, heldout_dir, synth_tok = build_synthetic(config, workdir)
         dirs, heldout_dirs = [train_dir] + dirs, [heldout_dir]
         tok_dir = tok_dir or synth_tok
     if not tok_dir:
@@ -258,33 +203,19 @@ def data_configs(config, dirs, heldout_dirs, tokenizer_dir: str, latent_factor: 
     return train, heldout
 
 
-def build_synthetic(config, root: str):
-    """The bundled shapes set, prepared, plus a held-out set (other seed) and a tokenizer
-    of its words; built once by process 0, reused on resume."""
+def build_synthetic(config, workdir: str):
+    """The bundled shapes set of the run (`data/synthetic.py`), built once by process 0 and
+    reused on resume: (training folder, held-out folder, tokenizer folder)."""
+    from smartbrush_jax.data.synthetic import build_run_set, run_set_dirs
 
-    train_dir, heldout_dir, tok = (os.path.join(root, n) for n in ("prepared", "heldout", "tokenizer"))
-    done = os.path.join(root, "READY")
-    if jax.process_index() == 0 and not os.path.isfile(done):
-        n, size = config.data.synthetic_scenes, config.data.synthetic_size
-        print(f"building the synthetic shapes set: {n} scenes at {size}px in {root}", file=sys.stderr)
-        for name, scenes, seed, out in (("train", n, 0, train_dir), ("heldout", max(8, n // 20), 1, heldout_dir)):
-            raw = write_dataset(os.path.join(root, f"raw_{name}"), scenes, size, seed)
-            sources = {"coco": CocoSource(raw["annotations"], raw["images"], min_mask_area=0.01,
-                                          captions=read_captions(raw["captions"])),
-                       "webdataset": WebdatasetSource([raw["image_text"]])}
-            with building(out) as tmp:  # replaces the folder of an earlier, interrupted build of this run
-                prepare(tmp, sources, workers=1, progress=False,  # in this process: no fork of a JAX process
-                        extra_meta={"min_mask_area": 0.01, "max_pixels": DataConfig.max_pixels})
-        words = list(COLOURS) + list(SHAPES) + ["a", "small", "large", "with", "thin", "black", "outline", "on",
-                                                "the", "left", "right", "in", "middle", "and", "background",
-                                                "stripes", "checks", "gradient", "noise"]
-        write_word_tokenizer(tok, [" ".join(words)])
-        open(done, "w").close()
+    if jax.process_index() == 0:
+        build_run_set(workdir, config.data.synthetic_scenes, config.data.synthetic_size)
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
 
         multihost_utils.sync_global_devices("synthetic data ready")
-    return train_dir, heldout_dir, tok
+    dirs = run_set_dirs(workdir)
+    return dirs["prepared"], dirs["heldout"], dirs["tokenizer"]
 
 
 def _all_agree(ok: bool) -> bool:
@@ -297,18 +228,16 @@ def _all_agree(ok: bool) -> bool:
 # ---------------------------------------------------------------------------------- train loop
 def startup_report(compiled, s: Setup, peak) -> dict:
     """The compiled step's memory per device against the accelerator's (the margin), its
-    collectives and a step-time estimate: what `python -m smartbrush_jax.aot` says before a
+    collectives and a step-time estimate: what `python -m smartbrush_jax.cli.aot` says before a
     pod is booked, logged on the real hardware."""
-    from smartbrush_jax import compile_report
-
     device = jax.devices()[0]
-    r = compile_report.step_report(compiled, analytic_flops=s.model_flops / jax.device_count(), peak_flops=peak,
-                                   hbm_bytes=compile_report.device_hbm_bytes(device))
-    for line in compile_report.format_report(r).splitlines():
+    r = xla.step_report(compiled, analytic_flops=s.model_flops / jax.device_count(), peak_flops=peak,
+                           devices=jax.device_count(), hbm_bytes=xla.device_hbm_bytes(device))
+    for line in xla.format_report(r).splitlines():
         logging.info("compiled step: %s", line)
     if r["memory"].get("fits") is False:
         logging.warning("the compiled step needs more memory per device than %s has: expect an out-of-memory "
-                        "error (python -m smartbrush_jax.aot --find-max-batch finds what fits)", device.device_kind)
+                        "error (python -m smartbrush_jax.cli.aot --find-max-batch finds what fits)", device.device_kind)
     return r
 
 
@@ -382,9 +311,7 @@ def train_loop(s: Setup, stop) -> dict:
         skips = batch_skips if skips is None else skips + batch_skips
         if step == start:  # compile here (the call below reuses it) for XLA's FLOP count and memory
             compiled = s.step_fn.lower(state, s.frozen, batch).compile()
-            flop_report = flops.step_report(compiled, s.model_flops, jax.device_count(), peak)
-            logging.info("%s", flops.format_report(flop_report))
-            startup_report(compiled, s, peak)
+            flop_report = startup_report(compiled, s, peak)["flops"]
             window = (time.time(), step)  # throughput is measured between log points
         state, metrics = s.step_fn(state, s.frozen, batch)
         step += 1

@@ -1,6 +1,6 @@
 """Export a training run to a diffusers folder that stock diffusers/transformers load.
 
-    python -m smartbrush_jax.export --workdir runs/demo --out exports/demo [--step N] [--no-ema] [--verify]
+    python -m smartbrush_jax.cli.export --workdir runs/demo --out exports/demo [--step N] [--no-ema] [--verify]
     (the command: smartbrush_jax/cli/export.py; here the library: export_workdir, verify_unet)
 
     exports/demo/
@@ -26,8 +26,8 @@ from typing import Optional
 
 import numpy as np
 
-from smartbrush_jax.diffusers_writer import SETTINGS_VERSION, write_diffusers_folder, write_json
 from smartbrush_jax.errors import InputError
+from smartbrush_jax.interop.diffusers_writer import SETTINGS_VERSION, write_diffusers_folder, write_json
 
 
 class ExportError(InputError):
@@ -86,7 +86,7 @@ def _settings(cfg: dict, workdir: str, step: int, ema: bool) -> dict:
 def _check_shapes(module, params, source: str) -> None:
     import jax
 
-    from smartbrush_jax.pretrained import abstract_params
+    from smartbrush_jax.interop.loader import abstract_params
 
     want = {jax.tree_util.keystr(k): v.shape for k, v in jax.tree_util.tree_leaves_with_path(abstract_params(module))}
     have = {jax.tree_util.keystr(k): np.shape(v) for k, v in jax.tree_util.tree_leaves_with_path(params)}
@@ -122,9 +122,3 @@ def verify_unet(workdir: str, folder: str, step: Optional[int] = None, ema: bool
         ref = model(torch.from_numpy(x).permute(0, 3, 1, 2), torch.from_numpy(t).long(), torch.from_numpy(ctx),
                     class_labels=torch.from_numpy(levels).long()).sample.permute(0, 2, 3, 1).numpy()
     return float(np.abs(ref - ours).max() / np.abs(ours).max())
-
-
-if __name__ == "__main__":
-    from smartbrush_jax.cli.export import main
-
-    sys.exit(main())

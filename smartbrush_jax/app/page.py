@@ -2,7 +2,7 @@
 box be the region), type the object, choose how closely it follows the shape, run, and see
 the result, the mask the model predicted and the region as it was understood.
 
-    from smartbrush_jax.webapp import InpaintService, build_page
+    from smartbrush_jax.app.page import InpaintService, build_page
     page = build_page(InpaintService(Inpainter.load("runs/demo")))
     page.queue(default_concurrency_limit=1).launch(server_name="127.0.0.1")
 
@@ -16,6 +16,8 @@ an `InputError` whose message the page shows; the server goes on. The command is
 from __future__ import annotations
 
 import dataclasses
+import os
+import tempfile
 import threading
 from typing import Callable, List, Optional, Sequence
 
@@ -38,20 +40,36 @@ class Outputs:
     region: np.ndarray  # the input with the region the model was given outlined in red
 
 
-def _open(path: Optional[str], what: str) -> Image.Image:
+def _header(path: Optional[str], what: str) -> Image.Image:
+    """The image at `path`, opened but not decoded (PIL reads the header only): its size is
+    checked against the limit before any pixel is decoded."""
     if not path:
         raise InputError(f"no {what}: upload an image first")
     try:
         im = Image.open(path)
-        if im.width * im.height > MAX_PIXELS:
-            raise InputError(f"the {what} is {im.width}x{im.height} pixels, over this app's limit of "
-                             f"{MAX_PIXELS / 1e6:.1f} megapixels (4096 x 4096): downscale it first")
+    except (Image.DecompressionBombError, UnidentifiedImageError, OSError, ValueError) as e:
+        raise _unreadable(what, e) from None
+    if im.width * im.height > MAX_PIXELS:
+        im.close()
+        raise InputError(f"the {what} is {im.width}x{im.height} pixels, over this app's limit of "
+                         f"{MAX_PIXELS / 1e6:.1f} megapixels (4096 x 4096): downscale it first")
+    return im
+
+
+def _open(path: Optional[str], what: str) -> Image.Image:
+    """The image at `path`, decoded (after `_header`'s checks)."""
+    im = _header(path, what)
+    try:
         im.load()
-        return im
-    except Image.DecompressionBombError:
-        raise InputError(f"the {what} is too large to decode safely: downscale it first") from None
-    except (UnidentifiedImageError, OSError, ValueError) as e:
-        raise InputError(f"cannot read the {what} ({type(e).__name__}): upload a PNG, JPEG or WEBP image") from None
+    except (Image.DecompressionBombError, UnidentifiedImageError, OSError, ValueError) as e:
+        raise _unreadable(what, e) from None
+    return im
+
+
+def _unreadable(what: str, e: Exception) -> InputError:
+    if isinstance(e, Image.DecompressionBombError):
+        return InputError(f"the {what} is too large to decode safely: downscale it first")
+    return InputError(f"cannot read the {what} ({type(e).__name__}): upload a PNG, JPEG or WEBP image")
 
 
 def _path(v) -> Optional[str]:
@@ -154,9 +172,10 @@ PRECISION_HELP = ("**Shape precision** s: how closely the object follows the reg
 
 
 def _checked(preprocess):
-    """The editor's own preprocessing (which decodes every upload) behind our checks: each
-    file's header is read first (the size limit before anything is decoded) and any failure
-    becomes a message on the page instead of Gradio's generic one."""
+    """The editor's own preprocessing (Gradio decodes every upload and writes it as PNG)
+    behind our checks: each file's header is read first, nothing decoded (the size limit
+    before any pixel is), and any failure becomes a message on the page instead of
+    Gradio's generic one. `read_editor` then decodes what Gradio wrote, once."""
     import gradio as gr
 
     def run(payload):
@@ -165,7 +184,7 @@ def _checked(preprocess):
             try:
                 for f in files:
                     if _path(f):
-                        _open(_path(f), "image").close()
+                        _header(_path(f), "image").close()
             except InputError as e:
                 raise gr.Error(str(e), print_exception=False) from None
         try:
@@ -231,3 +250,25 @@ def build_page(service: InpaintService, title: str = "SmartBrush inpainting"):
             gr.Examples([[e["editor"], e["prompt"], e["precision"]] for e in service.examples],
                         [editor, prompt, precision], label="held-out demo scenes")
     return page
+
+
+def heldout_examples(workdir: str, n: int, num_levels: int) -> list:
+    """Up to `n` held-out scenes of a demo run as editor values (image + painted object),
+    prompts asking for another colour, at a few precision levels; written to a new
+    temporary folder of ours. Empty for anything else."""
+    from smartbrush_jax.data.synthetic import has_heldout, heldout_scenes
+
+    if n <= 0 or not has_heldout(workdir):
+        return []
+    out = tempfile.mkdtemp(prefix="smartbrush_app_examples_")
+    levels = [0, num_levels // 2, num_levels]
+    examples = []
+    for k, (src, exact, prompt) in enumerate(heldout_scenes(workdir, n)):
+        layer = np.zeros(exact.shape + (4,), np.uint8)
+        layer[exact] = (255, 0, 255, 255)
+        image_path, layer_path = os.path.join(out, f"scene{k}.png"), os.path.join(out, f"scene{k}_region.png")
+        Image.open(src).convert("RGB").save(image_path)
+        Image.fromarray(layer).save(layer_path)
+        examples.append({"editor": {"background": image_path, "layers": [layer_path], "composite": None},
+                         "prompt": prompt, "precision": levels[k % len(levels)]})
+    return examples

@@ -18,10 +18,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from smartbrush_jax.autoencoder import downsampling_factor, make_autoencoder
 from smartbrush_jax.compositing import InpaintResult, check_inputs, finish, model_inputs, working_size
-from smartbrush_jax.diffusion import NoiseSchedule, sample
-from smartbrush_jax.pretrained import StableDiffusion
+from smartbrush_jax.diffusion import NoiseSchedule
+from smartbrush_jax.interop.loader import StableDiffusion
+from smartbrush_jax.models.autoencoder import downsampling_factor, make_autoencoder
+from smartbrush_jax.sampling.sampler import sample
 from smartbrush_jax.settings import SamplerConfig
 
 
@@ -35,7 +36,7 @@ class Inpainter:
         export, an SD folder or single file); a plain SD U-Net gets SmartBrush's channels,
         untrained (`warn` says so). InputError for what cannot be used."""
         from smartbrush_jax.errors import InputError
-        from smartbrush_jax.pretrained import as_smartbrush, load_model
+        from smartbrush_jax.interop.loader import as_smartbrush, load_model
 
         sd = load_model(path, tokenizer_dir=tokenizer_dir, ema=ema)
         plain = sd.unet_config.in_channels == 4 and sd.unet_config.num_class_embeddings is None

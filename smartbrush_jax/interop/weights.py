@@ -153,7 +153,7 @@ def read_state_dict(path: str) -> Dict[str, np.ndarray]:
 
     if not _looks_like_torch_file(path):
         raise WeightsError(f"{path}: not a PyTorch checkpoint (neither torch.save's zip archive nor a pickle)")
-    from smartbrush_jax.pickle_allowlist import safe_globals
+    from smartbrush_jax.interop.pickle_allowlist import safe_globals
 
     try:
         with safe_globals():

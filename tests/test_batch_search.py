@@ -1,14 +1,15 @@
-"""The largest-batch search of bench/unet_step.py (`--find-max-batch`), against a closed
-form: a fake step that fits exactly up to a known batch."""
-
-import os
-import sys
+"""The package's one largest-batch search (`planning/search.py`: bench/unet_step.py's
+`--find-max-batch`, `smartbrush-aot --find-max-batch`), against a closed form: a fake step
+that fits exactly up to a known batch."""
 
 import pytest
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
+from smartbrush_jax.planning.search import Probe, is_oom, largest_batch
 
-from _common import LinearMemory, is_oom, largest_fitting  # noqa: E402
+
+def largest_fitting(fits, start, limit, granularity, budget_s, log=None):
+    """The search as bench/unet_step.py runs it: a probe that says fits or not, no memory figure."""
+    return largest_batch(lambda b: Probe(fits(b)), start, limit=limit, granularity=granularity, budget_s=budget_s)
 
 
 @pytest.mark.parametrize("true_max,granularity,expected", [(37, 1, 37), (37, 8, 32), (200, 8, 200), (5, 8, None)])
@@ -28,14 +29,13 @@ def test_doubling_then_bisection_finds_the_largest_fitting_batch(true_max, granu
 def test_a_memory_model_finds_it_in_fewer_probes():
     """Peak bytes linear in the batch (1 GB + 0.3 GB per image, 80 GB): the prediction
     lands next to the answer (263 images) after two probes."""
-    mem, probes = LinearMemory(80e9), []
+    probes = []
 
     def fits(b):
         probes.append(b)
-        mem.add(b, 1e9 + 0.3e9 * b)
-        return 1e9 + 0.3e9 * b <= 80e9
+        return Probe(1e9 + 0.3e9 * b <= 80e9, total_bytes=1e9 + 0.3e9 * b)
 
-    r = largest_fitting(fits, 8, 1024, 1, budget_s=60, predict=mem.predict, log=lambda *_: None)
+    r = largest_batch(fits, 8, capacity=80e9, limit=1024, budget_s=60)
     assert r["max_batch"] == 263 and r["exact"]
     assert len(probes) <= 4, probes
 

@@ -1,7 +1,13 @@
-"""What a compiled step needs, read from XLA: memory per device against the chip's, the
-collectives of the optimized program and their bytes, XLA's FLOPs against ours, and a
-step-time estimate labelled with how it was obtained. Used by `aot.py` (compiling for a TPU
-slice on any host) and by the trainer at start-up (the same report on real hardware)."""
+"""The one report of a compiled step, read from XLA once: memory per device against the
+chip's, the collectives of the optimized program and their bytes, XLA's FLOPs against our
+analytic count, and a step-time estimate labelled with how it was obtained. Used by
+`train/aot.py` (compiling for a TPU slice on any host) and by the trainer at start-up (the
+same report on real hardware, logged and kept in summary.json).
+
+    r = step_report(compiled, analytic_flops=..., devices=8, peak_flops=..., hbm_bytes=...)
+    print(format_report(r))
+
+This module is the only reader of XLA's cost analysis (`costs`) in the package."""
 
 from __future__ import annotations
 
@@ -34,27 +40,64 @@ def memory(compiled, hbm_bytes: Optional[float] = None) -> Dict[str, object]:
     return out
 
 
-def collectives(hlo_text: str) -> Dict[str, Dict[str, int]]:
-    """{kind: {"count", "bytes"}} of the collectives in an optimized HLO module: the bytes of
+def collectives(program) -> Dict[str, Dict[str, int]]:
+    """{kind: {"count", "bytes"}} of the collectives in an optimized program: the bytes of
     each instruction's result (an all-gather's gathered array, a reduce-scatter's shard, an
     all-reduce's reduced array), once per execution of the program (a collective inside a
     loop body counts once). XLA:TPU writes a reduce-scatter as an all-reduce fused with the
     slice each chip keeps (a computation named `all-reduce-scatter*`): counted as the
-    reduce-scatter it is, with the shard's bytes."""
+    reduce-scatter it is, with the shard's bytes.
+
+    `program`: a compiled executable, whose HLO modules are walked instruction by
+    instruction (only the collectives are printed, one line each: the whole module as text
+    costs seconds for SD), or optimized HLO text as XLA prints it."""
     out = {k: {"count": 0, "bytes": 0} for k in COLLECTIVES}
+    lines = _text_instructions(program) if isinstance(program, str) else _module_instructions(program)
+    for comp, comp_result, line in lines:
+        for m in _INSTR.finditer(line):
+            kind, shape = m.group(2), m.group(1)
+            if kind == "all-reduce" and comp.startswith("all-reduce-scatter"):
+                kind, shape = "reduce-scatter", comp_result()
+            out[kind]["count"] += 1
+            out[kind]["bytes"] += _bytes(shape, async_start=bool(m.group(3)))
+    return {k: v for k, v in out.items() if v["count"]}
+
+
+_OPCODES = {"kAllReduce", "kAllReduceStart", "kAllGather", "kAllGatherStart", "kReduceScatter", "kAllToAll",
+            "kCollectivePermute", "kCollectivePermuteStart"}
+
+
+def _module_instructions(compiled):
+    """(computation name, its result shape (lazily), instruction line) of each collective."""
+    try:
+        modules = compiled.runtime_executable().hlo_modules()
+    except Exception:  # a backend without HLO modules: no collectives can be read
+        return
+    for module in modules:
+        for comp in module.computations():
+            name = comp.name
+            for instr in comp.instructions():
+                if instr.opcode.name in _OPCODES:
+                    yield name, lambda c=comp: _root_shape(c), instr.to_string()
+
+
+def _root_shape(comp) -> str:
+    """The result shape of a computation: its root, the one instruction nothing uses."""
+    for instr in comp.instructions():
+        if not instr.users() and instr.opcode.name != "kParameter":
+            line = instr.to_string()
+            return line.split("=", 1)[1].strip().split(" ", 1)[0] if "=" in line else ""
+    return ""
+
+
+def _text_instructions(hlo_text: str):
     comp, comp_result = "", ""
     for line in hlo_text.splitlines():
         head = _COMPUTATION.match(line)
         if head:
             comp, comp_result = head.group(1), head.group(2)
             continue
-        for m in _INSTR.finditer(line):
-            kind, shape = m.group(2), m.group(1)
-            if kind == "all-reduce" and comp.startswith("all-reduce-scatter"):
-                kind, shape = "reduce-scatter", comp_result
-            out[kind]["count"] += 1
-            out[kind]["bytes"] += _bytes(shape, async_start=bool(m.group(3)))
-    return {k: v for k, v in out.items() if v["count"]}
+        yield comp, lambda r=comp_result: r, line
 
 
 # `%name (params) -> RESULT {` (or `ENTRY %name ...`): the computation the next lines belong to
@@ -80,12 +123,18 @@ def _bytes(shape: str, async_start: bool = False) -> int:
 
 
 def costs(compiled) -> Dict[str, Optional[float]]:
-    """XLA's own counts for one device's program: flops, bytes accessed, optimal_seconds
-    (each None where the backend gives none)."""
-    from smartbrush_jax.flops import cost_analysis
-
-    c = cost_analysis(compiled)
-    return {"flops": _num(c.get("flops")), "bytes_accessed": _num(c.get("bytes accessed")),
+    """XLA's cost analysis of a compiled program (`jax.jit(f).lower(...).compile()`), per
+    device for a sharded program: flops, bytes accessed, optimal_seconds (each None where
+    the backend gives none or a count that is not positive)."""
+    try:
+        c = compiled.cost_analysis()
+    except Exception:  # some backends do not implement it
+        c = None
+    if isinstance(c, (list, tuple)):  # older JAX: one dict per program
+        c = c[0] if c else None
+    c = dict(c or {})
+    flops = _num(c.get("flops"))
+    return {"flops": flops if flops and flops > 0 else None, "bytes_accessed": _num(c.get("bytes accessed")),
             "optimal_seconds": _num(c.get("optimal_seconds"))}
 
 
@@ -133,10 +182,8 @@ def format_report(r: dict) -> str:
             head += f" of {m['hbm'] / GIB:.0f} GiB: {verdict}, margin {m['margin'] / GIB:+.2f} GiB"
         lines.append(head)
     f = r.get("flops") or {}
-    if f.get("xla"):
-        ratio = f"{f['xla'] / f['analytic']:.3f}" if f.get("analytic") else "-"
-        lines.append(f"FLOPs per device per step: XLA {f['xla'] / 1e12:.2f} T, our U-Net count "
-                     f"{(f.get('analytic') or 0) / 1e12:.2f} T (XLA / ours {ratio})")
+    if f.get("model_flops_per_step") is not None:
+        lines.append(_flops_line(f))
     c = r.get("collectives") or {}
     if c:
         lines.append("collectives per step: " + ", ".join(f"{k} x{v['count']} {_size(v['bytes'])}"
@@ -150,6 +197,16 @@ def format_report(r: dict) -> str:
     return "\n".join(lines)
 
 
+def _flops_line(f: dict) -> str:
+    xla = "unavailable" if f["xla_flops_per_step"] is None else (
+        f"{f['xla_flops_per_step'] / 1e12:.4g} TFLOP ({f['devices']} x {f['xla'] / 1e12:.4g}), "
+        f"ratio XLA/model {f['xla_over_model']:.3f}")
+    peak = f.get("peak_flops_per_device")
+    peak = "unknown: no MFU" if not peak else f"{peak / 1e12:.0f} TFLOP/s"
+    return (f"FLOPs per step: model (U-Net fwd+bwd, analytic) {f['model_flops_per_step'] / 1e12:.4g} TFLOP; "
+            f"XLA cost analysis {xla}; device peak {peak}")
+
+
 def _size(n: float) -> str:
     for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
         if n >= scale:
@@ -157,20 +214,26 @@ def _size(n: float) -> str:
     return f"{n:.0f} B"
 
 
-def step_report(compiled, *, analytic_flops: Optional[float], peak_flops: Optional[float],
+def step_report(compiled, *, analytic_flops: Optional[float], peak_flops: Optional[float], devices: int = 1,
                 hbm_bytes: Optional[float] = None, hbm_bytes_per_s: Optional[float] = None) -> dict:
-    """Everything above for one compiled step; `analytic_flops`: our model FLOPs per device
-    per step (the U-Net's forward and backward), which the MFU counts."""
+    """Everything above for one compiled step, each read from XLA once. `analytic_flops`:
+    our model FLOPs per device per step (the U-Net's forward and backward), which the MFU
+    counts; `devices`: how many run the program (a global step is `devices` x the
+    per-device counts). `flops` also says XLA's count of the global step against ours:
+    XLA's holds the frozen text encoder and VAE encoder, the optimizer and elementwise work,
+    and skips padded conv taps, so the ratio is not 1 (~1.04 for the pixel-space test
+    model; ~1.44 expected for SD v1 at 512 px with the VAE in the step)."""
     xla = costs(compiled)
-    try:
-        hlo = compiled.as_text() or ""
-    except Exception:  # some backends cannot print the optimized module
-        hlo = ""
     est = estimate(xla, peak_flops, hbm_bytes_per_s, analytic_flops)
     mfu = analytic_flops / (est["seconds"] * peak_flops) if est.get("seconds") and analytic_flops and peak_flops \
         else None
-    return {"memory": memory(compiled, hbm_bytes), "flops": {"xla": xla["flops"], "analytic": analytic_flops},
-            "xla_costs": xla, "collectives": collectives(hlo), "estimate": est, "mfu": mfu}
+    model = analytic_flops * devices if analytic_flops else None
+    xla_step = xla["flops"] * devices if xla["flops"] else None
+    flops = {"xla": xla["flops"], "analytic": analytic_flops, "devices": devices, "model_flops_per_step": model,
+             "xla_flops_per_step": xla_step, "xla_over_model": xla_step / model if xla_step and model else None,
+             "peak_flops_per_device": peak_flops}
+    return {"memory": memory(compiled, hbm_bytes), "flops": flops, "xla_costs": xla,
+            "collectives": collectives(compiled), "estimate": est, "mfu": mfu}
 
 
 def device_hbm_bytes(device) -> Optional[int]:

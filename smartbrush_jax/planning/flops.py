@@ -3,7 +3,7 @@
 Two counts of the same work, so each checks the other:
 - `unet_forward_flops`: analytic, walking a `UNetConfig` exactly as `models/unet.py` builds
   the network (convs, dense layers, the two attention matmuls).
-- `compiled_flops`: XLA's cost analysis of a compiled program. It counts every op
+- XLA's cost analysis of a compiled program (`planning/xla.py`, `costs`). It counts every op
   (elementwise ones too, one FLOP per element), only the taps of a convolution that land
   inside the input (zero padding is skipped), and for a sharded program it reports the
   program of *one device* (after SPMD partitioning), not the global step.
@@ -68,24 +68,6 @@ def train_step_flops(forward_flops: int) -> int:
     return 3 * int(forward_flops)
 
 
-def cost_analysis(compiled) -> dict:
-    """XLA's cost analysis of a compiled program (`jax.jit(f).lower(...).compile()`), per
-    device for a sharded program, as one dict; empty where the backend gives none."""
-    try:
-        cost = compiled.cost_analysis()
-    except Exception:  # some backends do not implement it
-        return {}
-    if isinstance(cost, (list, tuple)):  # older JAX: one dict per program
-        cost = cost[0] if cost else None
-    return dict(cost or {})
-
-
-def compiled_flops(compiled) -> Optional[float]:
-    """XLA's FLOP count of a compiled program; None where the backend gives none."""
-    flops = cost_analysis(compiled).get("flops")
-    return float(flops) if flops is not None and flops > 0 else None
-
-
 def peak_flops_per_device(device) -> Optional[float]:
     """bf16 dense peak FLOP/s of `device` (a `jax.Device`) from its `device_kind`; None
     when unknown (CPU, unlisted accelerators)."""
@@ -103,30 +85,6 @@ def peak_flops_per_device(device) -> Optional[float]:
 def mfu(flops_per_step: float, step_time_s: float, n_devices: int, peak: float) -> float:
     """Model FLOPs utilisation: (global FLOPs per step / step time / devices) / peak per device."""
     return flops_per_step / step_time_s / n_devices / peak
-
-
-def step_report(compiled, model_flops: int, n_devices: int, peak: Optional[float]) -> Dict[str, Optional[float]]:
-    """What the trainer logs once at start-up (and keeps in summary.json): the analytic
-    model FLOPs of a global step, XLA's count of the compiled step (its per-device count
-    x devices) and their ratio. XLA's count also holds the frozen text encoder and VAE
-    encoder, the optimizer (run on every device when parameters are replicated) and
-    elementwise work, and skips padded conv taps, so the ratio is not 1: ~1.04 for the
-    pixel-space test model; for SD v1 at 512 px, ~1.44 expected (XLA per image: U-Net
-    fwd+bwd 2.36 TFLOP, VAE encode 1.11, CLIP text 0.013)."""
-    per_device = compiled_flops(compiled)
-    xla = per_device * n_devices if per_device else None
-    return {"model_flops_per_step": float(model_flops), "xla_flops_per_step": xla,
-            "xla_flops_per_device": per_device, "xla_over_model": xla / model_flops if xla else None,
-            "peak_flops_per_device": peak, "devices": n_devices}
-
-
-def format_report(r: Dict[str, Optional[float]]) -> str:
-    xla = "unavailable" if r["xla_flops_per_step"] is None else (
-        f"{r['xla_flops_per_step'] / 1e12:.4g} TFLOP ({r['devices']} x {r['xla_flops_per_device'] / 1e12:.4g}), "
-        f"ratio XLA/model {r['xla_over_model']:.3f}")
-    peak = "unknown: no MFU" if not r["peak_flops_per_device"] else f"{r['peak_flops_per_device'] / 1e12:.0f} TFLOP/s"
-    return (f"FLOPs per step: model (U-Net fwd+bwd, analytic) {r['model_flops_per_step'] / 1e12:.4g} TFLOP; "
-            f"XLA cost analysis {xla}; device peak {peak}")
 
 
 def throughput(flops_per_step: float, step_time_s: float, n_devices: int,

@@ -11,18 +11,21 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Callable, Dict, Optional
 
+import flax.linen as nn
 import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from flax.core import meta
 
-from smartbrush_jax.autoencoder import Identity, make_autoencoder
 from smartbrush_jax.config import ConfigError
 from smartbrush_jax.diffusion import NoiseSchedule, smartbrush_loss
+from smartbrush_jax.interop.loader import StableDiffusion, as_smartbrush, ema_choice, example_inputs, load_model
 from smartbrush_jax.models import CLIPTextConfig, CLIPTextModel, UNet2DConditionModel, UNetConfig
-from smartbrush_jax.pretrained import StableDiffusion, as_smartbrush, ema_choice, example_inputs, load_model
+from smartbrush_jax.models.autoencoder import Identity, make_autoencoder
 from smartbrush_jax.settings import LossConfig, from_section
+from smartbrush_jax.train import sharding
 
 
 @flax.struct.dataclass
@@ -162,6 +165,66 @@ def frozen_init_fn(models: Models, seed: int):
             out["vae"] = vae.init(rng, *example_inputs(vae))["params"]
         return out
     return init
+
+
+def build_step(config, models, mesh, empty_tokens, corrupt_grads=None, materialize: bool = True):
+    """(state, frozen, step_fn): the sharded train state and frozen models, and the step
+    jitted with their shardings and the batch's (donating the state). With
+    `materialize=False` the state and frozen models are abstract (`ShapeDtypeStruct`s with
+    their shardings: nothing is allocated), for compiling ahead of time for other hardware."""
+
+    tx = make_optimizer(config)
+    state, frozen, state_shardings, frozen_shardings = init_state(models, config, tx, mesh, materialize)
+    step_fn = jax.jit(make_train_step(models, config, tx, empty_tokens, corrupt_grads),
+                      in_shardings=(state_shardings, frozen_shardings, sharding.batch_sharding(mesh)),
+                      out_shardings=(state_shardings, sharding.replicated(mesh)), donate_argnums=(0,))
+    return state, frozen, step_fn
+
+
+def abstract(tree):
+    """`ShapeDtypeStruct`s with the shardings of a tree of arrays (what Orbax restores into)."""
+    return jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
+
+
+def abstract_batch(config, models, mesh, cached: bool = False) -> dict:
+    """The global batch the step takes, as sharded `ShapeDtypeStruct`s: images, or with
+    `cached` the VAE moments a latent cache gives instead."""
+
+    b, r, h = config.train.batch_size, config.data.resolution, config.data.resolution // models.latent_factor
+    spec = {"image": ((b, r, r, 3), np.uint8), "mask": ((b, r, r), np.uint8), "latent_mask": ((b, h, h), np.float32),
+            "tokens": ((b, 77), np.int32)}
+    if cached:
+        del spec["image"]
+        c = models.autoencoder.channels
+        spec.update(latent_mean=((b, h, h, c), np.float32), latent_logvar=((b, h, h, c), np.float32))
+    return {k: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding.batch_sharding(mesh))
+            for k, (shape, dtype) in spec.items()}
+
+
+def init_state(models, config, tx, mesh, materialize: bool = True):
+    """Sharded train state and frozen params. From scratch: initialised by a jit with
+    out_shardings from `eval_shape`, so nothing is materialised unsharded. From SD: the
+    converted host arrays are placed straight into their shardings."""
+    rules = sharding.rules_from_config(config.mesh.fsdp)
+    init = init_state_fn(models, tx, config.train.seed)
+    boxed = jax.eval_shape(init)
+    state_shardings = sharding.param_shardings(mesh, nn.get_partition_spec(boxed), rules, meta.unbox(boxed))
+    finit = frozen_init_fn(models, config.train.seed)
+    fboxed = jax.eval_shape(finit)
+    frozen_shardings = sharding.param_shardings(mesh, nn.get_partition_spec(fboxed), rules, meta.unbox(fboxed))
+    if not materialize:
+        shaped = lambda t, s: jax.tree_util.tree_map(  # noqa: E731
+            lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh), meta.unbox(t), s)
+        return shaped(boxed, state_shardings), shaped(fboxed, frozen_shardings), state_shardings, frozen_shardings
+    if models.pretrained is None:
+        state = jax.jit(lambda: meta.unbox(init()), out_shardings=state_shardings)()
+        frozen = jax.jit(lambda: meta.unbox(finit()), out_shardings=frozen_shardings)()
+        return state, frozen, state_shardings, frozen_shardings
+    params = jax.device_put(models.pretrained.unet_params, state_shardings.params)
+    frozen = jax.device_put(pretrained_frozen(models), frozen_shardings)
+    rng = jax.random.fold_in(jax.random.PRNGKey(config.train.seed), 2)
+    state = jax.jit(lambda p: TrainState.create(p, tx, rng), out_shardings=state_shardings)(params)
+    return state, frozen, state_shardings, frozen_shardings
 
 
 def make_train_step(models: Models, config, tx, empty_tokens: np.ndarray,

@@ -31,7 +31,7 @@ def write_diffusers_folder(sd, out: str, pipeline: str = "StableDiffusionPipelin
     from safetensors.numpy import save_file
 
     from smartbrush_jax.diffusion import NoiseSchedule
-    from smartbrush_jax.weights import flax_to_torch
+    from smartbrush_jax.interop.weights import flax_to_torch
 
     if pipeline not in PIPELINES:
         raise ValueError(f"pipeline must be one of {PIPELINES}, got {pipeline!r}")

@@ -16,8 +16,8 @@ from absl import logging
 
 from smartbrush_jax import storage
 from smartbrush_jax.compositing import grid_row
-from smartbrush_jax.diffusion import sample
 from smartbrush_jax.masks import degrade_mask, mask_iou
+from smartbrush_jax.sampling.sampler import sample
 from smartbrush_jax.settings import SamplerConfig
 
 
@@ -28,7 +28,7 @@ def heldout_levels(n: int, num_levels: int) -> np.ndarray:
 def make_sample_fn(models, config, empty_tokens):
     """(params, frozen, batch, levels, rng) -> (pixels [B,H,W,3] in [-1,1], predicted masks,
     user masks, iou [B]), jitted."""
-    from smartbrush_jax.train_state import encode, loss_config
+    from smartbrush_jax.train.step import encode, loss_config
 
     cfg = SamplerConfig(num_steps=config.train.sample_steps, guidance_scale=config.train.sample_guidance)
     loss = loss_config(config)

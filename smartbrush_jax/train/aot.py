@@ -1,0 +1,149 @@
+"""Know before booking a pod: the SmartBrush train step compiled ahead of time for a TPU
+slice, on any host (this CPU machine included), through the `libtpu` wheel.
+
+    python -m smartbrush_jax.cli.aot --config=configs/tpu_v4.py --topology=v4-32
+    python -m smartbrush_jax.cli.aot --config=configs/tpu_v5p.py --topology=2xv5p-128 --cached-latents
+    python -m smartbrush_jax.cli.aot --config=configs/tpu_v4.py --topology=v4-32 --find-max-batch
+
+The state, frozen models and batch are built as abstract arrays with their shardings by the
+trainer's own code (`trainer.build_step(materialize=False)`, `trainer.abstract_batch`) on a
+mesh of the slice's devices (`sharding.make_mesh`, laid out by the torus), the step is
+lowered and compiled for the target, and the report (`xla.py`) gives the memory
+per chip against its HBM, XLA's FLOPs against ours, the collectives by kind with their
+bytes, and a step-time estimate labelled with how it was obtained. The weights' values do
+not matter to a compile, so none are read: a run from SD weights compiles with SD v1's
+shapes (`train_state.build_models(weights=False)`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Callable, List, Optional
+
+import jax
+import numpy as np
+
+from smartbrush_jax.planning import search, targets, xla
+
+GIB = 2**30
+
+
+def per_chip_batch(config, n_devices: int) -> int:
+    return config.train.batch_size // n_devices
+
+
+def with_batch(config, per_chip: int, n_devices: int):
+    """A copy of `config` with the global batch `per_chip` x devices."""
+    c = config.copy_and_resolve_references() if hasattr(config, "copy_and_resolve_references") else config
+    c.train.batch_size = per_chip * n_devices
+    return c
+
+
+@dataclasses.dataclass
+class Compiled:
+    compiled: object  # jax.stages.Compiled
+    mesh: object
+    models: object
+    trainable_parameters: int  # elements of the trained parameters (the U-Net's)
+    seconds: float  # to compile
+
+
+def compile_step(config, devices, cached: bool = False) -> Compiled:
+    """The train step compiled for `devices` (a slice's, or real ones)."""
+    from smartbrush_jax.train import sharding
+    from smartbrush_jax.train.step import abstract_batch, build_models, build_step
+
+    models = build_models(config, weights=False)
+    mesh = sharding.make_mesh(dict(config.mesh.shape), dict(config.mesh.dcn_shape), devices=devices)
+    empty_tokens = np.zeros(77, np.int32)  # a constant of the step: its value does not change the program
+    state, frozen, step_fn = build_step(config, models, mesh, empty_tokens, materialize=False)
+    batch = abstract_batch(config, models, mesh, cached=cached)
+    start = time.time()
+    compiled = step_fn.lower(state, frozen, batch).compile()
+    n_params = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(state.params))
+    return Compiled(compiled, mesh, models, n_params, time.time() - start)
+
+
+def report(config, target: targets.Target, cached: bool = False, devices=None) -> dict:
+    """Compile and report (see the module docstring); a compile that runs out of the chip's
+    memory is a report with `"fits": False` and XLA's message."""
+    from smartbrush_jax.planning import flops
+
+    devices = devices if devices is not None else target.devices()
+    n = len(devices)
+    head = {"topology": target.name, "topology_name": target.topology_name, "chips": n, "slices": target.slices,
+            "chip": dataclasses.asdict(target.chip), "per_chip_batch": per_chip_batch(config, n),
+            "global_batch": config.train.batch_size, "resolution": config.data.resolution,
+            "vae_in_step": not cached and config.model.autoencoder != "identity", "cached_latents": cached,
+            "remat": config.model.remat, "attention": config.model.attention_impl or "xla (jax default)",
+            "dtype": config.model.dtype, "mesh": dict(config.mesh.shape), "dcn": dict(config.mesh.dcn_shape),
+            "fsdp": bool(config.mesh.fsdp)}
+    try:
+        c = compile_step(config, devices, cached)
+    except Exception as e:  # XLA: RESOURCE_EXHAUSTED (out of HBM) is the answer "does not fit"
+        if search.is_oom(e):
+            return {**head, "fits": False, "compile_error": _first_lines(str(e), 6)}
+        raise
+    latent = config.data.resolution // c.models.latent_factor
+    analytic = flops.train_step_flops(flops.unet_forward_flops(c.models.unet.config, head["per_chip_batch"], latent,
+                                                              latent, 77))
+    chip = target.chip
+    r = xla.step_report(c.compiled, analytic_flops=analytic, peak_flops=chip.bf16_tflops * 1e12,
+                                   devices=n, hbm_bytes=chip.hbm_gib * GIB, hbm_bytes_per_s=chip.hbm_gbps * 1e9)
+    r["flops"]["analytic_note"] = "our count: the U-Net forward + backward (3x forward) only"
+    if r.get("estimate", {}).get("seconds"):
+        r["images_per_s_per_chip"] = head["per_chip_batch"] / r["estimate"]["seconds"]
+    return {**head, **r, "fits": r["memory"].get("fits"), "compile_seconds": c.seconds,
+            "trainable_parameters": c.trainable_parameters, "mesh_axes": dict(c.mesh.shape)}
+
+
+def _first_lines(text: str, n: int) -> str:
+    return "\n".join([line for line in text.splitlines() if line.strip()][:n])[:2000]
+
+
+def find_max_batch(config, target: targets.Target, cached: bool = False, start: Optional[int] = None,
+                   max_compiles: int = 5, log: Callable[[str], None] = print, devices=None,
+                   on_compile: Optional[Callable[[dict], None]] = None) -> dict:
+    """The largest per-chip batch whose step fits the chip's HBM, in at most `max_compiles`
+    compiles: the package's one search (`planning/search.py`) with a compile as its probe.
+    Every compile's result is kept; `on_compile(search so far)` after each one lets a caller
+    keep it (a compile of the full step can exhaust the host's memory and be killed)."""
+    devices = devices if devices is not None else target.devices()
+    n = len(devices)
+
+    def probe(b: int) -> search.Probe:
+        r = report(with_batch(config, b, n), target, cached, devices)
+        m = r.get("memory") or {}
+        return search.Probe(bool(r["fits"]), m.get("total"), m.get("temp"), r)
+
+    def per_chip(r: dict) -> dict:
+        return {"max_per_chip_batch": r["max_batch"], "first_failure": r["first_failure"], "exact": r["exact"],
+                "predicted_max_per_chip_batch": r["predicted_max_batch"], "prediction": r["prediction"],
+                "compiles": r["probes"], "tried": {str(t["batch"]): _brief(t) for t in r["tried"]},
+                "report": r["detail"]}
+
+    found = search.largest_batch(probe, start or max(1, per_chip_batch(config, n)),
+                                 capacity=target.chip.hbm_gib * GIB, max_probes=max_compiles, log=log,
+                                 on_probe=None if on_compile is None else lambda r: on_compile(per_chip(r)))
+    return per_chip(found)
+
+
+def _brief(t: dict) -> dict:
+    return {"fits": t["fits"], "total_gib": t["total_bytes"] / GIB if t["total_bytes"] else None,
+            "temp_gib": t["temp_bytes"] / GIB if t["temp_bytes"] else None, "compile_seconds": t["seconds"]}
+
+
+def summary_lines(r: dict) -> List[str]:
+    inputs = "VAE encode in the step" if r["vae_in_step"] else "cached latents" if r["cached_latents"] else \
+        "pixel space"
+    lines = [f"{r['topology']} ({r['topology_name']}, {r['chips']} chips, {r['chip']['device_kind']}, "
+             f"{r['chip']['hbm_gib']:.0f} GiB HBM): per-chip batch {r['per_chip_batch']} (global "
+             f"{r['global_batch']}) at {r['resolution']} px, "
+             f"{inputs}, remat {r['remat']}, attention {r['attention']}, {'FSDP' if r['fsdp'] else 'data parallel'}"]
+    if r.get("compile_error"):
+        lines.append(f"DOES NOT FIT: XLA refused the program: {r['compile_error']}")
+    else:
+        lines += xla.format_report(r).splitlines()
+        lines.append(f"compiled in {r['compile_seconds']:.0f}s")
+    return lines
