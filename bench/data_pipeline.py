@@ -30,7 +30,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
 def build(root: str, scenes: int, size: int):
     from sd_fixtures import write_tokenizer
 
-    from smartbrush_jax.data.prepare import main as prepare
+    from smartbrush_jax.cli.prepare import main as prepare
     from smartbrush_jax.data.synthetic import write_dataset
 
     raw = write_dataset(os.path.join(root, "raw"), scenes, size, seed=0)

@@ -39,3 +39,5 @@ def main(argv=None) -> int:
     return run_command(command)
 
 
+if __name__ == "__main__":
+    raise SystemExit(main())

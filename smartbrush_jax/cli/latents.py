@@ -69,3 +69,5 @@ def _report(meta: dict, out: str) -> int:
     return 0
 
 
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -170,3 +170,5 @@ def _need(args, *names):
             raise InputError(f"--{n.replace('_', '-')} {value}: no such file or folder")
 
 
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -37,3 +37,5 @@ def _main(args) -> int:
     return 0
 
 
+if __name__ == "__main__":
+    raise SystemExit(main())

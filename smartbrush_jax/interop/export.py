@@ -42,7 +42,8 @@ def is_export(folder: str) -> bool:
 def export_workdir(workdir: str, out: str, step: Optional[int] = None, ema: bool = True,
                    overwrite: bool = False) -> str:
     """Write the diffusers folder for `workdir`'s checkpoint; returns `out`."""
-    from smartbrush_jax.checkpoints import load_workdir, read_model_config
+    from smartbrush_jax.checkpoints import read_model_config
+    from smartbrush_jax.interop.loader import load_workdir
     from smartbrush_jax.outputs import building, check_output
 
     check_output(out, [workdir], is_export, overwrite, what="SmartBrush export")
@@ -104,7 +105,7 @@ def verify_unet(workdir: str, folder: str, step: Optional[int] = None, ema: bool
     import torch
     from diffusers import UNet2DConditionModel
 
-    from smartbrush_jax.checkpoints import load_workdir
+    from smartbrush_jax.interop.loader import load_workdir
     from smartbrush_jax.compositing import downsampling_factor
 
     _, sd = load_workdir(workdir, step, ema)

@@ -181,7 +181,7 @@ def data_sources(config, workdir: str):
         if storage.is_remote(workdir):
             raise ConfigError(f"config.data.synthetic_scenes: the shapes set is built in the workdir, and {workdir} "
                               "is a URL (Grain reads local shards): build it on a local disk (python -m "
-                              "smartbrush_jax.data.synthetic; smartbrush-prepare) and give it in data.prepared_dirs")
+                              "smartbrush_jax.cli.synthetic; smartbrush-prepare) and give it in data.prepared_dirs")
         train_dir, heldout_dir, synth_tok = build_synthetic(config, workdir)
         dirs, heldout_dirs = [train_dir] + dirs, [heldout_dir]
         tok_dir = tok_dir or synth_tok
