@@ -4,7 +4,10 @@ One frozen dataclass per config section: `ModelConfig`, `DataConfig` (the data p
 `LossConfig` (the loss and its mask degradation), `OptimConfig`, `TrainConfig`,
 `MeshConfig`; and `SamplerConfig` for inference. `config.base_config()` is built from
 their fields, so a default lives here and nowhere else; `from_section` turns a section
-back into its dataclass. The library takes the dataclasses directly. No JAX, no torch: a
+back into its dataclass. One idiom for reading them: the training loop reads a value where
+it uses it (`config.train.steps`, `config.data.resolution`), and a component that takes a
+whole section (the data pipeline, the loss, the sampler) is given its dataclass, built with
+`from_section` (its `__post_init__` checks the ranges), never the `ConfigDict`. No JAX, no torch: a
 config can be read anywhere.
 """
 

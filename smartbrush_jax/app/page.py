@@ -6,8 +6,9 @@ the result, the mask the model predicted and the region as it was understood.
     page = build_page(InpaintService(Inpainter.load("runs/demo")))
     page.queue(default_concurrency_limit=1).launch(server_name="127.0.0.1")
 
-`InpaintService.run` is the one request: it reads the editor's layers itself (with the
-same checks and size limit as the `inpaint` command), runs the `Inpainter` the CLI runs
+`InpaintService.run` is the one request: it reads the editor's layers itself (the header
+first, refused over this app's own limit of 4096 x 4096 pixels, a quarter of the
+`inpaint` command's, since a server holds every upload in memory), runs the `Inpainter` the CLI runs
 (its sampler compiled once per working size and reused), and turns every bad input into
 an `InputError` whose message the page shows; the server goes on. The command is
 `cli/app.py` (`python -m smartbrush_jax.app`).
