@@ -15,11 +15,10 @@ import torch
 from PIL import Image
 from sd_fixtures import rel_err
 
-from smartbrush_jax.interop.loader import load_workdir
 from smartbrush_jax.cli.export import main
 from smartbrush_jax.diffusion import NoiseSchedule
 from smartbrush_jax.interop.export import _settings, write_export
-from smartbrush_jax.interop.loader import load_diffusers_folder, to_smartbrush
+from smartbrush_jax.interop.loader import load_diffusers_folder, load_workdir, to_smartbrush
 from smartbrush_jax.pytorch import PipelineError, SmartBrushPipeline
 from smartbrush_jax.sampling.sampler import sample
 from smartbrush_jax.settings import SamplerConfig

@@ -89,8 +89,8 @@ def test_nonfinite_gradient_leaves_the_state_unchanged(tmp_path, data_dir, caplo
     from flax.core import meta
 
     from smartbrush_jax.checkpoints import restore_state
-    from smartbrush_jax.interop.loader import load_workdir
     from smartbrush_jax.data.pipeline import make_dataset
+    from smartbrush_jax.interop.loader import load_workdir
     from smartbrush_jax.train.loop import data_configs, data_sources
     from smartbrush_jax.train.step import (
         build_models,

@@ -39,8 +39,8 @@ def _main(argv) -> int:
     import jax
 
     from smartbrush_jax.checkpoints import read_model_config
-    from smartbrush_jax.interop.loader import load_workdir
     from smartbrush_jax.compositing import make_grid
+    from smartbrush_jax.interop.loader import load_workdir
     from smartbrush_jax.masks import degrade_mask
     from smartbrush_jax.sampling.runner import Inpainter
     from smartbrush_jax.settings import DEGRADE, SamplerConfig

@@ -105,8 +105,8 @@ def verify_unet(workdir: str, folder: str, step: Optional[int] = None, ema: bool
     import torch
     from diffusers import UNet2DConditionModel
 
-    from smartbrush_jax.interop.loader import load_workdir
     from smartbrush_jax.compositing import downsampling_factor
+    from smartbrush_jax.interop.loader import load_workdir
 
     _, sd = load_workdir(workdir, step, ema)
     cfg = sd.unet_config
