@@ -18,13 +18,22 @@ class InputError(Exception):
     """Bad input a user can fix; the message says what and where."""
 
 
+class Failure(Exception):
+    """The work failed for a reason that is not the input (a worker process killed, a disk
+    that filled), and what was finished is kept; the message says what and what to do."""
+
+
 def run_command(fn: Callable[[], int | None]) -> int:
-    """`fn()`'s exit code (None: 0); an InputError becomes `error: ...` on stderr and 2."""
+    """`fn()`'s exit code (None: 0); an InputError becomes `error: ...` on stderr and 2, a
+    Failure `error: ...` and 1 (a traceback would bury the one line that matters)."""
     try:
         return fn() or 0
     except InputError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except Failure as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
 
 
 def warn(message: str) -> None:

@@ -25,6 +25,7 @@ ids are the source's own (`coco:<annotation id>`, `openimages:<mask file>`,
 
 from __future__ import annotations
 
+import concurrent.futures
 import glob
 import json
 import multiprocessing as mp
@@ -38,7 +39,7 @@ from smartbrush_jax.data import tfds_info
 from smartbrush_jax.data.shards import link_or_copy
 from smartbrush_jax.data.units import KINDS, Job, read_summary, run_unit, set_job, unit_key
 from smartbrush_jax.data.validate import ALL_REASONS, Counter
-from smartbrush_jax.errors import InputError
+from smartbrush_jax.errors import Failure, InputError
 
 FORMAT_VERSION = 2
 MANIFEST = "manifest.json"
@@ -183,21 +184,32 @@ def _run_pool(job: Job, todo, workers: int, captioning, report, summaries) -> No
     set_job(job)
     try:
         queues = (service.requests, service.replies) if service is not None else None
-        with ctx.Pool(workers, initializer=_init_worker, initargs=(slots, queues, None if forked else job)) as pool:
-            results = pool.imap_unordered(run_unit, todo, chunksize=1)
-            while True:
-                try:
-                    s = results.next(timeout=2.0)
-                except mp.TimeoutError:
+        with concurrent.futures.ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker,
+                                                    initargs=(slots, queues, None if forked else job)) as pool:
+            pending = {pool.submit(run_unit, j): j for j in todo}
+            while pending:
+                done, _ = concurrent.futures.wait(pending, timeout=2.0,
+                                                  return_when=concurrent.futures.FIRST_COMPLETED)
+                if not done:
                     if service is not None:
                         service.check()
                     if time.time() - report.last >= report.every:
                         report.tick()
                     continue
-                except StopIteration:
-                    break
-                summaries[s["key"]] = s
-                report.add(s)
+                for f in done:
+                    j = pending.pop(f)
+                    try:
+                        s = f.result()
+                    except concurrent.futures.process.BrokenProcessPool:
+                        # a worker killed (out of memory, a crash in a native library): the pool
+                        # cannot go on, and a multiprocessing.Pool would wait for its unit for ever
+                        raise Failure(
+                            f"a prepare worker process died (killed for memory, or a crash in a native library) "
+                            f"with {len(pending) + 1} unit(s) unfinished, {unit_key(*job.plan[j][:2])} among them; the "
+                            f"{len(summaries)} finished unit(s) are kept: rerun the same command to resume, with "
+                            "--workers 1 to see which record it is") from None
+                    summaries[s["key"]] = s
+                    report.add(s)
     finally:
         set_job(None)
         if service is not None:

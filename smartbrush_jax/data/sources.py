@@ -207,22 +207,88 @@ def _sortable(v):
 
 
 def _coco_mask(segm, h: int, w: int, mask_utils) -> np.ndarray:
+    """The annotation's mask, from polygons or RLE checked first: pycocotools' C code trusts
+    its input (a coordinate of 1e308 segfaults it, one of 1e10 allocates gigabytes, RLE
+    counts that overrun the image write past its buffer), so such an annotation is a
+    counted `bad_polygon` before pycocotools sees it."""
     if isinstance(segm, list):  # polygons
-        polys = [p for p in segm if len(p) >= 6]
+        polys = [_polygon(p, h, w) for p in segm]
+        polys = [p for p in polys if len(p) >= 6]
         if not polys:
             raise Skip("empty_mask", "no polygon with 3 points")
         rle = mask_utils.merge(mask_utils.frPyObjects(polys, h, w))
     elif isinstance(segm, dict) and isinstance(segm.get("counts"), list):  # uncompressed RLE
-        if tuple(segm["size"]) != (h, w):
-            raise Skip("mask_outside", f"RLE size {segm['size']} vs image {h}x{w}")
+        _check_rle_size(segm, h, w)
+        _check_rle_counts(segm["counts"], h, w)
         rle = mask_utils.frPyObjects(segm, h, w)
-    elif isinstance(segm, dict):  # compressed RLE
-        if tuple(segm["size"]) != (h, w):
-            raise Skip("mask_outside", f"RLE size {segm['size']} vs image {h}x{w}")
-        rle = dict(segm, counts=segm["counts"].encode() if isinstance(segm["counts"], str) else segm["counts"])
+    elif isinstance(segm, dict) and isinstance(segm.get("counts"), (str, bytes)):  # compressed RLE
+        _check_rle_size(segm, h, w)
+        counts = segm["counts"].encode() if isinstance(segm["counts"], str) else segm["counts"]
+        _check_rle_counts(rle_string_counts(counts), h, w)
+        rle = dict(segm, counts=counts)
+    elif isinstance(segm, dict):
+        raise Skip("bad_polygon", f"RLE counts of type {type(segm.get('counts')).__name__}")
     else:
         raise Skip("empty_mask", "no segmentation")
     return mask_utils.decode(rle).astype(bool)
+
+
+def _polygon(points, h: int, w: int) -> list:
+    """[x0, y0, x1, y1, ...] as floats, each point finite and within the image grown by its
+    own size on every side (real files stray a few pixels past the border, never further)."""
+    if not isinstance(points, (list, tuple)) or len(points) % 2:
+        raise Skip("bad_polygon", "a polygon is a flat list of x, y pairs")
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in points):
+        raise Skip("bad_polygon", "a polygon coordinate that is not a number")
+    xy = np.asarray(points, np.float64).reshape(-1, 2)
+    if not np.isfinite(xy).all():
+        raise Skip("bad_polygon", "a polygon coordinate that is NaN or infinite")
+    if (xy[:, 0] < -w).any() or (xy[:, 0] > 2 * w).any() or (xy[:, 1] < -h).any() or (xy[:, 1] > 2 * h).any():
+        raise Skip("bad_polygon", f"a polygon point far outside the {w}x{h} image")
+    return [float(v) for v in points]
+
+
+def _check_rle_size(segm: dict, h: int, w: int) -> None:
+    size = segm.get("size")
+    if not (isinstance(size, (list, tuple)) and len(size) == 2 and all(isinstance(v, int) for v in size)):
+        raise Skip("bad_polygon", f"RLE size {size!r} is not [height, width]")
+    if tuple(size) != (h, w):
+        raise Skip("mask_outside", f"RLE size {size} vs image {h}x{w}")
+
+
+def _check_rle_counts(counts, h: int, w: int) -> None:
+    if not all(isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in counts):
+        raise Skip("bad_polygon", "RLE counts are non-negative integers")
+    if sum(counts) != h * w:
+        raise Skip("bad_polygon", f"RLE counts cover {sum(counts)} pixels, the image has {h * w}")
+
+
+def rle_string_counts(s: bytes) -> list:
+    """The run lengths of COCO's compressed RLE string: each count in 5-bit groups (6 bits a
+    character, offset 48, bit 5 = more groups follow, bit 4 of the last = negative), every
+    count after the second stored as the difference to the one two before it. Skip for a
+    string that does not decode."""
+    counts, i = [], 0
+    while i < len(s):
+        value, shift, more = 0, 0, True
+        while more:
+            if i >= len(s):
+                raise Skip("bad_polygon", "a compressed RLE string that ends inside a count")
+            c = s[i] - 48
+            if not 0 <= c < 64:
+                raise Skip("bad_polygon", "a compressed RLE string with a character outside its alphabet")
+            value |= (c & 0x1F) << shift
+            more = bool(c & 0x20)
+            i += 1
+            shift += 5
+            if not more and c & 0x10:
+                value |= -1 << shift
+            if shift > 64:
+                raise Skip("bad_polygon", "a compressed RLE count too long")
+        if len(counts) > 2:
+            value += counts[-2]
+        counts.append(value)
+    return counts
 
 
 OPENIMAGES_COLUMNS = ("ImageID", "MaskPath", "LabelName")
@@ -411,7 +477,9 @@ def _wds_example(group, key, path, counts, max_pixels, source):
                 meta = json.loads(check_caption(group[".json"]))
             except ValueError as e:
                 raise Skip("bad_caption", str(e)) from None
-            caption = check_caption(meta.get("caption") or "") if isinstance(meta, dict) else ""
+            if not isinstance(meta, dict):
+                raise Skip("bad_caption", f"{path}:{key}.json is not a JSON object")
+            caption = check_caption(meta.get("caption", ""))
         if not caption:
             raise Skip("no_caption", f"{path}:{key}")
         data = group[img_ext]

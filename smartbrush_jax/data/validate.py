@@ -35,7 +35,7 @@ from PIL import Image, ImageFile, ImageOps
 
 SKIP_REASONS = ("corrupt_image", "too_many_pixels", "missing_file", "empty_mask", "tiny_mask", "mask_outside",
                 "bad_caption", "corrupt_record")  # the pipeline's per-batch `skips` vector, in this order
-SOURCE_REASONS = ("no_caption", "oversized_file", "corrupt_shard", "unreadable_source")
+SOURCE_REASONS = ("no_caption", "oversized_file", "corrupt_shard", "unreadable_source", "bad_polygon")
 ALL_REASONS = SKIP_REASONS + SOURCE_REASONS
 DEFAULT_MAX_PIXELS = 8192 * 8192
 
@@ -114,13 +114,17 @@ def _count(counts, key):
 
 
 def check_caption(caption) -> str:
-    """str or bytes -> str; Skip("bad_caption") for bytes that are not UTF-8."""
+    """str or bytes -> str, whitespace collapsed; Skip("bad_caption") for bytes that are not
+    UTF-8 and for anything that is not text (a JSON null, number, list or object would
+    otherwise train as the words "None", "5", "[1, 2]")."""
     if isinstance(caption, bytes):
         try:
             caption = caption.decode("utf-8")
         except UnicodeDecodeError as e:
             raise Skip("bad_caption", str(e)) from None
-    return " ".join(str(caption).split())
+    if not isinstance(caption, str):
+        raise Skip("bad_caption", f"a caption is text, not {type(caption).__name__} ({str(caption)[:40]})")
+    return " ".join(caption.split())
 
 
 def check_mask(mask: np.ndarray, image_shape: Tuple[int, int], min_mask_area: float) -> np.ndarray:
