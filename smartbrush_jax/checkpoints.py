@@ -4,7 +4,7 @@ folder or a `gs://` URL (`storage.py`; Orbax writes a bucket through TensorStore
 a finished step with its commit file, never by a rename).
 
     workdir/checkpoints/<step>/{state,data}   async, keep-last-N plus keep-every-K
-    workdir/checkpoints/<step>.corrupt/       a step that failed to restore, moved aside
+    workdir/checkpoints/<step>.corrupt/       a step shown damaged (`damage`), moved aside
     workdir/model.json                        U-Net/text/VAE configs, autoencoder kind
     workdir/tokenizer/                        the tokenizer the run used
 """
@@ -12,6 +12,7 @@ a finished step with its commit file, never by a rename).
 from __future__ import annotations
 
 import json
+import re
 import sys
 from typing import Any, Callable, Optional
 
@@ -20,12 +21,17 @@ import orbax.checkpoint as ocp
 from absl import logging
 
 from smartbrush_jax import storage
-from smartbrush_jax.errors import InputError
+from smartbrush_jax.errors import Failure, InputError
 
 
 class CheckpointError(InputError):
     """Not a training run, nothing saved yet, or no checkpoint of it can be restored (the
     message says what each attempt raised)."""
+
+
+class CheckpointFailure(Failure):
+    """A step that did not restore for a reason other than damage to its files (a network
+    or credentials error, a bug): nothing was moved; exit 1 with the one line."""
 
 
 def manager(workdir: str, keep_last: int, keep_every: int, async_save: bool = True) -> ocp.CheckpointManager:
@@ -69,22 +75,61 @@ def restore(mngr: ocp.CheckpointManager, step: int, abstract_state: Any, data_it
     return mngr.restore(step, args=ocp.args.Composite(**items))["state"]
 
 
+# TensorStore's status codes for files that are missing, short or fail their checks (a
+# truncated chunk is OUT_OF_RANGE, a deleted one FAILED_PRECONDITION or NOT_FOUND, a
+# garbled manifest DATA_LOSS); a network, permission or timeout error has other codes
+_DAMAGE_CODES = re.compile(r"^(DATA_LOSS|OUT_OF_RANGE|NOT_FOUND|FAILED_PRECONDITION): .*(Error reading|Error opening|"
+                           r"Metadata at|Invalid JSON|Truncated|checksum|ZSTD|decode)", re.S)
+
+
+def _chain(exc: BaseException):
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        yield exc
+        exc = exc.__cause__ or exc.__context__
+
+
+def _first_line(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:300]}"
+
+
+def damage(exc: BaseException) -> Optional[str]:
+    """Why a failed restore shows the step's own files damaged (a file missing, short,
+    unparsable or failing TensorStore's checks), or None when it does not: a bug, a network
+    or credentials error, a version change, an import that failed. Only damage moves a
+    step aside; anything else could demote every good step in turn."""
+    for x in _chain(exc):
+        if isinstance(x, (FileNotFoundError, json.JSONDecodeError)) or _DAMAGE_CODES.match(str(x)):
+            return _first_line(x)
+    return None
+
+
 def restore_newest_intact(mngr: ocp.CheckpointManager, abstract_state: Any, data_iter: Optional[Any] = None,
                           all_agree: Callable[[bool], bool] = bool, is_primary: bool = True):
     """(step, state) of the newest checkpoint that restores, or (None, None) when there is
-    none. A newer step that fails (a truncated file left by a host that died mid-write, a
-    half-copied folder) is moved aside to `<step>.corrupt` and logged, but only once an
-    older step has restored: when every step fails, the cause is more likely the run's
-    config than the files, so nothing is moved and CheckpointError says what each raised.
-    `all_agree(ok)`: True when every process restored the step (several processes read
-    different shards of it)."""
+    none. A newer step shown damaged (`damage`: a truncated file left by a host that died
+    mid-write, a half-copied folder) is moved aside to `<step>.corrupt` and logged, but only
+    once an older step has restored: when every step fails, the cause is more likely the
+    run's config than the files, so nothing is moved and CheckpointError says what each
+    raised. A failure that is not damage stops here with that error, nothing moved.
+    `all_agree(ok)`: True when every process says ok (several processes read different
+    shards of a step)."""
     failed = []
     for step in sorted(mngr.all_steps(), reverse=True):
+        error = None
         try:
             state, ok = restore(mngr, step, abstract_state, data_iter), True
-        except Exception as e:  # TensorStore, JSON, Orbax metadata: a damaged step raises many kinds
-            state, ok = None, False
-            failed.append((step, f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"))
+        except Exception as e:  # noqa: BLE001  (sorted below: damage, or a reason to stop)
+            state, ok, error = None, False, e
+        why = damage(error) if error is not None else None
+        if not all_agree(error is None or why is not None):
+            if error is not None and why is None:
+                raise CheckpointFailure(
+                    f"{mngr.directory}/{step} did not restore, and not because its files are damaged "
+                    f"({_first_line(error)}); nothing was moved: fix the cause and run again") from error
+            raise CheckpointFailure(f"{mngr.directory}/{step}: another process could not restore its part, and "
+                                    "not because the files are damaged; nothing was moved")
         if all_agree(ok):
             for bad, reason in failed:
                 _move_aside(mngr, bad, reason, is_primary)
@@ -92,8 +137,7 @@ def restore_newest_intact(mngr: ocp.CheckpointManager, abstract_state: Any, data
                 all_agree(True)  # an all-gather: every process waits for the renames before listing again
                 mngr.reload()
             return step, state
-        if ok:
-            failed.append((step, "another process could not restore its part"))
+        failed.append((step, why if why is not None else "another process could not restore its part"))
     if failed:
         raise CheckpointError(f"{mngr.directory}: no checkpoint could be restored (nothing was moved or deleted): "
                               + "; ".join(f"step {s}: {r}" for s, r in failed))
@@ -145,11 +189,13 @@ def restore_state(workdir: str, step: Optional[int] = None, like: Any = None):
             meta = mngr.item_metadata(s)["state"] if like is None else like
             target = jax.tree_util.tree_map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), meta)
             state = mngr.restore(s, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))["state"]
-        except Exception as e:  # a damaged step: try the next older one
+        except Exception as e:  # noqa: BLE001  a damaged step: try the next older one
             if step is not None:
-                raise CheckpointError(f"{ckpt_dir}/{s} cannot be restored: {type(e).__name__}: "
-                                      f"{str(e).splitlines()[0][:300]}") from None
-            errors.append(f"step {s}: {type(e).__name__}: {str(e).splitlines()[0][:300]}")
+                raise CheckpointError(f"{ckpt_dir}/{s} cannot be restored: {_first_line(e)}") from None
+            if damage(e) is None:
+                raise CheckpointFailure(f"{ckpt_dir}/{s} did not restore, and not because its files are damaged "
+                                        f"({_first_line(e)})") from e
+            errors.append(f"step {s}: {damage(e)}")
             continue
         if errors:
             print(f"warning: {ckpt_dir}: using step {s}; newer steps cannot be restored ({'; '.join(errors)})",

@@ -161,3 +161,38 @@ def test_captions_that_are_null_a_number_a_list_or_an_object_are_counted_bad_cap
     counts = Counter()
     got = [ex.caption for ex in read_webdataset([shard], counts)]
     assert got == ["a red square"] and counts == {"bad_caption": 2}
+
+
+_WATCH_IMPORTS = r"""
+import sys, threading
+from etils import epy
+entered = []
+real = epy.lazy_imports
+def watched(*args, **kwargs):  # the threads that swap builtins.__import__
+    entered.append(threading.current_thread() is threading.main_thread())
+    return real(*args, **kwargs)
+epy.lazy_imports = watched
+from smartbrush_jax.data.records import unpack_record
+import smartbrush_jax.data.pipeline, smartbrush_jax.checkpoints
+data = open(sys.argv[1], "rb").read()
+reader = threading.Thread(target=unpack_record, args=(data,))
+reader.start()
+reader.join()
+print("on a reader thread" if False in entered else "clean")
+"""
+
+
+def test_a_good_gs_checkpoint_is_not_demoted_by_a_reader_thread_patching_imports(tmp_path):
+    """Row: the gs:// checkpoint demoted to `.corrupt` (see test_cloud_storage.py for the run
+    itself). The cause: a Grain read thread's first record imported tensorflow_datasets,
+    whose `epy.lazy_imports()` swaps `builtins.__import__` process-wide, while Orbax's
+    restore threads were importing. Reading records on a thread must never do that: every
+    entry into `epy.lazy_imports` is recorded while a thread reads the first record."""
+    from smartbrush_jax.data.records import pack_record
+
+    path = tmp_path / "record.bin"
+    path.write_bytes(pack_record({"id": "x", "kind": "seg", "caption": "a square"}))
+    proc = subprocess.run([sys.executable, "-c", _WATCH_IMPORTS, str(path)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.split()[-1] == "clean"

@@ -276,3 +276,84 @@ def test_tpu_vm_refuses_to_start_over_a_running_trainer(tmp_path):
     assert p.returncode == 0, p.stderr
     assert (home / "train.log").read_text().startswith("step 1000: the first run's log\n")
     assert len((fake / "worker1" / "trainer_calls").read_text().splitlines()) == 2
+
+
+def _two_steps(root):
+    import jax.numpy as jnp
+    import orbax.checkpoint as ocp
+
+    from smartbrush_jax import checkpoints
+
+    tree = {"w": jnp.arange(50000.0), "b": jnp.ones((8, 8))}
+    mngr = checkpoints.manager(str(root), keep_last=5, keep_every=0, async_save=False)
+    for step in (1, 2):
+        mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave({k: v + step for k, v in tree.items()})))
+    mngr.wait_until_finished()
+    return mngr, {k: jax_struct(v) for k, v in tree.items()}
+
+
+def jax_struct(a):
+    import jax
+
+    return jax.ShapeDtypeStruct(a.shape, a.dtype)
+
+
+def test_a_restore_error_that_is_not_damage_moves_nothing(tmp_path, monkeypatch):
+    """Row: any restore error of the newest step, whatever its cause (a bug, a network or
+    credentials error, a version change), moved it aside and tried an older one, so a
+    transient error could demote every step in turn. Now only a step shown damaged (a
+    truncated file) is moved; any other error stops with that error, nothing moved."""
+    from smartbrush_jax import checkpoints
+
+    mngr, abstract = _two_steps(tmp_path / "run")
+    real = checkpoints.restore
+
+    def flaky(m, step, *a, **k):
+        if step == 2:
+            raise ValueError("Relative import statements not supported (core).")  # what the gs:// run met
+        return real(m, step, *a, **k)
+
+    monkeypatch.setattr(checkpoints, "restore", flaky)
+    with pytest.raises(checkpoints.CheckpointFailure, match="not because its files are damaged.*nothing was moved"):
+        checkpoints.restore_newest_intact(mngr, abstract)
+    assert sorted(os.listdir(tmp_path / "run" / "checkpoints")) == ["1", "2"]
+    monkeypatch.setattr(checkpoints, "restore", real)
+
+    # the same step with a truncated data file is damage: moved aside, step 1 restored
+    _truncate_largest(str(tmp_path / "run" / "checkpoints" / "2"))
+    step, state = checkpoints.restore_newest_intact(mngr, abstract)
+    assert step == 1 and float(state["b"][0, 0]) == 2.0
+    assert sorted(os.listdir(tmp_path / "run" / "checkpoints")) == ["1", "2.corrupt"]
+
+
+@pytest.mark.parametrize("how", ["truncate", "delete", "garble manifest", "garble metadata json"])
+def test_damage_is_told_from_other_restore_errors(tmp_path, how):
+    """What a damaged step raises, from each kind of damage, is classified as damage; a
+    shape that does not fit and an import error are not."""
+    import glob as glob_
+
+    import jax
+
+    from smartbrush_jax import checkpoints
+
+    mngr, abstract = _two_steps(tmp_path / "run")
+    step_dir = str(tmp_path / "run" / "checkpoints" / "2")
+    files = sorted((f for f in glob_.glob(os.path.join(step_dir, "state", "**", "*"), recursive=True)
+                    if os.path.isfile(f)), key=os.path.getsize)
+    if how == "truncate":
+        _truncate_largest(step_dir)
+    elif how == "delete":
+        os.remove(files[-1])
+    elif how == "garble manifest":
+        open(os.path.join(step_dir, "state", "manifest.ocdbt"), "r+b").truncate(10)
+    else:
+        open(os.path.join(step_dir, "state", "_METADATA"), "w").write("{not json")
+    with pytest.raises(Exception) as e:
+        checkpoints.restore(mngr, 2, abstract)
+    assert checkpoints.damage(e.value) is not None, repr(e.value)
+
+    with pytest.raises(Exception) as e:
+        checkpoints.restore(mngr, 1, {"w": jax.ShapeDtypeStruct((5,), abstract["w"].dtype), "b": abstract["b"]})
+    assert checkpoints.damage(e.value) is None
+    assert checkpoints.damage(ValueError("Relative import statements not supported (core).")) is None
+    assert checkpoints.damage(ValueError('UNAVAILABLE: Error reading "w/0": connection reset')) is None

@@ -33,14 +33,14 @@ def main(argv) -> None:
     del argv
     if FLAGS.config is None or FLAGS.workdir is None:
         raise app.UsageError("--config and --workdir are required")
-    from smartbrush_jax.errors import InputError
+    from smartbrush_jax.errors import Failure, InputError
     from smartbrush_jax.train.loop import Distributed, TrainingError, run
 
     distributed = Distributed(auto=FLAGS.distributed, coordinator_address=FLAGS.coordinator_address,
                               num_processes=FLAGS.num_processes, process_id=FLAGS.process_id)
     try:
         run(FLAGS.config, FLAGS.workdir, distributed=distributed)
-    except (TrainingError, InputError) as e:  # bad input: exit 2; a run that cannot go on: 1; bugs: traceback
+    except (TrainingError, Failure, InputError) as e:  # bad input: 2; a run that cannot go on: 1; bugs: traceback
         logging.error("%s", e)
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2 if isinstance(e, InputError) else 1)

@@ -30,6 +30,13 @@ from typing import Any, Dict
 import numpy as np
 from PIL import Image
 
+# Imported here, on the thread that imports this module, never first inside a reader: the
+# first import of tensorflow_datasets runs `etils.epy.lazy_imports()`, which swaps
+# `builtins.__import__` for the whole process while it lasts. A Grain read thread doing it
+# while Orbax restores from gs:// made the restore's own imports fail ("Relative import
+# statements not supported (core)"), and a good checkpoint was taken for a damaged one.
+from tensorflow_datasets.proto import tf_example_pb2
+
 MAGIC = b"SBR1"  # version 1
 
 # field -> kind: "text" (UTF-8), "bytes", or ("int", shape)
@@ -54,8 +61,6 @@ def schema_of(fields: Dict[str, Any]) -> Dict[str, Any]:
 def pack_record(fields: Dict[str, Any]) -> bytes:
     """A version-2 record of `fields` (every field of its schema is written; a missing one
     is empty or zero, so every record has the features TFDS expects)."""
-    from tensorflow_datasets.proto import tf_example_pb2
-
     schema = schema_of(fields)
     unknown = set(fields) - set(schema)
     if unknown:
@@ -89,7 +94,6 @@ def unpack_record(data: bytes) -> Dict[str, Any]:
     if data[:4] == MAGIC:
         return _unpack_v1(data)
     from google.protobuf.message import DecodeError
-    from tensorflow_datasets.proto import tf_example_pb2
 
     try:
         example = tf_example_pb2.Example.FromString(bytes(data))
