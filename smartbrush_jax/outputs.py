@@ -6,6 +6,9 @@ it in when complete (`building`):
 
 - `--out` may not be a file or a symlink, and may not equal, contain or lie inside one of
   the command's inputs (`export --workdir runs/x --out runs/x` would replace the run).
+- It must be creatable: not under a file, in a folder this process can write (a probe
+  file is made and removed, so /proc, a read-only mount or a folder of another user are
+  told apart), with the free space the command says it needs.
 - An existing, non-empty `--out` is replaced only with `--overwrite`, and only when it is
   a folder this kind of command wrote (`is_ours(path)`: an export holds `smartbrush.json`,
   a prepared folder our `metadata.json`, ...); anything else is refused.
@@ -23,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import tempfile
 from typing import Callable, Iterable, Optional
 
 from smartbrush_jax import storage
@@ -40,14 +44,16 @@ def partial_path(out: str) -> str:
 
 
 def check_output(out: str, inputs: Iterable[str] = (), is_ours: Optional[Callable[[str], bool]] = None,
-                 overwrite: bool = False, flag: str = "--out", what: str = "folder") -> None:
-    """Raise OutputError unless `out` may be written (see the module docstring)."""
+                 overwrite: bool = False, flag: str = "--out", what: str = "folder", need_bytes: int = 0) -> None:
+    """Raise OutputError unless `out` may be written (see the module docstring);
+    `need_bytes`: the free space the output needs beside it."""
     if storage.is_remote(out):
         return _check_remote(out, inputs, is_ours, overwrite, flag, what)
     if os.path.islink(os.path.normpath(out)):
         raise OutputError(f"{flag} {out} is a symbolic link: give the real folder")
     if os.path.exists(out) and not os.path.isdir(out):
         raise OutputError(f"{flag} {out} is a file, not a folder")
+    check_writable(out, flag, need_bytes)
     real = os.path.realpath(out)
     for src in inputs:
         if not src:
@@ -68,6 +74,31 @@ def check_output(out: str, inputs: Iterable[str] = (), is_ours: Optional[Callabl
     partial = partial_path(out)
     if os.path.lexists(partial) and not os.path.isfile(os.path.join(partial, PARTIAL_MARKER)):
         raise OutputError(f"{partial} exists and was not left by this command: remove it or choose another {flag}")
+
+
+def check_writable(out: str, flag: str = "--out", need_bytes: int = 0) -> None:
+    """OutputError unless `out` (a local folder, existing or not) can be created and written:
+    its nearest existing parent is a folder, a probe file can be made in it (the partial
+    folder goes beside `out`), and `need_bytes` are free there."""
+    path = os.path.abspath(out)
+    parent = path if os.path.isdir(path) else os.path.dirname(path)
+    while not os.path.lexists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise OutputError(f"{flag} {out} lies under {parent}, which is a file, not a folder")
+    beside = os.path.dirname(path) if os.path.isdir(os.path.dirname(path)) else parent
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".smartbrush-probe-", dir=beside)
+        os.close(fd)
+        os.remove(probe)
+    except OSError as e:
+        raise OutputError(f"{flag} {out}: cannot write in {beside} ({e.strerror or e}): choose a folder you can "
+                          "write") from None
+    if need_bytes:
+        free = shutil.disk_usage(beside).free
+        if free < need_bytes:
+            raise OutputError(f"{flag} {out}: {free / 2**20:.0f} MiB free in {beside}, the output needs about "
+                              f"{need_bytes / 2**20:.0f} MiB: free some space or choose another folder")
 
 
 def _check_remote(out, inputs, is_ours, overwrite, flag, what) -> None:

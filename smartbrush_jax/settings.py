@@ -216,7 +216,12 @@ class SamplerConfig:
         _check(0.0 <= self.mask_warmup <= 1.0, f"mask_warmup must be in [0, 1], got {self.mask_warmup}")
         _check(0.0 < self.mask_threshold < 1.0, f"mask_threshold must be in (0, 1), got {self.mask_threshold}")
         _check(self.num_steps >= 1, f"num_steps must be >= 1, got {self.num_steps}")
-        _check(self.eta >= 0, f"eta must be >= 0, got {self.eta}")
+        _check(math.isfinite(self.eta) and self.eta >= 0, f"eta must be finite and >= 0, got {self.eta}")
+        _check(math.isfinite(self.guidance_scale) and self.guidance_scale >= 0,  # NaN painted the region black
+               f"guidance_scale must be finite and >= 0, got {self.guidance_scale}")
+        _check(self.mask_dilate >= 0, f"mask_dilate must be >= 0, got {self.mask_dilate}")
+        _check(0.0 <= self.min_predicted_fraction <= 1.0,
+               f"min_predicted_fraction must be in [0, 1], got {self.min_predicted_fraction}")
 
 
 DEGRADE = LossConfig().degrade  # the default mask degradation (readers of runs that predate model.json's "degrade")

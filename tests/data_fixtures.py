@@ -18,6 +18,20 @@ def png_bytes(arr, mode=None, **kw) -> bytes:
     return buf.getvalue()
 
 
+def png_header_only(path, width, height):
+    """A PNG whose header claims width x height and holds almost nothing: readers must refuse
+    it from the header, before decoding (a decompression bomb)."""
+    import struct
+    import zlib
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    with open(path, "wb") as f:
+        f.write(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00"))
+                + chunk(b"IEND", b""))
+
+
 def rgb(h, w, seed):
     return (np.random.default_rng(seed).uniform(size=(h, w, 3)) * 255).astype(np.uint8)
 

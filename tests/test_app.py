@@ -5,6 +5,7 @@ message while the server goes on answering."""
 import numpy as np
 import pytest
 from app_fixtures import layer, scene, serve
+from data_fixtures import png_header_only
 from PIL import Image
 
 gradio_client = pytest.importorskip("gradio_client")
@@ -28,8 +29,8 @@ def _editor(d, background="img.png", layers=("region.png",)):
             "composite": None}
 
 
-def _call(client, editor, prompt="a cat", precision=3, region="as drawn", samples=1):
-    return client.predict(editor, prompt, "", precision, region, 3, 5.0, 7, samples, api_name="/inpaint")
+def _call(client, editor, prompt="a cat", precision=3, region="as drawn", samples=1, guidance=5.0):
+    return client.predict(editor, prompt, "", precision, region, 3, guidance, 7, samples, api_name="/inpaint")
 
 
 def _png(path):
@@ -72,7 +73,7 @@ def test_bad_inputs_get_a_message_and_the_server_goes_on(app, tmp_path):
 
     Image.fromarray(np.zeros(img.shape[:2] + (4,), np.uint8)).save(d / "empty.png")
     (d / "not_an_image.png").write_bytes(b"this is not a PNG")
-    Image.new("RGB", (4200, 4100)).save(d / "huge.png")
+    png_header_only(d / "huge.png", 8200, 8200)  # over the one limit (images.MAX_PIXELS), never decoded
     cases = [
         (dict(editor=_editor(d, layers=())), "no region: paint over"),
         (dict(editor=_editor(d, layers=("empty.png",))), "no region: paint over"),
@@ -81,8 +82,10 @@ def test_bad_inputs_get_a_message_and_the_server_goes_on(app, tmp_path):
         (dict(editor=_editor(d), precision=11), "greater than maximum value 10"),
         (dict(editor=_editor(d), precision=-1), "less than minimum value 0"),
         (dict(editor=_editor(d, background="not_an_image.png")), "cannot read the image"),
-        (dict(editor=_editor(d, background="huge.png")), "over this app's limit of 16.8 megapixels"),
+        (dict(editor=_editor(d, background="huge.png")), "over the limit of 67.1 megapixels"),
         (dict(editor=_editor(d), region="lasso"), "is not in the list of choices"),
+        # issue 24: NaN guidance through the HTTP API painted the region black
+        (dict(editor=_editor(d), guidance=float("nan")), "guidance_scale must be finite"),
     ]
     calls = len(spy.calls)
     for kwargs, says in cases:

@@ -189,7 +189,7 @@ def test_export_bad_input_exits_2(demo_run, demo_export, tmp_path, capsys):
     (wrong / "model.json").write_text(json.dumps(cfg))
     assert main(["--workdir", str(wrong), "--out", str(tmp_path / "c")]) == 2
     err = capsys.readouterr().err
-    assert "do not fit model.json" in err and not os.path.exists(tmp_path / "c")
+    assert "does not match model.json" in err and not os.path.exists(tmp_path / "c")
 
     with pytest.raises(PipelineError, match="smartbrush.json"):
         SmartBrushPipeline.from_pretrained(os.path.join(demo_export, "unet"))

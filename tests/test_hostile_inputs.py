@@ -22,11 +22,10 @@ import struct
 import subprocess
 import sys
 import tarfile
-import zlib
 
 import numpy as np
 import pytest
-from data_fixtures import png_bytes, rgb
+from data_fixtures import png_bytes, png_header_only, rgb
 from train_helpers import ROOT, copy_run, env, state, steps_on_disk, train
 
 from smartbrush_jax.data.records import MAGIC, pack_record, unpack_record
@@ -425,20 +424,11 @@ def test_eval_with_corrupt_safetensors_is_exit_2(tmp_path, capsys):
     assert "not a readable safetensors file" in capsys.readouterr().err
 
 
-def _png_header_only(path, width, height):
-    """A PNG whose header claims width x height (PIL refuses it at open, before any pixel)."""
-    def chunk(kind, data):
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    open(path, "wb").write(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00"))
-                           + chunk(b"IEND", b""))
-
-
 def test_inpaint_refuses_a_decompression_bomb_and_a_file_as_out(tmp_path, capsys):
     from smartbrush_jax.cli.inpaint import main
 
     bomb = str(tmp_path / "bomb.png")
-    _png_header_only(bomb, 13500, 13500)  # 182 megapixels
+    png_header_only(bomb, 13500, 13500)  # 182 megapixels
     base = ["--checkpoint", str(tmp_path / "none"), "--box", "1,1,5,5", "--prompt", "a cat"]
     assert main([*base, "--image", bomb]) == 2
     err = capsys.readouterr().err
@@ -480,7 +470,7 @@ def test_one_bad_caption_line_and_a_decompression_bomb_are_counted(tmp_path):
     lines.insert(1, b'{"annotation_id": 999, "caption": "caf\xe9 written in latin-1"}')
     open(raw["captions"], "wb").write(b"\n".join(lines) + b"\n")
     coco = json.load(open(raw["annotations"]))
-    _png_header_only(os.path.join(raw["images"], "bomb.png"), 20000, 20000)
+    png_header_only(os.path.join(raw["images"], "bomb.png"), 20000, 20000)
     coco["images"].append({"id": 9999, "file_name": "bomb.png", "height": 20000, "width": 20000})
     coco["annotations"].append({"id": 99999, "image_id": 9999, "category_id": 1, "iscrowd": 0,
                                 "segmentation": [[10, 10, 100, 10, 100, 100]]})

@@ -6,9 +6,9 @@ the result, the mask the model predicted and the region as it was understood.
     page = build_page(InpaintService(Inpainter.load("runs/demo")))
     page.queue(default_concurrency_limit=1).launch(server_name="127.0.0.1")
 
-`InpaintService.run` is the one request: it reads the editor's layers itself (the header
-first, refused over this app's own limit of 4096 x 4096 pixels, a quarter of the
-`inpaint` command's, since a server holds every upload in memory), runs the `Inpainter` the CLI runs
+`InpaintService.run` is the one request: it reads the editor's layers itself (with the
+`inpaint` command's reader and size limit, `images.py`: the header first, nothing decoded
+over the limit), runs the `Inpainter` the CLI runs
 (its sampler compiled once per working size and reused), and turns every bad input into
 an `InputError` whose message the page shows; the server goes on. The command is
 `cli/app.py` (`python -m smartbrush_jax.app`).
@@ -23,14 +23,14 @@ import threading
 from typing import Callable, List, Optional, Sequence
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
+from smartbrush_jax import images
 from smartbrush_jax.box import Box
 from smartbrush_jax.compositing import outline, outlined
 from smartbrush_jax.errors import InputError
 from smartbrush_jax.settings import SamplerConfig
 
-MAX_PIXELS = 4096 * 4096  # larger uploads are refused from their header, before decoding
 REGIONS = ("as drawn", "box around the drawing")
 
 
@@ -42,35 +42,18 @@ class Outputs:
 
 
 def _header(path: Optional[str], what: str) -> Image.Image:
-    """The image at `path`, opened but not decoded (PIL reads the header only): its size is
-    checked against the limit before any pixel is decoded."""
+    """The upload at `path`, opened but not decoded (`images.open_checked`: the `inpaint`
+    command's reader and limit), so its size is checked before any pixel is decoded."""
     if not path:
         raise InputError(f"no {what}: upload an image first")
-    try:
-        im = Image.open(path)
-    except (Image.DecompressionBombError, UnidentifiedImageError, OSError, ValueError) as e:
-        raise _unreadable(what, e) from None
-    if im.width * im.height > MAX_PIXELS:
-        im.close()
-        raise InputError(f"the {what} is {im.width}x{im.height} pixels, over this app's limit of "
-                         f"{MAX_PIXELS / 1e6:.1f} megapixels (4096 x 4096): downscale it first")
-    return im
+    return images.open_checked(path, f"the {what}")
 
 
 def _open(path: Optional[str], what: str) -> Image.Image:
-    """The image at `path`, decoded (after `_header`'s checks)."""
-    im = _header(path, what)
-    try:
-        im.load()
-    except (Image.DecompressionBombError, UnidentifiedImageError, OSError, ValueError) as e:
-        raise _unreadable(what, e) from None
-    return im
-
-
-def _unreadable(what: str, e: Exception) -> InputError:
-    if isinstance(e, Image.DecompressionBombError):
-        return InputError(f"the {what} is too large to decode safely: downscale it first")
-    return InputError(f"cannot read the {what} ({type(e).__name__}): upload a PNG, JPEG or WEBP image")
+    """The upload at `path`, decoded and upright (after `_header`'s checks)."""
+    if not path:
+        raise InputError(f"no {what}: upload an image first")
+    return images.decoded(path, f"the {what}")
 
 
 def _path(v) -> Optional[str]:
@@ -87,7 +70,7 @@ def read_editor(value) -> tuple[np.ndarray, np.ndarray]:
     the background is the image, every painted pixel of any layer is the region."""
     if not value or not _path(value.get("background")):
         raise InputError("no image: upload an image first")
-    image = np.asarray(_open(_path(value["background"]), "image").convert("RGB"))
+    image = images.to_rgb(_open(_path(value["background"]), "image"))  # 16-bit scaled, as the CLI reads it
     mask = np.zeros(image.shape[:2], bool)
     for layer in value.get("layers") or []:
         im = _open(_path(layer), "mask layer")
@@ -102,11 +85,11 @@ class InpaintService:
     """Requests against one loaded model, one at a time (the page's queue runs one; the lock
     keeps it so for any other caller)."""
 
-    def __init__(self, inpainter, sampler: SamplerConfig = SamplerConfig(), resolution: int = 512,
+    def __init__(self, inpainter, sampler: SamplerConfig = SamplerConfig(), resolution: Optional[int] = None,
                  examples: Sequence[dict] = ()):
         self.inpainter = inpainter
         self.sampler = sampler
-        self.resolution = resolution
+        self.resolution = resolution or getattr(inpainter, "resolution", 512)  # default: the trained size
         self.examples = list(examples)
         self._lock = threading.Lock()
 

@@ -30,7 +30,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer", help="tokenizer folder, for a single-file checkpoint")
     p.add_argument("--ema", choices=("auto", "ema", "raw"), default="auto", help="for a -full-ema single file")
     p.add_argument("--levels", type=int, default=10, help="precision levels given to a plain SD checkpoint")
-    p.add_argument("--resolution", type=int, default=512, help="longest side the model runs at")
+    p.add_argument("--resolution", type=int, default=None,
+                   help="longest side the model runs at (default: the size it was trained at, 512 for plain SD)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     p.add_argument("--port", type=int, default=7860)
     p.add_argument("--share", action="store_true", help="also publish a public gradio.live link (a tunnel)")
@@ -63,7 +64,7 @@ def load_service(args):
         raise InputError(f"--checkpoint {path}: no such file or folder")
     if storage.isfile(path) and args.tokenizer is None:
         raise InputError("a single-file checkpoint holds no tokenizer: pass --tokenizer DIR")
-    if args.resolution < 8 or args.levels < 1:
+    if (args.resolution is not None and args.resolution < 8) or args.levels < 1:
         raise InputError("--resolution must be >= 8 and --levels >= 1")
     inpainter = Inpainter.load(path, args.tokenizer, args.levels, ema_choice(args.ema), warn=warn)
     sampler = SamplerConfig()

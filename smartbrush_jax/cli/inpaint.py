@@ -7,27 +7,32 @@
 folder (a SmartBrush export, or a plain SD folder to which channel surgery is applied:
 untrained SmartBrush channels), or a single-file SD checkpoint (`.ckpt`/`.safetensors`,
 with `--tokenizer DIR`). Writes `result.png` (the input's size),
-`predicted_mask.png` and `grid.png` (input with mask outline | result | predicted mask)
-into `--out`. Bad input exits with code 2 and a message saying what is wrong.
+`predicted_mask.png`, `grid.png` (input with mask outline | result | predicted mask) and
+`inpaint.json` (what was asked) into `--out`, a new folder (or, with `--overwrite`, one an
+earlier inpaint wrote; never a folder of somebody else's), written beside it and swapped in
+when complete. The model runs at the size it was trained at unless `--resolution` says
+otherwise. Bad input exits with code 2 and a message saying what is wrong, before the model
+loads where it can be told then.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import math
 import os
 import sys
 import time
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image
 
 from smartbrush_jax import storage
 from smartbrush_jax.box import Box
 from smartbrush_jax.errors import InputError, run_command, warn
+from smartbrush_jax.images import MAX_PIXELS, read_gray, read_rgb
 from smartbrush_jax.interop.loader import ema_choice
 from smartbrush_jax.settings import SamplerConfig
-
-MAX_PIXELS = 8192 * 8192  # larger images are refused before they are decoded
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -58,8 +63,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mask-dilate", type=int, default=d.mask_dilate, help="latent cells added around the prediction")
     p.add_argument("--no-predicted-mask", action="store_true", help="regenerate the whole user mask at every step")
     p.add_argument("--feather", type=float, default=4.0, help="feathering radius (pixels) of the final composite")
-    p.add_argument("--resolution", type=int, default=512, help="longest side the model runs at")
-    p.add_argument("--out", default="inpaint_out", help="output folder")
+    p.add_argument("--resolution", type=int, default=None,
+                   help="longest side the model runs at (default: the size it was trained at, 512 for plain SD)")
+    p.add_argument("--out", default="inpaint_out", help="output folder (new, or one of ours with --overwrite)")
+    p.add_argument("--overwrite", action="store_true", help="replace an --out that an earlier inpaint wrote")
     return p
 
 
@@ -68,9 +75,16 @@ def main(argv=None) -> int:
     return run_command(lambda: run(args))
 
 
+MARKER = "inpaint.json"  # what says a folder is an inpaint command's output
+
+
+def is_inpaint_output(folder: str) -> bool:
+    return os.path.isfile(os.path.join(folder, MARKER))
+
+
 def run(args) -> int:
-    if os.path.exists(args.out) and not os.path.isdir(args.out):
-        raise InputError(f"--out {args.out} is a file: give a folder (it is created if missing)")
+    from smartbrush_jax.outputs import check_output, check_writable
+
     image = read_image(args.image)
     h, w = image.shape[:2]
     mask = read_mask(args.mask, (h, w)) if args.mask else box_mask(args.box, (h, w))
@@ -81,14 +95,20 @@ def run(args) -> int:
                                 use_predicted_mask=not args.no_predicted_mask, mask_warmup=args.mask_warmup,
                                 mask_threshold=args.mask_threshold, mask_dilate=args.mask_dilate)
     except ValueError as e:
-        raise InputError(str(e)) from None
-    if args.num_samples < 1 or args.resolution < 8 or args.feather < 0:
-        raise InputError("--num-samples must be >= 1, --resolution >= 8 and --feather >= 0")
-
-    from smartbrush_jax.sampling.runner import Inpainter
+        raise InputError(_as_flags(str(e))) from None
+    if args.num_samples < 1 or (args.resolution is not None and args.resolution < 8) or \
+            not (math.isfinite(args.feather) and args.feather >= 0):
+        raise InputError("--num-samples must be >= 1, --resolution >= 8 and --feather finite and >= 0")
 
     if args.levels < 1:
         raise InputError(f"--levels must be >= 1, got {args.levels}")
+    # the output before the model loads: a folder we may not write is said before any long work
+    check_output(args.out, [args.image, args.mask, args.checkpoint], is_inpaint_output, args.overwrite,
+                 what="inpaint output")
+    check_writable(args.out, need_bytes=h * w * 3 * (2 * args.num_samples + 3))  # PNGs at most raw size
+
+    from smartbrush_jax.sampling.runner import Inpainter
+
     if storage.isfile(args.checkpoint) and args.tokenizer is None:
         raise InputError("a single-file checkpoint holds no tokenizer: pass --tokenizer DIR "
                          "(a folder with vocab.json and merges.txt)")
@@ -102,62 +122,55 @@ def run(args) -> int:
         warn(f"the prompt is longer than {inpainter.max_tokens} tokens and was truncated")
     if inpainter.tokenize(args.negative_prompt)[1]:
         warn(f"the negative prompt is longer than {inpainter.max_tokens} tokens and was truncated")
+    resolution = args.resolution or inpainter.resolution
 
     from smartbrush_jax.compositing import make_grid
+    from smartbrush_jax.outputs import building
 
     start = time.time()
     result = inpainter(image, mask, args.prompt, args.negative_prompt, args.precision, args.seed, args.num_samples,
-                       sampler, args.resolution, args.feather, progress=_Progress(args.steps))
+                       sampler, resolution, args.feather, progress=_Progress(args.steps))
     print(f"sampled {args.num_samples} image(s) at {result.working_size[1]}x{result.working_size[0]} "
           f"in {time.time() - start:.1f}s", file=sys.stderr)
-    os.makedirs(args.out, exist_ok=True)
-    paths = []
-    for i, (img, pm) in enumerate(zip(result.images, result.predicted_masks)):
-        suffix = "" if i == 0 else f"_{i}"
-        paths.append(_save(img, os.path.join(args.out, f"result{suffix}.png")))
-        paths.append(_save(pm.astype(np.uint8) * 255, os.path.join(args.out, f"predicted_mask{suffix}.png")))
-    paths.append(_save(make_grid(image, mask, result), os.path.join(args.out, "grid.png")))
-    for p in paths:
-        print(p)
+    names = []
+    with building(args.out) as tmp:  # OUT.partial, swapped in when every file is written
+        for i, (img, pm) in enumerate(zip(result.images, result.predicted_masks)):
+            suffix = "" if i == 0 else f"_{i}"
+            names.append(_save(img, tmp, f"result{suffix}.png"))
+            names.append(_save(pm.astype(np.uint8) * 255, tmp, f"predicted_mask{suffix}.png"))
+        names.append(_save(make_grid(image, mask, result), tmp, "grid.png"))
+        with open(os.path.join(tmp, MARKER), "w") as f:
+            json.dump({"checkpoint": args.checkpoint, "image": args.image, "prompt": args.prompt,
+                       "precision": args.precision, "seed": args.seed, "resolution": resolution,
+                       "working_size": list(result.working_size), "files": names}, f, indent=2)
+    for name in names:
+        print(os.path.join(args.out, name))
     return 0
 
 
+_FLAGS = {"guidance_scale": "--guidance", "num_steps": "--steps", "eta": "--eta", "mask_warmup": "--mask-warmup",
+          "mask_threshold": "--mask-threshold", "mask_dilate": "--mask-dilate"}
+
+
+def _as_flags(message: str) -> str:
+    """A SamplerConfig message in the command's own words (`--guidance`, not `guidance_scale`)."""
+    for field, flag in _FLAGS.items():
+        message = message.replace(field, flag)
+    return message
+
+
 def read_image(path: str, max_pixels: int = MAX_PIXELS, flag: str = "--image") -> np.ndarray:
-    """RGB uint8 [H, W, 3], EXIF orientation applied; an image over `max_pixels` is
-    refused from its header, before it is decoded."""
-    if not os.path.isfile(path):
-        raise InputError(f"{flag} {path}: no such file")
-    try:
-        with Image.open(path) as im:
-            if im.width * im.height > max_pixels:
-                raise InputError(f"{flag} {path} is {im.width}x{im.height} pixels, over the limit of "
-                                 f"{max_pixels / 1e6:.0f} megapixels: downscale it first")
-            im = ImageOps.exif_transpose(im)
-            return np.asarray(im.convert("RGB"))
-    except Image.DecompressionBombError as e:  # raised by open() for the largest images
-        raise InputError(f"{flag} {path} is too large to decode safely ({e}): downscale it first") from None
-    except (UnidentifiedImageError, OSError, ValueError) as e:
-        raise InputError(f"{flag} {path}: cannot read the image ({e})") from None
+    """RGB uint8 [H, W, 3] (`images.read_rgb`: the app's reader and limit too)."""
+    return read_rgb(path, f"{flag} {path}", max_pixels)
 
 
 def read_mask(path: str, size: tuple[int, int]) -> np.ndarray:
     """Bool [H, W] at the image's size; white (> 0.5) = region."""
-    if not os.path.isfile(path):
-        raise InputError(f"--mask {path}: no such file")
-    try:
-        with Image.open(path) as im:
-            if im.width * im.height > MAX_PIXELS:
-                raise InputError(f"--mask {path} is {im.width}x{im.height} pixels, over the limit")
-            im = ImageOps.exif_transpose(im)
-            m = im.convert("L")
-    except Image.DecompressionBombError as e:
-        raise InputError(f"--mask {path} is too large to decode safely ({e})") from None
-    except (UnidentifiedImageError, OSError, ValueError) as e:
-        raise InputError(f"--mask {path}: cannot read the mask ({e})") from None
-    if (m.height, m.width) != size:
-        warn(f"--mask {path} is {m.width}x{m.height}, the image {size[1]}x{size[0]}: resized (nearest neighbour)")
-        m = m.resize((size[1], size[0]), Image.Resampling.NEAREST)
-    values = np.asarray(m)
+    values = read_gray(path, f"--mask {path}")
+    if values.shape != size:
+        warn(f"--mask {path} is {values.shape[1]}x{values.shape[0]}, the image {size[1]}x{size[0]}: resized "
+             "(nearest neighbour)")
+        values = np.asarray(Image.fromarray(values).resize((size[1], size[0]), Image.Resampling.NEAREST))
     if not np.isin(values, (0, 255)).all():
         warn(f"--mask {path} is not binary (values other than 0 and 255): thresholded at 0.5")
     return values > 127
@@ -178,9 +191,9 @@ def box_mask(spec: str, size: tuple[int, int]) -> np.ndarray:
     return Box(max(x0, 0), max(y0, 0), min(x1, w), min(y1, h)).mask((h, w))
 
 
-def _save(array: np.ndarray, path: str) -> str:
-    Image.fromarray(array).save(path)
-    return path
+def _save(array: np.ndarray, folder: str, name: str) -> str:
+    Image.fromarray(array).save(os.path.join(folder, name))
+    return name
 
 
 class _Progress:

@@ -33,11 +33,13 @@ from typing import Dict, Optional, Tuple
 import numpy as np
 from PIL import Image, ImageFile, ImageOps
 
+from smartbrush_jax.images import MAX_PIXELS, to_rgb
+
 SKIP_REASONS = ("corrupt_image", "too_many_pixels", "missing_file", "empty_mask", "tiny_mask", "mask_outside",
                 "bad_caption", "corrupt_record")  # the pipeline's per-batch `skips` vector, in this order
 SOURCE_REASONS = ("no_caption", "oversized_file", "corrupt_shard", "unreadable_source", "bad_polygon")
 ALL_REASONS = SKIP_REASONS + SOURCE_REASONS
-DEFAULT_MAX_PIXELS = 8192 * 8192
+DEFAULT_MAX_PIXELS = MAX_PIXELS
 
 
 class Skip(Exception):
@@ -87,30 +89,6 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS,
             counts["converted_exif"] += 1
         im = ImageOps.exif_transpose(im)
         return to_rgb(im, counts)
-
-
-def to_rgb(im: Image.Image, counts: Optional[Counter] = None) -> np.ndarray:
-    mode = im.mode
-    if mode in ("I;16", "I;16B", "I;16L", "I"):
-        arr = np.asarray(im, np.float64)
-        top = 65535.0 if mode.startswith("I;16") or arr.max() > 255 else 255.0
-        arr = np.clip(arr / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
-        _count(counts, "converted_16bit")
-        return np.repeat(arr[..., None], 3, axis=2)
-    if mode == "RGBA" or mode == "LA" or (mode == "P" and "transparency" in im.info):
-        # composite on white: transparent product shots are common in image-text data
-        rgba = im.convert("RGBA")
-        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        _count(counts, "converted_alpha")
-        return np.asarray(Image.alpha_composite(white, rgba).convert("RGB"))
-    if mode != "RGB":
-        _count(counts, {"L": "converted_gray", "CMYK": "converted_cmyk"}.get(mode, "converted_other"))
-    return np.asarray(im.convert("RGB"))
-
-
-def _count(counts, key):
-    if counts is not None:
-        counts[key] += 1
 
 
 def check_caption(caption) -> str:

@@ -134,6 +134,22 @@ def load_model(path: str, *, tokenizer_dir: Optional[str] = None, ema="auto",
     raise WeightsError(f"{path}: no such file or folder")
 
 
+def trained_resolution(path: str) -> Optional[int]:
+    """The image size a model was trained at, where its folder records it: a training
+    workdir's model.json or an export's smartbrush.json; None for anything else."""
+    from smartbrush_jax import storage
+
+    for name in ("model.json", "smartbrush.json"):
+        f = storage.join(path, name)
+        if storage.isfile(f):
+            try:
+                value = json.loads(storage.read_text(f)).get("resolution")
+            except (ValueError, AttributeError):
+                return None
+            return int(value) if isinstance(value, int) and value >= 8 else None
+    return None
+
+
 def load_workdir(workdir: str, step: Optional[int] = None, ema: bool = True):
     """A training run as a `StableDiffusion` bundle for inpainting and export: the U-Net
     from the checkpoint (EMA weights by default), the text encoder (and VAE) it trained with."""
@@ -154,7 +170,21 @@ def load_workdir(workdir: str, step: Optional[int] = None, ema: bool = True):
         sd.text_params = _as_jax(torch_to_flax(state, abstract_params(CLIPTextModel(sd.text_config))))
     if cfg.get("autoencoder") == "identity":
         sd.vae_config, sd.vae_params = None, None
+    check_fits(sd.unet(), sd.unet_params, f"{workdir} step {step}")
     return step, sd
+
+
+def check_fits(module, params, source: str) -> None:
+    """WeightsError unless `params` has exactly the arrays (and shapes) `module` needs: a
+    checkpoint whose model.json was changed afterwards, named in one line."""
+    want = {jax.tree_util.keystr(k): v.shape for k, v in jax.tree_util.tree_leaves_with_path(abstract_params(module))}
+    have = {jax.tree_util.keystr(k): np.shape(v) for k, v in jax.tree_util.tree_leaves_with_path(params)}
+    bad = [f"{k}: checkpoint {have.get(k)} vs model.json {s}" for k, s in want.items() if have.get(k) != s]
+    extra = sorted(set(have) - set(want))
+    if bad or extra:
+        detail = "; ".join((bad + extra)[:5])
+        raise WeightsError(f"{source}: the checkpoint does not match model.json (the U-Net weights do not fit "
+                           f"its architecture: {len(bad)} mismatched/missing, {len(extra)} unexpected: {detail})")
 
 
 def _as_jax(tree):

@@ -20,10 +20,48 @@ import numpy as np
 
 from smartbrush_jax.compositing import InpaintResult, check_inputs, finish, model_inputs, working_size
 from smartbrush_jax.diffusion import NoiseSchedule
+from smartbrush_jax.errors import InputError
 from smartbrush_jax.interop.loader import StableDiffusion
 from smartbrush_jax.models.autoencoder import downsampling_factor, make_autoencoder
 from smartbrush_jax.sampling.sampler import sample
 from smartbrush_jax.settings import SamplerConfig
+
+
+class MemoryNeeded(InputError):
+    """A request that needs more memory than the device has free (the message has both)."""
+
+
+def program_bytes(compiled) -> Optional[int]:
+    """What a compiled program holds at its peak, from XLA's memory analysis: arguments,
+    outputs and temporaries (None where the backend gives no analysis)."""
+    try:
+        m = compiled.memory_analysis()
+    except Exception:  # noqa: BLE001  (a backend without it)
+        return None
+    if m is None:
+        return None
+    return int(m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
+               - getattr(m, "alias_size_in_bytes", 0))
+
+
+def free_memory(device) -> Optional[int]:
+    """Bytes free for a new program on `device`: an accelerator's allocator limit less what
+    is in use; on the CPU, the kernel's MemAvailable (None when neither can be read)."""
+    stats = None
+    try:
+        stats = device.memory_stats()
+    except Exception:  # noqa: BLE001
+        pass
+    if stats and "bytes_limit" in stats:
+        return int(stats["bytes_limit"] - stats.get("bytes_in_use", 0))
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
 
 
 class Inpainter:
@@ -35,8 +73,7 @@ class Inpainter:
         """From anything `pretrained.load_model` reads (a training workdir, a SmartBrush
         export, an SD folder or single file); a plain SD U-Net gets SmartBrush's channels,
         untrained (`warn` says so). InputError for what cannot be used."""
-        from smartbrush_jax.errors import InputError
-        from smartbrush_jax.interop.loader import as_smartbrush, load_model
+        from smartbrush_jax.interop.loader import as_smartbrush, load_model, trained_resolution
 
         sd = load_model(path, tokenizer_dir=tokenizer_dir, ema=ema)
         plain = sd.unet_config.in_channels == 4 and sd.unet_config.num_class_embeddings is None
@@ -44,11 +81,12 @@ class Inpainter:
             warn(f"{path} is a plain Stable Diffusion U-Net: adding SmartBrush's mask channels and {levels} "
                  "precision levels, untrained (zero), so this behaves like SD with background preservation")
         try:
-            return cls(as_smartbrush(sd, levels))
+            return cls(as_smartbrush(sd, levels), resolution=trained_resolution(path) or 512)
         except ValueError as e:
             raise InputError(f"{path}: {e}") from None
 
-    def __init__(self, sd: StableDiffusion, dtype=jnp.float32):
+    def __init__(self, sd: StableDiffusion, dtype=jnp.float32, resolution: int = 512):
+        self.resolution = resolution  # the long side it was trained at: the default working size
         self.autoencoder = make_autoencoder(sd.vae_config, dtype)
         # a SmartBrush U-Net takes latent + mask and returns noise + mask logit
         latent = self.autoencoder.channels
@@ -67,6 +105,7 @@ class Inpainter:
         self.size_multiple = self.vae_factor * downsampling_factor(sd.unet_config.block_out_channels)
         self.max_tokens = sd.text_config.max_position_embeddings
         self._samplers: dict = {}
+        self._programs: dict = {}
         self._progress: Optional[Callable[[int], None]] = None
 
     # -- text
@@ -105,6 +144,25 @@ class Inpainter:
             self._samplers[cfg] = jax.jit(run)
         return self._samplers[cfg]
 
+    def _compiled(self, cfg: SamplerConfig, args: tuple, size: tuple):
+        """The sampler compiled for these shapes (kept: a server answers many requests of one
+        size), after checking that what XLA says it needs fits in the memory this machine has
+        free: asked for more, the process would be killed (a photo at the wrong size once took
+        a pixel-space demo model past 7 GB) instead of saying so."""
+        key = (cfg, tuple((tuple(a.shape), str(a.dtype)) for a in jax.tree_util.tree_leaves(args[1:])))
+        if key not in self._programs:
+            compiled = self._sampler(cfg).lower(*args).compile()
+            need = program_bytes(compiled)
+            free = free_memory(jax.devices()[0])
+            # headroom: the process itself, the decode and the composite at the input's size
+            if need is not None and free is not None and need * 1.15 + 2**30 > free:
+                raise MemoryNeeded(
+                    f"sampling {args[1].shape[0]} image(s) at {size[1]}x{size[0]} needs about {need / 2**30:.1f} "
+                    f"GiB, and {jax.devices()[0].platform} has {free / 2**30:.1f} GiB free: use a smaller "
+                    f"resolution (this model was trained at {self.resolution}) or fewer samples")
+            self._programs[key] = compiled
+        return self._programs[key]
+
     def _on_step(self, i) -> None:
         if self._progress is not None:
             self._progress(int(i))
@@ -124,12 +182,12 @@ class Inpainter:
         context = self._encode_text(self.sd.text_params, jnp.asarray(ids))
         n = num_samples
         rep = lambda a: jnp.repeat(a, n, axis=0)  # noqa: E731
+        args = (self.sd.unet_params, rep(x0), rep(jnp.asarray(latent_mask)[None]),
+                jnp.full((n,), precision, jnp.int32), rep(context[:1]), rep(context[1:]), jax.random.PRNGKey(seed))
+        program = self._compiled(sampler, args, size)
         self._progress = progress
         try:
-            latents, pred = self._sampler(sampler)(
-                self.sd.unet_params, rep(x0), rep(jnp.asarray(latent_mask)[None]),
-                jnp.full((n,), precision, jnp.int32), rep(context[:1]), rep(context[1:]), jax.random.PRNGKey(seed))
-            latents, pred = jax.block_until_ready((latents, pred))
+            latents, pred = jax.block_until_ready(program(*args))
         finally:
             self._progress = None
         decoded = np.asarray(self._decode(self.sd.vae_params, latents))
