@@ -42,6 +42,7 @@ from smartbrush_jax.train import sharding  # noqa: E402
 from smartbrush_jax.train.heldout import HeldoutGrids  # noqa: E402
 from smartbrush_jax.train.prefetch import DevicePrefetch  # noqa: E402
 from smartbrush_jax.train.step import abstract, build_models, build_step, loss_config  # noqa: E402
+from smartbrush_jax.train.workdir_lock import WorkdirLock  # noqa: E402
 
 # what the step reads from a batch: `image` from prepared folders, `latent_mean`/`latent_logvar` from latent caches
 BATCH_KEYS = ("image", "latent_mean", "latent_logvar", "mask", "latent_mask", "tokens")
@@ -95,6 +96,8 @@ def setup(config, workdir: str, cleanup: contextlib.ExitStack, corrupt_grads=Non
     pidx, pcount = jax.process_index(), jax.process_count()
     validate(config, jax.device_count(), pcount)
     storage.makedirs(workdir)
+    if pidx == 0:  # one run per workdir: a second trainer is refused here, before it touches anything
+        cleanup.enter_context(WorkdirLock(workdir))
     logging.info("process %d/%d, %d devices (%s)", pidx, pcount, jax.device_count(), jax.devices()[0].platform)
 
     # ------------------------------------------------------------------ data, tokenizer, models

@@ -1,0 +1,83 @@
+"""The trainer against a careless user (issue 24's rows): two trainers on one workdir, config
+overrides that name no field or cannot be parsed, a disk that fills while saving."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import time
+
+import pytest
+from train_helpers import ROOT, cmd, copy_run, env, read, start, steps_on_disk, wait_for
+
+from smartbrush_jax.train import workdir_lock
+from smartbrush_jax.train.workdir_lock import NAME, WorkdirBusy, WorkdirLock, read_holder
+
+
+def test_two_train_commands_on_one_workdir_the_second_is_refused(tmp_path, tiny_run):
+    """Row: two `train` commands on one workdir, started seconds apart, both resumed from
+    the same step and collided on the next save. The second is refused at start (exit 2,
+    one line naming who holds it) and the first goes on; once the first is killed (SIGKILL:
+    no clean-up), its lock is taken over by the next run."""
+    w = copy_run(tiny_run, tmp_path / "run")
+    log = str(tmp_path / "first.log")
+    with start(w, "--config.train.steps=1000", "--config.train.checkpoint_every=1000", log=log) as first:
+        wait_for(lambda: "resumed from step" in read(log) or first.poll() is not None, what="the first run")
+        second = subprocess.run(cmd(w, "--config.train.steps=6"), env=env(), cwd=ROOT, capture_output=True,
+                                text=True, timeout=300)
+        assert second.returncode == 2, second.stderr[-3000:]
+        last = second.stderr.strip().splitlines()[-1]
+        assert last.startswith(f"error: --workdir {w} is in use by another training run")
+        assert f"process {first.pid} on {socket.gethostname()}" in last
+        assert first.poll() is None  # the first one is untouched
+        os.killpg(first.pid, signal.SIGKILL)
+        first.wait()
+    assert read_holder(os.path.join(w, NAME))["pid"] == first.pid  # SIGKILL left it behind
+    third = subprocess.run(cmd(w, "--config.train.steps=6"), env=env(), cwd=ROOT, capture_output=True, text=True,
+                           timeout=600)
+    assert third.returncode == 0, third.stderr[-3000:]
+    assert f"taking over the lock of process {first.pid}" in third.stderr and "is no longer running" in third.stderr
+    assert steps_on_disk(w) == ["2", "4", "6"]
+    assert not os.path.exists(os.path.join(w, NAME))  # released at the end
+
+
+def test_the_lock_is_released_only_by_its_holder_and_stale_locks_are_taken_over(tmp_path, monkeypatch):
+    w = str(tmp_path / "w")
+    a = WorkdirLock(w).__enter__()
+    with pytest.raises(WorkdirBusy, match="in use by another training run"):
+        WorkdirLock(w).acquire()
+    a.release()
+    assert not os.path.exists(os.path.join(w, NAME))
+
+    # a holder on another host: alive while its heartbeat is fresh, stale after STALE_S
+    lock_file = os.path.join(w, NAME)
+    other = {"host": "elsewhere", "pid": 1, "token": "t", "started": time.time(), "heartbeat": time.time()}
+    json.dump(other, open(lock_file, "w"))
+    with pytest.raises(WorkdirBusy, match="process 1 on elsewhere"):
+        WorkdirLock(w).acquire()
+    json.dump({**other, "heartbeat": time.time() - workdir_lock.STALE_S - 1}, open(lock_file, "w"))
+    b = WorkdirLock(w)
+    b.acquire()
+    assert read_holder(lock_file)["token"] == b.token
+
+    # one that took over from us is not removed by our release
+    json.dump({**other, "token": "newer", "heartbeat": time.time()}, open(lock_file, "w"))
+    b.release()
+    assert read_holder(lock_file)["token"] == "newer"
+    os.remove(lock_file)
+
+    # garbage in the lock file never locks a workdir for ever
+    open(lock_file, "w").write("not json")
+    c = WorkdirLock(w)
+    c.acquire()
+    c.release()
+
+
+def test_the_heartbeat_keeps_a_long_run_alive(tmp_path):
+    w = str(tmp_path / "w")
+    lock = WorkdirLock(w, heartbeat_s=0.05)
+    lock.acquire()
+    first = read_holder(os.path.join(w, NAME))["heartbeat"]
+    wait_for(lambda: read_holder(os.path.join(w, NAME))["heartbeat"] > first, timeout=30, what="a heartbeat")
+    lock.release()
