@@ -81,3 +81,23 @@ def test_the_heartbeat_keeps_a_long_run_alive(tmp_path):
     first = read_holder(os.path.join(w, NAME))["heartbeat"]
     wait_for(lambda: read_holder(os.path.join(w, NAME))["heartbeat"] > first, timeout=30, what="a heartbeat")
     lock.release()
+
+
+@pytest.mark.parametrize("override,says", [
+    ("--config.optim.lr=abc", "--config.optim.lr=abc: could not convert string to float"),
+    ("--config.train.bogus=1", "--config.train.bogus: config.train has no field 'bogus' (it has: batch_size,"),
+    ("--config.bogus.x=1", "config has no field 'bogus' (it has: data, loss, mesh, model, optim, train)"),
+    ("--config.train.steps=1.5", "--config.train.steps=1.5: invalid literal for int()"),
+    ("--config.train.steps.x=1", "config.train.steps is a value, not a section"),
+    ("--no_such_flag=1", "Unknown command line flag 'no_such_flag'"),
+])
+def test_train_config_lr_abc_and_train_bogus_are_one_line_exit_2(tmp_path, override, says):
+    """Row: `train --config.optim.lr=abc` gave absl's usage text and exit 1,
+    `--config.train.bogus=1` an `AttributeError` traceback. Each is now one line naming the
+    field (and the fields there are, or the type it wanted), exit 2, nothing created."""
+    w = tmp_path / "run"
+    proc = subprocess.run(cmd(str(w), override), env=env(), cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and says in lines[0], proc.stderr[-3000:]
+    assert not w.exists()

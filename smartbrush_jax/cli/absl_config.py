@@ -1,5 +1,7 @@
-"""`--config FILE` looked at before absl parses the flags (where ml_collections turns any
-problem with the file into a traceback): exit 2 with one line saying what is wrong."""
+"""`--config FILE` and its `--config.section.field=value` overrides looked at before absl
+parses the flags (where ml_collections turns any problem with the file into a traceback, an
+override of a field that does not exist into an AttributeError, and one it cannot parse into
+absl's usage text and exit 1): exit 2 with one line saying what is wrong."""
 
 from __future__ import annotations
 
@@ -18,8 +20,9 @@ def check_config_file(argv) -> None:
             path = argv[i + 1]
     if path is None:
         return
-    path = path.split(":", 1)[0]  # `file.py:arg` passes an argument to get_config
+    path, _, arg = path.partition(":")  # `file.py:arg` passes an argument to get_config
     problem = None
+    module = None
     if not os.path.isfile(path):
         problem = "no such file"
     elif not path.endswith(".py"):
@@ -37,4 +40,43 @@ def check_config_file(argv) -> None:
             problem = f"cannot be loaded ({type(e).__name__}: {e})"
     if problem:
         print(f"error: --config {path}: {problem}", file=sys.stderr)
+        sys.exit(2)
+    try:
+        config = module.get_config(arg) if arg else module.get_config()
+    except Exception as e:  # noqa: BLE001  (the file's own code)
+        print(f"error: --config {path}: get_config() raised {type(e).__name__}: {e}", file=sys.stderr)
+        sys.exit(2)
+    for a in argv[1:]:
+        if a.startswith("--config.") and len(a) > len("--config."):
+            problem = unknown_field(config, a[len("--config."):].split("=", 1)[0])
+            if problem:
+                print(f"error: {a.split('=', 1)[0]}: {problem}", file=sys.stderr)
+                sys.exit(2)
+
+
+def unknown_field(config, dotted: str):
+    """What is wrong with the override path `section.field` of `config`, or None."""
+    node, seen = config, "config"
+    for part in dotted.split("."):
+        keys = list(node.keys()) if hasattr(node, "keys") else None
+        if keys is None:
+            return f"{seen} is a value, not a section"
+        if part not in keys:
+            return f"{seen} has no field {part!r} (it has: {', '.join(sorted(map(str, keys)))})"
+        node, seen = node[part], f"{seen}.{part}"
+    return None
+
+
+def parse_flags(argv):
+    """absl's flag parsing with its errors as `error: ...` and exit 2 (absl prints its usage
+    text and exits 1): `app.run(main, flags_parser=parse_flags)`."""
+    from absl import flags
+
+    try:
+        return flags.FLAGS(argv)
+    except flags.Error as e:
+        message = str(e)
+        if message.startswith("flag "):
+            message = message[len("flag "):]
+        print(f"error: {message}", file=sys.stderr)
         sys.exit(2)

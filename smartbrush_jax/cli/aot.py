@@ -119,12 +119,12 @@ def _underscored(arg: str) -> str:
 
 
 def console():
-    from smartbrush_jax.cli.absl_config import check_config_file
+    from smartbrush_jax.cli.absl_config import check_config_file, parse_flags
 
     sys.argv = [sys.argv[0]] + [_underscored(a) for a in sys.argv[1:]]
     check_config_file(sys.argv)
     flags.mark_flags_as_required(["config", "topology"])
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ import sys  # noqa: E402
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from smartbrush_jax.cli.absl_config import check_config_file  # noqa: E402
+from smartbrush_jax.cli.absl_config import check_config_file, parse_flags  # noqa: E402
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "config file (configs/*.py)", lock_config=True)
@@ -50,7 +50,7 @@ def console():
     """Entry point of the `smartbrush-train` console script and of `python -m`."""
     check_config_file(sys.argv)
     flags.mark_flags_as_required(["config", "workdir"])
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)
 
 
 if __name__ == "__main__":
