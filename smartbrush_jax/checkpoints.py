@@ -11,6 +11,7 @@ a finished step with its commit file, never by a rename).
 
 from __future__ import annotations
 
+import errno
 import json
 import re
 import sys
@@ -34,9 +35,69 @@ class CheckpointFailure(Failure):
     or credentials error, a bug): nothing was moved; exit 1 with the one line."""
 
 
+class DiskFull(Failure):
+    """A save that ran out of space; the message names the step and the last good one."""
+
+
+def disk_full(exc: BaseException) -> bool:
+    """Whether `exc` (or what caused it) is a write that found no space left: ENOSPC, or
+    TensorStore's RESOURCE_EXHAUSTED carrying it."""
+    for x in _chain(exc):
+        if isinstance(x, OSError) and x.errno == errno.ENOSPC:
+            return True
+        text = str(x)
+        if "No space left on device" in text or ("RESOURCE_EXHAUSTED" in text and "os_error_code='28'" in text):
+            return True
+    return False
+
+
+def disk_full_message(exc: BaseException, mngr: ocp.CheckpointManager, step: Optional[int] = None) -> str:
+    """"disk full while saving step N; the last good checkpoint is M" with what to do. The
+    step is read from the error (an async save fails at the next call, a step later)."""
+    for x in _chain(exc):
+        found = re.search(r"checkpoints/(\d+)(?:\.orbax-checkpoint-tmp|/)", str(x))
+        if found:
+            step = int(found.group(1))
+            break
+    try:
+        mngr.reload()
+        good = mngr.latest_step()
+    except Exception:  # noqa: BLE001  (the directory as it is on disk is the fallback)
+        good = None
+    if step is None:  # the newest step folder on disk past the last good one: the save that failed
+        try:
+            names = [p.name for p in storage.P(str(mngr.directory)).iterdir()]
+        except OSError:
+            names = []
+        tried = [int(m.group(1)) for m in (re.match(r"(\d+)", n) for n in names) if m]
+        tried = [t for t in tried if good is None or t > good]
+        step = max(tried) if tried else None
+    where = storage.join(str(mngr.directory))
+    return (f"disk full while saving step {step if step is not None else '?'} in {where}; the last good checkpoint "
+            f"is {good if good is not None else 'none'}: free some space and run the same command again to resume "
+            "from it (the unfinished save is removed then)")
+
+
+_quiet = []
+
+
+def _drop_disk_full_noise(record) -> bool:
+    """asyncio logs every failed write of an async save ("Task exception was never
+    retrieved"): hundreds of lines for one full disk, which `DiskFull` says once."""
+    exc = record.exc_info[1] if record.exc_info else None
+    text = record.getMessage()
+    return not ((exc is not None and disk_full(exc)) or ("No space left on device" in text))
+
+
 def manager(workdir: str, keep_last: int, keep_every: int, async_save: bool = True) -> ocp.CheckpointManager:
     # cleanup_tmp_directories: a save killed mid-way leaves `<step>.orbax-checkpoint-tmp-*`
     # (never a finished-looking step); it is removed when the next run opens the manager
+    if not _quiet:
+        import logging as std_logging
+
+        for name in ("asyncio", "absl"):  # asyncio's task errors; Orbax's own (through absl)
+            std_logging.getLogger(name).addFilter(_drop_disk_full_noise)
+        _quiet.append(True)
     options = ocp.CheckpointManagerOptions(
         max_to_keep=max(keep_last, 1), keep_period=keep_every or None, create=True,
         enable_async_checkpointing=async_save, cleanup_tmp_directories=True, atomicity_options=atomicity(workdir))

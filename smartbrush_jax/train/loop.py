@@ -66,7 +66,12 @@ def run(config, workdir: str, *, distributed: Optional[Distributed] = None,
         if stop.attach_to_jax():
             logging.info("SIGTERM is handled by JAX's preemption service (the stop step is agreed between processes)")
         s = setup(config, workdir, cleanup, corrupt_grads)
-        return train_loop(s, stop)
+        try:
+            return train_loop(s, stop)
+        except Exception as e:
+            if checkpoints.disk_full(e):  # one line, not a traceback per failed write
+                raise checkpoints.DiskFull(checkpoints.disk_full_message(e, s.manager)) from e
+            raise
 
 
 # ---------------------------------------------------------------------------------- setup
