@@ -171,6 +171,9 @@ class DataConfig:
         _check(0.0 <= self.caption_mix <= 1.0, f"data.caption_mix must be in [0, 1], got {self.caption_mix}")
         _check(not any(w < 0 for w in self.weights.values()) and any(w > 0 for w in self.weights.values()),
                f"data.weights must be >= 0 with one > 0, got {self.weights}")
+        lo, hi = (tuple(self.crop_context) + (math.nan, math.nan))[:2]
+        _check(len(self.crop_context) == 2 and math.isfinite(lo) and math.isfinite(hi) and 0 < lo <= hi,
+               f"data.crop_context must be (lo, hi) with 0 < lo <= hi, both finite, got {self.crop_context}")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -196,3 +196,57 @@ def test_a_good_gs_checkpoint_is_not_demoted_by_a_reader_thread_patching_imports
                           text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.split()[-1] == "clean"
+
+
+def _command_args(name, tmp_path, tiny_run, sd_folder):
+    """A command and arguments that would work, but for `--out`."""
+    if name == "prepare":
+        raw = _synthetic(tmp_path)
+        return "smartbrush_jax.cli.prepare", ["--coco-annotations", raw["annotations"], "--coco-images", raw["images"]]
+    if name == "latents":
+        return "smartbrush_jax.cli.latents", ["--prepared", os.path.join(tiny_run, "data", "prepared"), "--vae",
+                                             sd_folder[0], "--resolution", "16"]
+    if name == "export":
+        return "smartbrush_jax.cli.export", ["--workdir", tiny_run]
+    if name == "convert":
+        (tmp_path / "sd.safetensors").write_bytes(b"not read: the output is checked first")
+        return "smartbrush_jax.cli.convert", ["--ckpt", str(tmp_path / "sd.safetensors"), "--tokenizer",
+                                             os.path.join(tiny_run, "tokenizer")]
+    return "smartbrush_jax.cli.synthetic", ["--num-scenes", "2"]
+
+
+@pytest.mark.parametrize("where", ["under a file", "under /proc"])
+@pytest.mark.parametrize("name", ["prepare", "latents", "export", "convert", "synthetic"])
+def test_every_commands_out_under_a_file_or_proc_is_one_line_before_any_work(tmp_path, tiny_run, sd_folder, name,
+                                                                             where):
+    """What to build 2: every command's output path, probed as inpaint's was: under a file,
+    or somewhere nothing can be created (/proc). Exit 2, one line naming the path, before
+    any work (the check that makes a probe file beside the output, outputs.check_writable)."""
+    import importlib
+
+    module, args = _command_args(name, tmp_path, tiny_run, sd_folder)
+    if where == "under a file":
+        (tmp_path / "a_file").write_bytes(b"x")
+        out = str(tmp_path / "a_file" / "out")
+    else:
+        out = "/proc/smartbrush/out"
+    main = importlib.import_module(module).main
+    import contextlib
+    import io
+
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        code = main([*args, "--out", out])
+    assert code == 2, err.getvalue()
+    lines = err.getvalue().strip().splitlines()
+    assert lines[-1].startswith("error: --out") and out in lines[-1], err.getvalue()
+    assert ("which is a file" if where == "under a file" else "cannot write in") in lines[-1]
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-1"])
+def test_latents_crop_context_nan_inf_or_negative_is_exit_2(tmp_path, tiny_run, sd_folder, capsys, value):
+    from smartbrush_jax.cli.latents import main
+
+    module, args = _command_args("latents", tmp_path, tiny_run, sd_folder)
+    assert main([*args, "--out", str(tmp_path / "cache"), "--crop-context", value, "3"]) == 2
+    assert "--crop-context" in capsys.readouterr().err and not (tmp_path / "cache").exists()

@@ -4,6 +4,7 @@ latent cache (the library, with what a cache holds: `smartbrush_jax.data.latents
 from __future__ import annotations
 
 import argparse
+import math
 import os
 
 from smartbrush_jax.data.latents import __doc__ as LATENTS_DOC
@@ -45,6 +46,9 @@ def _run(args) -> int:
     from smartbrush_jax.distributed import Distributed
     from smartbrush_jax.errors import InputError
 
+    lo, hi = args.crop_context
+    if not (math.isfinite(lo) and math.isfinite(hi) and 0 < lo <= hi):
+        raise InputError(f"--crop-context LO HI needs 0 < LO <= HI, both finite, got {lo} {hi}")
     named = (args.coordinator_address, args.num_processes, args.process_id)
     if any(v is not None for v in named) and not all(v is not None for v in named):
         raise InputError("--coordinator-address, --num-processes and --process-id go together")
