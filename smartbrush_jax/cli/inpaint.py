@@ -104,7 +104,7 @@ def run(args) -> int:
         raise InputError(f"--levels must be >= 1, got {args.levels}")
     # the output before the model loads: a folder we may not write is said before any long work
     check_output(args.out, [args.image, args.mask, args.checkpoint], is_inpaint_output, args.overwrite,
-                 what="inpaint output")
+                 what="folder of inpaint results")
     check_writable(args.out, need_bytes=h * w * 3 * (2 * args.num_samples + 3))  # PNGs at most raw size
 
     from smartbrush_jax.sampling.runner import Inpainter
