@@ -32,6 +32,15 @@ def data_dir(tiny_run):
     return tiny_run
 
 
+@pytest.fixture(scope="module")
+def one_device_run(tmp_path_factory, tiny_run):
+    """The micro config's 8 steps on one device, every step logged: the reference the
+    8-device runs of each mesh are compared with (read only)."""
+    one = _workdir(tmp_path_factory.mktemp("one_device"), tiny_run, "one")
+    run_tiny(one, train__log_every=1)
+    return one
+
+
 def _workdir(tmp_path, tiny_run, name):
     return copy_run(tiny_run, tmp_path / name, data_only=True)
 
@@ -146,9 +155,8 @@ def test_nonfinite_steps_in_a_row_stop_the_run(tmp_path, data_dir):
 @pytest.mark.parametrize("mesh", [("data", ["--config.mesh.shape.data=8"]),
                                   ("fsdp", ["--config.mesh.shape.data=1", "--config.mesh.shape.fsdp=8",
                                             "--config.mesh.fsdp=True"])], ids=lambda m: m[0])
-def test_eight_devices_match_one(tmp_path, data_dir, mesh):
-    one = _workdir(tmp_path, data_dir, "one")
-    run_tiny(one, train__log_every=1)  # in this process: one CPU device
+def test_eight_devices_match_one(tmp_path, one_device_run, data_dir, mesh):
+    one = one_device_run  # in this process: one CPU device (built once for both meshes)
     eight = _workdir(tmp_path, data_dir, "eight")  # eight simulated devices need a process of their own
     proc = train(eight, "--config.train.log_every=1", *mesh[1], devices=8)
     assert proc.returncode == 0, proc.stderr[-3000:]
