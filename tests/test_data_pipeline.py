@@ -102,19 +102,24 @@ def test_resume_through_orbax(prepared, tmp_path):
         np.testing.assert_array_equal(a["id"], b["id"])
 
 
+@pytest.mark.timeout(300)  # it hung once (Grain workers waiting on each other): fail in minutes, with tracebacks
 def test_worker_processes(prepared):
     ds = make_dataset(_cfg(prepared, num_workers=2))
     it = iter(ds)
-    _take(it, 2)
-    state = it.get_state()
-    expected = _take(it, 2)
-    again = iter(ds)
-    again.set_state(state)
-    got = _take(again, 2)
-    for a, b in zip(expected, got):
-        np.testing.assert_array_equal(a["id"], b["id"])
-    it.close()
-    again.close()
+    again = None
+    try:
+        _take(it, 2)
+        state = it.get_state()
+        expected = _take(it, 2)
+        again = iter(ds)
+        again.set_state(state)
+        got = _take(again, 2)
+        for a, b in zip(expected, got):
+            np.testing.assert_array_equal(a["id"], b["id"])
+    finally:  # the worker processes end with the test, passed or not
+        it.close()
+        if again is not None:
+            again.close()
 
 
 def _planted(prepared, tmp_path, n_bad):
