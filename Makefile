@@ -25,9 +25,11 @@ demo: $(STAMP)
 
 # tests/test_app_browser.py drives Chromium: tests/setup_browser.sh installs Debian's
 # chromium and chromium-driver when they are missing (or says why it cannot; the test skips)
+# both cores: a file's tests stay on one worker (its module fixtures are built once); the
+# trained session fixtures are built once for both workers (tests/conftest.py: built_once)
 test: $(STAMP)
 	bash tests/setup_browser.sh
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2 --dist loadfile
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow"

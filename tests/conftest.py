@@ -1,4 +1,5 @@
 import os
+import shutil
 import sys
 
 import pytest
@@ -30,16 +31,38 @@ def sd_folder(tmp_path_factory):
     return path, write_sd_folder(path)
 
 
+def built_once(tmp_path_factory, name: str, build) -> str:
+    """`build(folder)` run by the first test process that asks for `name`, the folder then
+    shared by every process of the session (pytest-xdist workers included: each would
+    otherwise train its own copy). Tests only read these folders (they copy before writing)."""
+    import fcntl
+
+    base = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        base = base.parent  # the session's root, common to the workers
+    target, done = base / name, base / f"{name}.built"
+    with open(base / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # the others wait here while one builds
+        if not done.exists():
+            if target.exists():
+                shutil.rmtree(target)  # a build that failed half-way in another worker
+            target.mkdir(parents=True)
+            build(str(target))
+            done.touch()
+    return str(target)
+
+
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory):
     """The micro trainer config (tests/configs/tiny_train.py) run for 4 steps: its synthetic
     data in `data/`, checkpoints at steps 2 and 4. Tests copy it (train_helpers.copy_run)."""
     from train_helpers import train
 
-    work = str(tmp_path_factory.mktemp("tiny_run") / "run")
-    proc = train(work, "--config.train.steps=4")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return work
+    def build(folder):
+        proc = train(os.path.join(folder, "run"), "--config.train.steps=4")
+        assert proc.returncode == 0, proc.stderr[-3000:]
+
+    return os.path.join(built_once(tmp_path_factory, "tiny_run", build), "run")
 
 
 @pytest.fixture(scope="session")
@@ -49,15 +72,18 @@ def demo_run(tmp_path_factory):
     import subprocess
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    work = str(tmp_path_factory.mktemp("demo_run"))
-    env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3")
-    proc = subprocess.run(
-        [sys.executable, "-m", "smartbrush_jax.train", f"--config={root}/configs/cpu_demo.py", f"--workdir={work}",
-         "--config.train.steps=4", "--config.data.synthetic_scenes=64", "--config.train.sample_every=0",
-         "--config.train.checkpoint_every=4", "--config.optim.warmup_steps=1", "--config.train.log_every=2"],
-        capture_output=True, text=True, timeout=900, env=env, cwd=root)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return work
+
+    def build(work):
+        env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3")
+        proc = subprocess.run(
+            [sys.executable, "-m", "smartbrush_jax.train", f"--config={root}/configs/cpu_demo.py",
+             f"--workdir={work}", "--config.train.steps=4", "--config.data.synthetic_scenes=64",
+             "--config.train.sample_every=0", "--config.train.checkpoint_every=4", "--config.optim.warmup_steps=1",
+             "--config.train.log_every=2"],
+            capture_output=True, text=True, timeout=900, env=env, cwd=root)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+
+    return built_once(tmp_path_factory, "demo_run", build)
 
 
 @pytest.fixture(scope="session")
@@ -65,6 +91,7 @@ def demo_export(demo_run, tmp_path_factory):
     """`demo_run` exported to a diffusers folder by `smartbrush-export`."""
     from smartbrush_jax.cli.export import main
 
-    out = str(tmp_path_factory.mktemp("demo_export") / "model")
-    assert main(["--workdir", demo_run, "--out", out]) == 0
-    return out
+    def build(folder):
+        assert main(["--workdir", demo_run, "--out", os.path.join(folder, "model")]) == 0
+
+    return os.path.join(built_once(tmp_path_factory, "demo_export", build), "model")

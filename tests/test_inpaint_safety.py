@@ -66,6 +66,7 @@ def test_inpaint_an_8000x8000_image_works_or_is_one_line(tiny_run, tmp_path, cap
     result = np.asarray(Image.open(tmp_path / "out" / "result.png"))
     assert result.shape == big.shape
     np.testing.assert_array_equal(result[:1000], big[:1000])
+    assert np.asarray(Image.open(tmp_path / "out" / "grid.png")).shape == (2048, 3 * 2048, 3)  # a preview
 
 
 def test_inpaint_out_never_replaces_a_users_files_or_follows_a_symlink(tiny_run, photo, tmp_path, capsys):

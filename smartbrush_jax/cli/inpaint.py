@@ -75,6 +75,7 @@ def main(argv=None) -> int:
     return run_command(lambda: run(args))
 
 
+GRID_MAX = 2048  # grid.png is scaled down to this many pixels per panel side
 MARKER = "inpaint.json"  # what says a folder is an inpaint command's output
 
 
@@ -138,7 +139,12 @@ def run(args) -> int:
             suffix = "" if i == 0 else f"_{i}"
             names.append(_save(img, tmp, f"result{suffix}.png"))
             names.append(_save(pm.astype(np.uint8) * 255, tmp, f"predicted_mask{suffix}.png"))
-        names.append(_save(make_grid(image, mask, result), tmp, "grid.png"))
+        grid = make_grid(image, mask, result)
+        if max(h, w) > GRID_MAX:  # a preview: a 8000 px photo's grid would be 8000 x 24000
+            scale = GRID_MAX / max(h, w)
+            grid = np.asarray(Image.fromarray(grid).resize((round(grid.shape[1] * scale),
+                                                            round(grid.shape[0] * scale)), Image.Resampling.BOX))
+        names.append(_save(grid, tmp, "grid.png"))
         with open(os.path.join(tmp, MARKER), "w") as f:
             json.dump({"checkpoint": args.checkpoint, "image": args.image, "prompt": args.prompt,
                        "precision": args.precision, "seed": args.seed, "resolution": resolution,
