@@ -78,9 +78,6 @@ def disk_full_message(exc: BaseException, mngr: ocp.CheckpointManager, step: Opt
             "from it (the unfinished save is removed then)")
 
 
-_quiet = []
-
-
 def _drop_disk_full_noise(record) -> bool:
     """asyncio logs every failed write of an async save ("Task exception was never
     retrieved"): hundreds of lines for one full disk, which `DiskFull` says once."""
@@ -92,12 +89,10 @@ def _drop_disk_full_noise(record) -> bool:
 def manager(workdir: str, keep_last: int, keep_every: int, async_save: bool = True) -> ocp.CheckpointManager:
     # cleanup_tmp_directories: a save killed mid-way leaves `<step>.orbax-checkpoint-tmp-*`
     # (never a finished-looking step); it is removed when the next run opens the manager
-    if not _quiet:
-        import logging as std_logging
+    import logging as std_logging
 
-        for name in ("asyncio", "absl"):  # asyncio's task errors; Orbax's own (through absl)
-            std_logging.getLogger(name).addFilter(_drop_disk_full_noise)
-        _quiet.append(True)
+    for name in ("asyncio", "absl"):  # asyncio's task errors; Orbax's own (through absl); added once
+        std_logging.getLogger(name).addFilter(_drop_disk_full_noise)
     options = ocp.CheckpointManagerOptions(
         max_to_keep=max(keep_last, 1), keep_period=keep_every or None, create=True,
         enable_async_checkpointing=async_save, cleanup_tmp_directories=True, atomicity_options=atomicity(workdir))
@@ -253,10 +248,11 @@ def restore_state(workdir: str, step: Optional[int] = None, like: Any = None):
         except Exception as e:  # noqa: BLE001  a damaged step: try the next older one
             if step is not None:
                 raise CheckpointError(f"{ckpt_dir}/{s} cannot be restored: {_first_line(e)}") from None
-            if damage(e) is None:
+            why = damage(e)
+            if why is None:
                 raise CheckpointFailure(f"{ckpt_dir}/{s} did not restore, and not because its files are damaged "
                                         f"({_first_line(e)})") from e
-            errors.append(f"step {s}: {damage(e)}")
+            errors.append(f"step {s}: {why}")
             continue
         if errors:
             print(f"warning: {ckpt_dir}: using step {s}; newer steps cannot be restored ({'; '.join(errors)})",

@@ -84,7 +84,7 @@ def is_inpaint_output(folder: str) -> bool:
 
 
 def run(args) -> int:
-    from smartbrush_jax.outputs import check_output, check_writable
+    from smartbrush_jax.outputs import check_output
 
     image = read_image(args.image)
     h, w = image.shape[:2]
@@ -105,8 +105,7 @@ def run(args) -> int:
         raise InputError(f"--levels must be >= 1, got {args.levels}")
     # the output before the model loads: a folder we may not write is said before any long work
     check_output(args.out, [args.image, args.mask, args.checkpoint], is_inpaint_output, args.overwrite,
-                 what="folder of inpaint results")
-    check_writable(args.out, need_bytes=h * w * 3 * (2 * args.num_samples + 3))  # PNGs at most raw size
+                 what="folder of inpaint results", need_bytes=h * w * 3 * (2 * args.num_samples + 3))  # PNGs <= raw
 
     from smartbrush_jax.sampling.runner import Inpainter
 

@@ -23,6 +23,7 @@ from typing import Optional
 
 from smartbrush_jax import storage
 from smartbrush_jax.errors import InputError
+from smartbrush_jax.storage import StorageError
 
 NAME = "train.lock"
 HEARTBEAT_S = 60.0
@@ -100,8 +101,8 @@ class WorkdirLock:
             if holder is None or holder.get("token") != self.token:
                 return  # taken over (we were thought dead): leave it to the new holder
             try:
-                storage.write_text(self.path, json.dumps({**self._record(), "started": self.started}))
-            except OSError:
+                storage.write_text(self.path, json.dumps(self._record()))
+            except (OSError, StorageError):
                 pass  # a missed beat; the next one tries again
 
     def _remove_if(self, token: Optional[str]) -> None:
@@ -131,7 +132,7 @@ def read_holder(path: str) -> Optional[dict]:
         return None
     try:
         value = json.loads(storage.read_text(path))
-    except (OSError, ValueError):
+    except (OSError, StorageError, ValueError):
         return {}
     return value if isinstance(value, dict) else {}
 
