@@ -20,7 +20,7 @@ run() {  # name, then flags
 }
 # attention at 4096 tokens: XLA's, against the chunked attention of configs/tpu_v4.py below
 run v4-32_cached_xla_attention --config=configs/tpu_v4.py --topology=v4-32 --cached_latents --per_chip_batch=16 \
-  --config.model.attention_impl=xla
+  --config.model.attention=xla
 # remat on v5p: none (everything kept) against the config's full remat
 run v5p-128_cached_no_remat --config=configs/tpu_v5p.py --topology=v5p-128 --cached_latents --per_chip_batch=16 \
   --config.model.remat=none

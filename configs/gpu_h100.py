@@ -16,7 +16,7 @@ def get_config():
     c.model.init_from = "/models/stable-diffusion-v1-2"
     c.model.autoencoder = "vae"
     c.model.dtype = "bfloat16"
-    c.model.attention_impl = "cudnn"
+    c.model.attention = "cudnn"
     c.data.resolution = 512
     c.data.read_threads = 16
     c.data.num_workers = 8

@@ -45,5 +45,5 @@ def get_config():
     c.mesh.shape = {"data": 1, "fsdp": -1, "tensor": 1}
     c.mesh.fsdp = True
     c.model.remat = "full"
-    c.model.attention_impl = "chunked"
+    c.model.attention = "chunked"
     return c

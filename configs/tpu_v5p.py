@@ -32,5 +32,5 @@ def get_config():
     c.train.steps = 25_000
     c.mesh.shape = {"data": -1, "fsdp": 1, "tensor": 1}
     c.mesh.fsdp = False
-    c.model.attention_impl = "xla"  # remat stays "full" (from tpu_v4.py)
+    c.model.attention = "xla"  # remat stays "full" (from tpu_v4.py)
     return c

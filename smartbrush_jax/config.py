@@ -12,7 +12,10 @@ from smartbrush_jax.errors import InputError
 
 DTYPES = ("float32", "bfloat16")
 # `models.unet.REMAT_POLICIES` (kept here too so that reading a config imports no JAX)
-REMAT = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable")
+REMAT = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable", "attention_saveable",
+         "dots_and_attention_saveable")
+# `models.attention.IMPLEMENTATIONS`, likewise
+ATTENTION = ("auto", "xla", "chunked", "splash", "cudnn")
 
 
 class ConfigError(InputError, ValueError):
@@ -50,8 +53,10 @@ def validate(c: ml_collections.ConfigDict, num_devices: int | None = None, proce
          f"must be 'vae' or 'identity', got {c.model.autoencoder!r}")
     need(c.model.autoencoder == "identity" or c.model.init_from, "model.autoencoder",
          "'vae' needs model.init_from (SD weights); train from scratch in pixel space with 'identity'")
-    need(c.model.attention_impl in ("", "xla", "cudnn", "chunked"), "model.attention_impl",
-         "must be '', 'xla', 'cudnn' or 'chunked'")
+    need(c.model.attention in ATTENTION, "model.attention",
+         f"must be one of {ATTENTION} (see models/attention.py), got {c.model.attention!r}")
+    need(c.model.splash_min_tokens >= 128, "model.splash_min_tokens",
+         f"must be >= 128 (the kernel's block), got {c.model.splash_min_tokens}")
     need(c.model.remat in REMAT, "model.remat",
          f"must be one of {REMAT} (what the backward pass keeps; see models/unet.py), got {c.model.remat!r}")
     need(c.data.prefetch_to_device >= 0, "data.prefetch_to_device", f"must be >= 0, got {c.data.prefetch_to_device}")

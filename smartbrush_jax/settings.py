@@ -63,7 +63,9 @@ class ModelConfig:
     autoencoder: str = "vae"  # "vae" (SD's, from init_from) or "identity" (pixel space)
     num_levels: int = 10  # precision levels S
     dtype: str = "float32"  # compute dtype; parameters stay float32
-    attention_impl: str = ""  # "" (JAX picks), "xla", "cudnn" or "chunked" (query-blocked; fastest on CPU)
+    attention: str = "auto"  # auto, xla, chunked, splash or cudnn (models/attention.py; auto: splash on TPU,
+    #   cuDNN on GPU, chunked on CPU)
+    splash_min_tokens: int = 1024  # splash (and auto on TPU) runs self-attention of at least this many tokens
     remat: str = "none"  # U-Net activation rematerialisation, one of config.REMAT (models/unet.py)
 
 

@@ -69,6 +69,15 @@ def test_remat_keeps_parameters_loss_and_gradients(remat):
     assert regions(jaxpr) == resnets + transformers, regions(jaxpr)
 
 
+def test_attention_outputs_carry_the_name_the_attention_policies_keep():
+    model = UNet2DConditionModel(CONFIG, remat="attention_saveable")
+    x, t, ctx, s, _ = _inputs()
+    params, _ = _reference()
+    text = str(jax.make_jaxpr(lambda p: model.apply({"params": p}, x, t, ctx, s))(params))
+    assert "name=attention_out" in text
+    assert "saveable_names=frozenset({" in text and "'attention_out'" in text and "'splash_residuals'" in text
+
+
 def test_unknown_remat_is_a_clear_error():
     c = base_config()
     c.model.autoencoder, c.data.synthetic_scenes = "identity", 8

@@ -21,6 +21,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from smartbrush_jax.models import attention
+
 Dtype = Any
 
 DENSE_AXES = ("in_features", "out_features")
@@ -109,7 +111,6 @@ def embed(num_embeddings: int, features: int, name: str, param_dtype: Dtype, ini
     )
 
 
-ATTENTION_IMPLEMENTATIONS = (None, "", "xla", "cudnn", "chunked")
 
 # Target size of one [B, N, chunk, Tk] float32 score block in the "chunked" attention:
 # small enough to stay in the last-level cache of a CPU core (see bench/CPU_PROFILE.md).
@@ -128,25 +129,28 @@ def multi_head_attention(
     """Scaled dot-product attention.
 
     q: [B, Tq, C], k/v: [B, Tk, C] with C = num_heads * head_dim; mask: broadcastable to
-    [B, N, Tq, Tk] bool (True = attend). Returns [B, Tq, C]. `implementation=None` (or "")
-    lets `jax.nn.dot_product_attention` pick (cuDNN flash attention on GPU for bf16/fp16,
-    XLA elsewhere); "xla" or "cudnn" force one. "chunked" is our query-blocked attention
-    with a flash-style backward (`chunked_attention`): the fast choice on CPU, where XLA
-    otherwise materialises and re-reads the full [B, N, Tq, Tk] probabilities.
+    [B, N, Tq, Tk] bool (True = attend). Returns [B, Tq, C]. `implementation` is one of
+    `attention.IMPLEMENTATIONS` (None = "auto"); `attention.choose` picks the kernel of this
+    call from it, the shapes and the platform (splash and cuDNN only where they apply, XLA
+    otherwise; a masked or causal call never goes to splash). "chunked" is our
+    query-blocked attention with a flash-style backward (`chunked_attention`): the fast
+    choice on CPU, where XLA otherwise materialises and re-reads the [B, N, Tq, Tk]
+    probabilities.
     """
-    if implementation not in ATTENTION_IMPLEMENTATIONS:
-        raise ValueError(f"attention implementation {implementation!r}; one of {ATTENTION_IMPLEMENTATIONS}")
     b, tq, c = q.shape
     tk = k.shape[1]
     head_dim = c // num_heads
+    plain = mask is None and not is_causal
+    impl = attention.choose(implementation, tq, tk, head_dim, q.dtype, self_attention=plain and tq == tk)
     q = q.reshape(b, tq, num_heads, head_dim)
     k = k.reshape(b, tk, num_heads, head_dim)
     v = v.reshape(b, tk, num_heads, head_dim)
-    if implementation == "chunked":
+    if impl == "chunked":
         out = chunked_attention(q, k, v, mask=mask, is_causal=is_causal)
+    elif impl == "splash":
+        out = attention.splash_attention(q, k, v)
     else:
-        out = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=is_causal,
-                                           implementation=implementation or None)
+        out = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=is_causal, implementation=impl)
     return out.reshape(b, tq, c)
 
 

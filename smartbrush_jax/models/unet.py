@@ -25,7 +25,9 @@ from typing import Any, Optional, Tuple, Union
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
+from smartbrush_jax.models import attention
 from smartbrush_jax.models.layers import (
     Downsample2D,
     ResnetBlock2D,
@@ -45,12 +47,20 @@ _UP_TYPES = ("CrossAttnUpBlock2D", "UpBlock2D")
 # What the backward pass may keep from the forward of a rematerialised block (the rest is
 # recomputed). "none": no remat, keep everything; "full": keep only the block's inputs;
 # "dots_saveable": keep matmul and convolution outputs; "dots_with_no_batch_dims_saveable":
-# keep the dense layers' outputs only (not convolutions, not the attention matmuls).
+# keep the dense layers' outputs only (not convolutions, not the attention matmuls);
+# "attention_saveable": keep each attention's output (before `to_out`) and the splash
+# kernel's logsumexp, so the backward re-runs no attention; "dots_and_attention_saveable":
+# both of the last two.
+ATTENTION_OUT = "attention_out"
 REMAT_POLICIES = {
     "none": None,
     "full": jax.checkpoint_policies.nothing_saveable,
     "dots_saveable": jax.checkpoint_policies.dots_saveable,
     "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "attention_saveable": jax.checkpoint_policies.save_only_these_names(ATTENTION_OUT, attention.RESIDUALS),
+    "dots_and_attention_saveable": jax.checkpoint_policies.save_from_both_policies(
+        jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+        jax.checkpoint_policies.save_only_these_names(ATTENTION_OUT, attention.RESIDUALS)),
 }
 # diffusers options this port implements only at their default value: a config that
 # changes one of them describes another architecture, and loading it must fail loudly.
@@ -235,7 +245,7 @@ class CrossAttention(nn.Module):
         k = dense(c, "to_k", use_bias=False, **kw)(context)
         v = dense(c, "to_v", use_bias=False, **kw)(context)
         out = multi_head_attention(q, k, v, self.num_heads, implementation=self.attention_impl)
-        return dense(c, "to_out_0", **kw)(out)
+        return dense(c, "to_out_0", **kw)(checkpoint_name(out, ATTENTION_OUT))
 
 
 class BasicTransformerBlock(nn.Module):

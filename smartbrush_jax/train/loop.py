@@ -34,6 +34,7 @@ from smartbrush_jax.config import ConfigError, validate  # noqa: E402
 from smartbrush_jax.data.pipeline import DataError, latent_cache, make_dataset, uncached_dirs  # noqa: E402
 from smartbrush_jax.data.validate import SKIP_REASONS  # noqa: E402
 from smartbrush_jax.distributed import Distributed  # noqa: E402,F401  (part of this API)
+from smartbrush_jax.models.attention import describe  # noqa: E402
 from smartbrush_jax.models.tokenizer import load_tokenizer  # noqa: E402
 from smartbrush_jax.planning import flops, xla  # noqa: E402
 from smartbrush_jax.preemption import StopRequest  # noqa: E402
@@ -241,6 +242,9 @@ def startup_report(compiled, s: Setup, peak) -> dict:
     device = jax.devices()[0]
     r = xla.step_report(compiled, analytic_flops=s.model_flops / jax.device_count(), peak_flops=peak,
                            devices=jax.device_count(), hbm_bytes=xla.device_hbm_bytes(device))
+    logging.info("compiled step: attention %s; remat %s", describe(s.config.model.attention, device.platform,
+                                                                   s.config.model.splash_min_tokens),
+                 s.config.model.remat)
     for line in xla.format_report(r).splitlines():
         logging.info("compiled step: %s", line)
     if r["memory"].get("fits") is False:

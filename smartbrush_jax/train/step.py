@@ -22,7 +22,7 @@ from flax.core import meta
 from smartbrush_jax.config import ConfigError
 from smartbrush_jax.diffusion import NoiseSchedule, smartbrush_loss
 from smartbrush_jax.interop.loader import StableDiffusion, as_smartbrush, ema_choice, example_inputs, load_model
-from smartbrush_jax.models import CLIPTextConfig, CLIPTextModel, UNet2DConditionModel, UNetConfig
+from smartbrush_jax.models import CLIPTextConfig, CLIPTextModel, UNet2DConditionModel, UNetConfig, attention
 from smartbrush_jax.models.autoencoder import Identity, make_autoencoder
 from smartbrush_jax.settings import LossConfig, from_section
 from smartbrush_jax.train import sharding
@@ -75,8 +75,8 @@ def build_models(config, tokenizer_vocab_size: Optional[int] = None, weights: bo
     (the config's `model.unet` and `model.text` are SD v1's by default, SD's VAE, CLIP's
     vocabulary); the values of the weights do not change a compile."""
     dtype = jnp.bfloat16 if config.model.dtype == "bfloat16" else jnp.float32
-    attn = config.model.attention_impl or None
-    unet_kw = dict(dtype=dtype, attention_impl=attn, remat=config.model.remat)
+    unet_kw = dict(dtype=dtype, attention_impl=config.model.attention, remat=config.model.remat)
+    attn = text_attention(config.model.attention)
     levels = config.model.num_levels
     if not weights and tokenizer_vocab_size is None:
         tokenizer_vocab_size = CLIP_VOCAB
@@ -116,6 +116,12 @@ def build_models(config, tokenizer_vocab_size: Optional[int] = None, weights: bo
                           f"config.model.unet.cross_attention_dim {unet_cfg.cross_attention_dim}")
     return Models(UNet2DConditionModel(unet_cfg, **unet_kw),
                   CLIPTextModel(text_cfg, dtype=dtype, attention_impl=attn), ae, None, NoiseSchedule())
+
+
+def text_attention(choice: str) -> str:
+    """The text encoder's attention: causal and 77 tokens, so never splash; XLA's under
+    "auto" and "splash" (the chunked attention pays only at thousands of tokens)."""
+    return "xla" if choice in ("auto", "splash") else choice
 
 
 def _schedule(scheduler_config, path: str) -> NoiseSchedule:
@@ -175,7 +181,13 @@ def build_step(config, models, mesh, empty_tokens, corrupt_grads=None, materiali
 
     tx = make_optimizer(config)
     state, frozen, state_shardings, frozen_shardings = init_state(models, config, tx, mesh, materialize)
-    step_fn = jax.jit(make_train_step(models, config, tx, empty_tokens, corrupt_grads),
+    train_step = make_train_step(models, config, tx, empty_tokens, corrupt_grads)
+
+    def on_mesh(*args):  # traced with the mesh in scope: splash attention shards over it
+        with attention.mesh_scope(mesh, config.model.splash_min_tokens):
+            return train_step(*args)
+
+    step_fn = jax.jit(on_mesh,
                       in_shardings=(state_shardings, frozen_shardings, sharding.batch_sharding(mesh)),
                       out_shardings=(state_shardings, sharding.replicated(mesh)), donate_argnums=(0,))
     return state, frozen, step_fn
