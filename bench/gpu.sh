@@ -7,10 +7,12 @@
 # 2. step      bench/unet_step.py --config sd_v1: ours vs diffusers PyTorch (bf16 autocast,
 #              SDPA, torch.compile), batch ${BATCH:-8}, images/s, TFLOP/s, MFU, peak memory
 # 3. blip      bench/prepare.py: BLIP-base-shaped random captioner on cuda, fp16, batch 64, captions/s
-# 4. maxbatch  the largest batch that fits: ours with remat none and full, PyTorch without and
+# 4. variants ours at 32 images (configs/gpu_h100.py's per-GPU batch), attention cudnn, remat none
+#              and attention_saveable (models/unet.py), 10 steps each: the choices of issue 25
+# 5. maxbatch  the largest batch that fits: ours with remat none and full, PyTorch without and
 #              with gradient checkpointing (doubling then bisection, multiples of 8)
-# `bash bench/gpu.sh step` (or check, blip, maxbatch) runs one part; "all" (the default) gives the
-# max-batch searches whatever is left of GPU_BENCH_SECONDS (540) after parts 1 to 3, and
+# `bash bench/gpu.sh step` (or check, blip, variants, maxbatch) runs one part; "all" (the default) gives the
+# max-batch searches whatever is left of GPU_BENCH_SECONDS (540) after parts 1 to 4, and
 # reports a bracket where the time ran out. JSON and a log go to ${OUT:-bench/results}.
 #
 # The GPU image has JAX, flax, optax and PyTorch but not diffusers or transformers, and nothing
@@ -62,6 +64,15 @@ if [[ $PART == all || $PART == blip ]]; then
   timeout 240 $PY bench/prepare.py --blip-only --blip-size base --blip-device cuda --blip-batch 64 \
     --blip-crops 512 --json "$RES/gpu_blip_captions.json"
 fi
+if [[ $PART == all || $PART == variants ]]; then
+  for remat in none attention_saveable; do
+    echo "== variant: batch 32, cudnn, remat $remat ($(left) s left)"
+    ((${left_s:=$(left)} > 200)) || { echo "too little time left for it"; continue; }
+    timeout 150 $PY bench/unet_step.py --config sd_v1 --side ours --batch 32 --remat $remat --attention cudnn \
+      --steps 10 --warmup 2 --json "$RES/gpu_sd_v1_b32_$remat.json"
+    unset left_s
+  done
+fi
 if [[ $PART == all || $PART == maxbatch ]]; then
   budget=$(($(left) - 40))  # two sides, each its two searches; a probe is not started past its share
   echo "== max batch ($(left) s left; ${budget} s for the searches)"
@@ -106,6 +117,12 @@ b = load("gpu_blip_captions.json")
 if b:
     r = b["blip"]
     print(f"BLIP {r['size']} on {r['device']} ({r['dtype']}, batch {r['batch']}): {r['captions_per_s']:.1f} captions/s")
+for remat in ("none", "attention_saveable"):
+    v = load(f"gpu_sd_v1_b32_{remat}.json")
+    r = (v or {}).get("ours")
+    if r:
+        print(f"variant batch 32, attention {r['attention']}, remat {remat}: {r['images_per_s']:.1f} images/s, "
+              f"MFU {r['mfu'] if r['mfu'] is None else round(r['mfu'], 3)}")
 m = load("gpu_sd_v1_max_batch.json")
 for key in ("ours_max_batch", "pytorch_max_batch"):
     for name, r in ((m or {}).get(key) or {}).items():

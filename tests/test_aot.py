@@ -239,5 +239,42 @@ def test_shipped_tpu_configs_are_what_was_compiled(name, topology):
     assert compiled["fits"] and compiled["memory"]["margin"] > 0.15 * compiled["memory"]["hbm"]
     assert compiled["per_chip_batch"] == c.train.batch_size // target.chips
     assert (compiled["remat"], compiled["attention"], compiled["dtype"], compiled["fsdp"]) == \
-        (c.model.remat, c.model.attention_impl, c.model.dtype, c.mesh.fsdp)
+        (c.model.remat, c.model.attention, c.model.dtype, c.mesh.fsdp)
     assert compiled["mesh"] == dict(c.mesh.shape) and compiled["vae_in_step"]
+
+
+@needs_libtpu
+def test_config_attention_and_remat_are_what_the_compiled_step_used(v4_8, reports):
+    """A step with `model.attention=splash` compiles the Pallas kernel for the TPU (Mosaic
+    custom calls in the optimized HLO; XLA's attention has none), its remat policy is the
+    one in the step's program, and the report counts the kernels' FLOPs XLA cannot see."""
+    from smartbrush_jax.train.step import abstract_batch
+
+    c = tiny_config()
+    c.train.batch_size, c.data.resolution = 8, 32  # 16x16 = 256 tokens at the attention level
+    c.model.unet.block_out_channels = (64, 64)
+    c.model.attention, c.model.remat, c.model.splash_min_tokens = "splash", "attention_saveable", 256
+    r = aot.report(c, v4_8)
+    assert r["custom_calls"].get("tpu_custom_call", 0) >= 4  # forward and backward kernels
+    assert "tpu_custom_call" not in reports["dp"]["custom_calls"]  # XLA's attention: none
+    assert (r["attention"], r["remat"], r["splash_min_tokens"]) == ("splash", "attention_saveable", 256)
+    k = r["kernel_flops"]
+    # the 16x16 level: one down, the mid and two up transformers; remat keeps their outputs
+    assert k["calls"] == 4 and not k["recompute"] and k["passes"] == 3.5
+    # 2 x 2 x batch x heads x tokens^2 x head dim, forward, for each call
+    assert k["forward"] == 4 * (2 * 2 * 2 * 2 * 256 * 256 * 32)
+    assert k["step_padded"] == k["step"] * 4  # head dim 32 runs on 128 lanes
+    e = r["estimate"]
+    assert e["kernel_seconds"] == pytest.approx(k["step_padded"] / 275e12) and e["seconds"] > e["xla_seconds"]
+    assert "splash kernels" in e["method"] and "side by side" in "\n".join(aot.summary_lines(r))
+
+    # the remat policy: the attention outputs and the kernel's residuals, by name, in the program
+    from smartbrush_jax.train.step import build_models, build_step
+
+    models = build_models(c, weights=False)
+    mesh = sharding.make_mesh(dict(c.mesh.shape), devices=v4_8.devices())
+    state, frozen, step_fn = build_step(c, models, mesh, np.zeros(77, np.int32), materialize=False)
+    text = str(step_fn.trace(state, frozen, abstract_batch(c, models, mesh)).jaxpr)
+    assert "saveable_names=frozenset({'attention_out', 'splash_residuals'})" in text.replace(
+        "'splash_residuals', 'attention_out'", "'attention_out', 'splash_residuals'")
+    assert "pallas_call" in text and "shard_map" in text

@@ -3,6 +3,8 @@
 what it needs (the library: `smartbrush_jax.train.aot`).
 
     --topology v4-32 | v5p-128 | v5litepod-256 | v6e-256 | 2xv5p-128 (slices x name)
+    --target h100 | h200  an 8-GPU node instead (`planning/gpus.py`: needs the jax CUDA
+                          plugin, `make .venv-gpu-aot`; exit 2 with the reason without it)
     --cached-latents      the step reads a latent cache (no VAE encode in the step)
     --per-chip-batch B    the global batch becomes B x chips
     --find-max-batch      the largest per-chip batch that fits, by compiling
@@ -10,7 +12,7 @@ what it needs (the library: `smartbrush_jax.train.aot`).
     --config.x=...        any config field, as for training
 
 Exit codes: 0 the step fits (or the search ended), 1 it does not fit, 2 bad input (an
-unknown topology, no libtpu, a config that does not load or validate).
+unknown topology, no libtpu or CUDA plugin, a config that does not load or validate).
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from ml_collections import config_flags  # noqa: E402
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "config file (configs/*.py)", lock_config=False)
 flags.DEFINE_string("topology", None, "TPU slice: v4-32, v5p-128, v5litepod-256, v6e-256, 2xv5p-128, ...")
+flags.DEFINE_string("target", None, "GPU node instead of a TPU slice: h100 or h200 (8 GPUs; h100x16: two nodes)")
 flags.DEFINE_bool("cached_latents", False, "compile the step of a run on a latent cache (no VAE in the step)")
 flags.DEFINE_integer("per_chip_batch", None, "images per chip (the global batch is this x chips)")
 flags.DEFINE_bool("find_max_batch", False, "search the largest per-chip batch that fits")
@@ -41,7 +44,7 @@ def versions() -> dict:
     import importlib.metadata as md
 
     out = {"date": time.strftime("%Y-%m-%d %H:%M")}
-    for name in ("jax", "jaxlib", "libtpu", "flax"):
+    for name in ("jax", "jaxlib", "libtpu", "jax-cuda12-plugin", "nvidia-cudnn-cu12", "flax"):
         try:
             out[name] = md.version(name)
         except md.PackageNotFoundError:
@@ -53,11 +56,13 @@ def main(argv) -> None:
     del argv
     from smartbrush_jax.config import ConfigError, validate
     from smartbrush_jax.errors import InputError
-    from smartbrush_jax.planning import targets
+    from smartbrush_jax.planning import gpus, targets
     from smartbrush_jax.train import aot
 
     try:
-        target = targets.parse(FLAGS.topology)
+        if bool(FLAGS.topology) == bool(FLAGS.target):
+            raise InputError("give one of --topology (a TPU slice) or --target (a GPU node: h100, h200)")
+        target = gpus.parse(FLAGS.target) if FLAGS.target else targets.parse(FLAGS.topology)
         devices = target.devices()
         config = FLAGS.config
         if FLAGS.per_chip_batch:
@@ -66,7 +71,7 @@ def main(argv) -> None:
     except (InputError, ConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    print(f"compiling the SmartBrush train step for {target.name} ({target.topology_name}, {len(devices)} chips) "
+    print(f"compiling the SmartBrush train step for {target.name} ({target.topology_name}, {len(devices)} devices) "
           "on this host; the full SD step takes minutes", file=sys.stderr)
     out = {**versions(), "config": os.path.basename(_config_path())}
     if FLAGS.find_max_batch:
@@ -123,7 +128,7 @@ def console():
 
     sys.argv = [sys.argv[0]] + [_underscored(a) for a in sys.argv[1:]]
     check_config_file(sys.argv)
-    flags.mark_flags_as_required(["config", "topology"])
+    flags.mark_flags_as_required(["config"])
     app.run(main, flags_parser=parse_flags)
 
 

@@ -96,9 +96,38 @@ def throughput(flops_per_step: float, step_time_s: float, n_devices: int,
     return out
 
 
+# Matmuls of a flash-style attention kernel's backward per forward matmul pair (QK^T, PV):
+# splash's fused backward (models/attention.py) recomputes S and forms dP, dV, dK and dQ:
+# 5 matmuls against the forward's 2 (separate dQ and dK/dV kernels would take 7).
+KERNEL_BACKWARD_RATIO = 2.5
+
+
+def kernel_attention_flops(cfg: UNetConfig, batch: int, height: int, width: int, min_tokens: int,
+                           recompute: bool, lane: int = 128) -> Dict[str, float]:
+    """FLOPs of the self-attention calls of >= `min_tokens` tokens that a Pallas kernel runs
+    in one train step (forward, backward and, under `recompute`, remat's second forward),
+    which XLA's cost analysis does not see (a custom call). "padded" counts the head dim
+    rounded up to the MXU's `lane` width, as the kernel's tiles are (40 and 80 -> 128,
+    160 -> 256): the cost of SD's head dims on a 128-wide systolic array."""
+    calls: list = []
+    _forward_counts(cfg, batch, height, width, 77, True, calls)
+    fwd = padded = 0.0
+    for tokens, channels, heads in calls:
+        if tokens < min_tokens:
+            continue
+        hd = channels // heads
+        fwd += 2 * 2 * batch * heads * tokens * tokens * hd
+        padded += 2 * 2 * batch * heads * tokens * tokens * (-(-hd // lane) * lane)
+    factor = 1 + KERNEL_BACKWARD_RATIO + (1 if recompute else 0)
+    return {"forward": fwd, "step": fwd * factor, "step_padded": padded * factor, "passes": factor,
+            "calls": sum(1 for c in calls if c[0] >= min_tokens)}
+
+
 # ---------------------------------------------------------------------------- the walk
-def _forward_counts(cfg: UNetConfig, b: int, h: int, w: int, t: int, count_padding: bool) -> Dict[str, int]:
-    """FLOPs by kind ("conv", "dense", "attention"), following `UNet2DConditionModel.__call__`."""
+def _forward_counts(cfg: UNetConfig, b: int, h: int, w: int, t: int, count_padding: bool,
+                    calls: Optional[list] = None) -> Dict[str, int]:
+    """FLOPs by kind ("conv", "dense", "attention"), following `UNet2DConditionModel.__call__`;
+    `calls` (a list) gets (tokens, channels, heads) of every self-attention call."""
     n = {"conv": 0, "dense": 0, "attention": 0}
     boc, lpb = cfg.block_out_channels, cfg.layers_per_block
     temb = 4 * boc[0]
@@ -119,8 +148,10 @@ def _forward_counts(cfg: UNetConfig, b: int, h: int, w: int, t: int, count_paddi
         if cin != cout:
             conv(cin, cout, 1)  # conv_shortcut
 
-    def transformer(c, depth):
+    def transformer(c, depth, heads):
         tokens = b * h * w
+        if calls is not None:
+            calls.extend([(h * w, c, heads)] * depth)
         dense(tokens, c, c)  # proj_in (1x1 conv or linear: the same matmul)
         for _ in range(depth):
             for kv_tokens, kv_dim, kv_len in ((tokens, c, h * w), (b * t, cfg.cross_attention_dim, t)):
@@ -141,13 +172,13 @@ def _forward_counts(cfg: UNetConfig, b: int, h: int, w: int, t: int, count_paddi
             resnet(ch, boc[i])
             ch = boc[i]
             if kind == "CrossAttnDownBlock2D":
-                transformer(ch, cfg.transformer_layers_per_block[i])
+                transformer(ch, cfg.transformer_layers_per_block[i], cfg.num_heads[i])
             skips.append(ch)
         if i < len(boc) - 1:
             h, w = conv(ch, ch, 3, stride=2)  # downsamplers_0
             skips.append(ch)
     resnet(ch, ch)
-    transformer(ch, cfg.transformer_layers_per_block[-1])
+    transformer(ch, cfg.transformer_layers_per_block[-1], cfg.num_heads[-1])
     resnet(ch, ch)
     rev_depth = cfg.transformer_layers_per_block[::-1]
     for i, kind in enumerate(cfg.up_block_types):
@@ -156,7 +187,7 @@ def _forward_counts(cfg: UNetConfig, b: int, h: int, w: int, t: int, count_paddi
             resnet(ch + skips.pop(), out)
             ch = out
             if kind == "CrossAttnUpBlock2D":
-                transformer(ch, rev_depth[i])
+                transformer(ch, rev_depth[i], cfg.num_heads[::-1][i])
         if i < len(boc) - 1:
             h, w = 2 * h, 2 * w  # nearest 2x, then the conv
             conv(ch, ch, 3)  # upsamplers_0

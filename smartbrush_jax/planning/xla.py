@@ -156,6 +156,11 @@ def estimate(xla: Dict[str, Optional[float]], peak_flops: Optional[float], hbm_b
         flops, counted = analytic_flops, "our FLOP count (above XLA's)"
     if not (flops and peak_flops):
         return {"seconds": None, "method": "none: no FLOP count or no peak for this device"}
+    if not (xla.get("flops") or bytes_ or opt):
+        return {"seconds": None, "peak_seconds": flops / peak_flops,
+                "method": f"none: XLA gave no cost analysis for this target (a deviceless GPU compile); "
+                          f"{counted} at the device's peak would take {flops / peak_flops * 1e3:.1f} ms, a bound, "
+                          "not an estimate"}
     compute = flops / peak_flops
     memory_s = bytes_ / hbm_bytes_per_s if bytes_ and hbm_bytes_per_s else 0.0
     roof = max(compute, memory_s)
@@ -168,6 +173,21 @@ def estimate(xla: Dict[str, Optional[float]], peak_flops: Optional[float], hbm_b
                                        f"bandwidth){note}; a lower bound: collectives and overheads not counted",
             "roofline_seconds": roof, "optimal_seconds": opt, "compute_seconds": compute,
             "hbm_seconds": memory_s}
+
+
+def add_kernel_time(est: dict, kernel_flops: float, peak_flops: float, note: str) -> dict:
+    """`est` with the time of custom-call kernels XLA's cost analysis does not count (a
+    Pallas kernel is a custom call: no FLOPs, no time in `optimal_seconds`), at the chip's
+    peak: a lower bound for them, labelled."""
+    if not est.get("seconds") or not kernel_flops:
+        return est
+    extra = kernel_flops / peak_flops
+    out = dict(est, seconds=est["seconds"] + extra, kernel_seconds=extra, xla_seconds=est["seconds"])
+    for key in ("optimal_seconds", "roofline_seconds"):
+        if out.get(key):
+            out[key + "_with_kernels"] = out[key] + extra
+    out["method"] = f"{est['method']} + {extra * 1e3:.1f} ms of {note}"
+    return out
 
 
 def format_report(r: dict) -> str:
@@ -191,9 +211,17 @@ def format_report(r: dict) -> str:
     else:
         lines.append("collectives per step: none")
     e = r.get("estimate") or {}
+    if not e.get("seconds") and e.get("method"):
+        lines.append(f"step time estimate: {e['method']}")
     if e.get("seconds"):
         extra = f", MFU {r['mfu']:.2f}" if r.get("mfu") else ""
         lines.append(f"step time estimate: {e['seconds'] * 1e3:.1f} ms ({e['method']}){extra}")
+        side = [f"{name} {e[key] * 1e3:.1f} ms" for key, name in (("optimal_seconds", "XLA optimal_seconds"),
+                                                                   ("roofline_seconds", "roofline"))
+                if e.get(key) and e[key] > 0]
+        if side:
+            kern = f" (+{e['kernel_seconds'] * 1e3:.1f} ms of kernels each)" if e.get("kernel_seconds") else ""
+            lines.append("side by side: " + ", ".join(side) + kern)
     return "\n".join(lines)
 
 

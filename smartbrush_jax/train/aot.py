@@ -76,7 +76,8 @@ def report(config, target: targets.Target, cached: bool = False, devices=None) -
             "chip": dataclasses.asdict(target.chip), "per_chip_batch": per_chip_batch(config, n),
             "global_batch": config.train.batch_size, "resolution": config.data.resolution,
             "vae_in_step": not cached and config.model.autoencoder != "identity", "cached_latents": cached,
-            "remat": config.model.remat, "attention": config.model.attention_impl or "xla (jax default)",
+            "remat": config.model.remat, "attention": config.model.attention,
+            "attention_resolved": attention_line(config, target), "splash_min_tokens": config.model.splash_min_tokens,
             "dtype": config.model.dtype, "mesh": dict(config.mesh.shape), "dcn": dict(config.mesh.dcn_shape),
             "fsdp": bool(config.mesh.fsdp)}
     try:
@@ -92,10 +93,59 @@ def report(config, target: targets.Target, cached: bool = False, devices=None) -
     r = xla.step_report(c.compiled, analytic_flops=analytic, peak_flops=chip.bf16_tflops * 1e12,
                                    devices=n, hbm_bytes=chip.hbm_gib * GIB, hbm_bytes_per_s=chip.hbm_gbps * 1e9)
     r["flops"]["analytic_note"] = "our count: the U-Net forward + backward (3x forward) only"
+    kernel = splash_flops(config, c.models, head["per_chip_batch"], latent) if platform(target) == "tpu" else None
+    if kernel:
+        r["kernel_flops"] = kernel
+        r["estimate"] = xla.add_kernel_time(r["estimate"], kernel["step_padded"], chip.bf16_tflops * 1e12,
+                                            f"splash kernels ({kernel['calls']} self-attention calls of >= "
+                                            f"{kernel['min_tokens']} tokens, {kernel['passes']:g} passes, head "
+                                            "dim padded to 128 lanes) at bf16 peak, ours: XLA counts none")
+        if r["estimate"].get("seconds") and analytic:
+            r["mfu"] = analytic / (r["estimate"]["seconds"] * chip.bf16_tflops * 1e12)
     if r.get("estimate", {}).get("seconds"):
         r["images_per_s_per_chip"] = head["per_chip_batch"] / r["estimate"]["seconds"]
     return {**head, **r, "fits": r["memory"].get("fits"), "compile_seconds": c.seconds,
+            "custom_calls": custom_calls(c.compiled),
             "trainable_parameters": c.trainable_parameters, "mesh_axes": dict(c.mesh.shape)}
+
+
+def attention_line(config, target) -> str:
+    from smartbrush_jax.models.attention import describe
+
+    return describe(config.model.attention, platform(target), config.model.splash_min_tokens)
+
+
+def platform(target) -> str:
+    return "gpu" if target.chip.topology == "cuda" else "tpu"
+
+
+def splash_flops(config, models, per_chip: int, latent: int) -> Optional[dict]:
+    """The analytic FLOPs of the splash kernels in a TPU step (None when the step has none):
+    the attention choice resolved as `models.attention.choose` does on a TPU."""
+    from smartbrush_jax.planning import flops
+
+    if config.model.attention not in ("auto", "splash"):
+        return None
+    recompute = config.model.remat not in ("none", "attention_saveable", "dots_and_attention_saveable")
+    threshold = config.model.splash_min_tokens
+    k = flops.kernel_attention_flops(models.unet.config, per_chip, latent, latent, threshold, recompute)
+    return {**k, "min_tokens": threshold, "recompute": recompute} if k["calls"] else None
+
+
+def custom_calls(compiled) -> dict:
+    """Custom-call targets of the optimized program and how many of each: the evidence of
+    which kernels ran (`tpu_custom_call` is a Pallas/Mosaic kernel, `__cudnn$fmha...` cuDNN's
+    attention)."""
+    import re
+
+    try:
+        text = compiled.as_text()
+    except Exception:  # a backend without HLO text
+        return {}
+    out: dict = {}
+    for name in re.findall(r'custom_call_target="([^"]+)"', text):
+        out[name] = out.get(name, 0) + 1
+    return out
 
 
 def _first_lines(text: str, n: int) -> str:
@@ -137,13 +187,20 @@ def _brief(t: dict) -> dict:
 def summary_lines(r: dict) -> List[str]:
     inputs = "VAE encode in the step" if r["vae_in_step"] else "cached latents" if r["cached_latents"] else \
         "pixel space"
-    lines = [f"{r['topology']} ({r['topology_name']}, {r['chips']} chips, {r['chip']['device_kind']}, "
-             f"{r['chip']['hbm_gib']:.0f} GiB HBM): per-chip batch {r['per_chip_batch']} (global "
+    chip = r["chip"]
+    gpu = chip.get("topology") == "cuda"
+    memory = f"{chip['hbm_gib']:.1f} GiB for JAX, {chip['chip_config']}" if gpu else f"{chip['hbm_gib']:.0f} GiB HBM"
+    lines = [f"{r['topology']} ({r['topology_name']}, {r['chips']} {'GPUs' if gpu else 'chips'}, "
+             f"{chip['device_kind']}, {memory}): per-{'GPU' if gpu else 'chip'} batch {r['per_chip_batch']} (global "
              f"{r['global_batch']}) at {r['resolution']} px, "
-             f"{inputs}, remat {r['remat']}, attention {r['attention']}, {'FSDP' if r['fsdp'] else 'data parallel'}"]
+             f"{inputs}, remat {r['remat']}, attention {r['attention']}, {'FSDP' if r['fsdp'] else 'data parallel'}",
+             f"attention: {r.get('attention_resolved', r['attention'])}"]
     if r.get("compile_error"):
         lines.append(f"DOES NOT FIT: XLA refused the program: {r['compile_error']}")
     else:
         lines += xla.format_report(r).splitlines()
+        if r.get("images_per_s_per_chip"):
+            lines.append(f"images/s per {'GPU' if gpu else 'chip'}: {r['images_per_s_per_chip']:.1f} (the batch over "
+                         f"the step time estimate), MFU {r['mfu']:.2f} of our U-Net FLOPs")
         lines.append(f"compiled in {r['compile_seconds']:.0f}s")
     return lines
