@@ -217,10 +217,11 @@ ENTRY %main (p: f32[4]) -> f32[4] {
                                 "collective-permute": {"count": 1, "bytes": 1024 * 64 * 4}}
 
 
-@pytest.mark.parametrize("name,topology", [("tpu_v4", "v4-32"), ("tpu_v5p", "v5p-128")])
-def test_shipped_tpu_configs_are_what_was_compiled(name, topology):
+@pytest.mark.parametrize("name,topology,compiled_file", [
+    ("tpu_v4", "v4-32", "tpu_aot_v4-32_vae.json"), ("tpu_v5p", "v5p-128", "search/v5p-128_splash_none_b16_vae.json")])
+def test_shipped_tpu_configs_are_what_was_compiled(name, topology, compiled_file):
     """Each TPU config validates for its slice, and its committed ahead-of-time compile
-    (bench/results/tpu_aot_<slice>_vae.json, the figures its docstring quotes) is of this
+    (in bench/results/, with the VAE in the step: the figures its docstring quotes) is of this
     very step: the same batch per chip, remat, attention, mesh and dtype, and it fits."""
     import importlib.util
     import json
@@ -233,10 +234,11 @@ def test_shipped_tpu_configs_are_what_was_compiled(name, topology):
     c = mod.get_config()
     target = targets.parse(topology)
     validate(c, target.chips, target.hosts, data=False)
-    with open(os.path.join(ROOT, "bench", "results", f"tpu_aot_{topology}_vae.json")) as f:
+    assert compiled_file in mod.__doc__
+    with open(os.path.join(ROOT, "bench", "results", compiled_file)) as f:
         r = json.load(f)
     compiled = r["report"] if "report" in r else r
-    assert compiled["fits"] and compiled["memory"]["margin"] > 0.15 * compiled["memory"]["hbm"]
+    assert compiled["fits"] and compiled["memory"]["margin"] > 0.10 * compiled["memory"]["hbm"]
     assert compiled["per_chip_batch"] == c.train.batch_size // target.chips
     assert (compiled["remat"], compiled["attention"], compiled["dtype"], compiled["fsdp"]) == \
         (c.model.remat, c.model.attention, c.model.dtype, c.mesh.fsdp)

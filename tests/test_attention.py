@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from smartbrush_jax.models import UNet2DConditionModel, UNetConfig, attention
+from smartbrush_jax.models import attention
 from smartbrush_jax.models.layers import multi_head_attention
 
 pytestmark = pytest.mark.timeout(600)

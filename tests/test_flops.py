@@ -176,3 +176,20 @@ def test_compiled_flops_forms():
     assert "XLA cost analysis 12 TFLOP (4 x 3)" in xla.format_report(report)
     none = xla.step_report(fake(lambda: {}), analytic_flops=1, peak_flops=None)
     assert "XLA cost analysis unavailable" in xla.format_report(none) and "no MFU" in xla.format_report(none)
+
+
+def test_splash_kernel_flops_of_sd_v1_in_closed_form():
+    """The self-attention the splash kernel runs in SD v1 at 512 px: five transformers at
+    the 64x64 level (4096 tokens, 320 channels, 8 heads of 40) and five at 32x32 (1024
+    tokens, 640 channels, heads of 80); 4 x T^2 x C a call, forward. On the MXU the head
+    dims run padded to 128 lanes (x 128/40 and x 128/80)."""
+    cfg = dataclasses.replace(SD_V1_UNET, in_channels=5, out_channels=5, num_class_embeddings=11)
+    k = flops.kernel_attention_flops(cfg, 1, 64, 64, min_tokens=1024, recompute=False)
+    top, second = 4 * 4096**2 * 320, 4 * 1024**2 * 640
+    assert k["calls"] == 10 and k["forward"] == 5 * (top + second)
+    assert k["step_padded"] == 3.5 * 5 * (top * 128 / 40 + second * 128 / 80)
+    only_top = flops.kernel_attention_flops(cfg, 2, 64, 64, min_tokens=4096, recompute=True)
+    assert only_top["calls"] == 5 and only_top["step"] == 4.5 * 2 * 5 * top
+    # the attention term of the U-Net's own count holds the same self-attention FLOPs
+    counts = flops._forward_counts(cfg, 1, 64, 64, 77, True)
+    assert counts["attention"] > k["forward"]

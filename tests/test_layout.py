@@ -16,7 +16,7 @@ PKG = os.path.join(ROOT, "smartbrush_jax")
 # the documented `python -m` paths: they only call their command
 SHIMS = {"smartbrush_jax.train.__main__": "smartbrush_jax.cli.train",
          "smartbrush_jax.inpaint": "smartbrush_jax.cli.inpaint",
-         "smartbrush_jax.app.__main__": "smartbrush_jax.cli.app"}
+         "smartbrush_jax.app.__main__": "smartbrush_jax.cli.app", "smartbrush_jax.aot": "smartbrush_jax.cli.aot"}
 # a folder may import its own rank and those below it, never above; "" is the top-level modules
 RANKS = {"": 0, "models": 1, "interop": 2, "planning": 2, "data": 3, "pytorch": 3, "metrics": 4, "sampling": 4,
          "train": 5, "app": 6, "cli": 7}
