@@ -73,7 +73,7 @@ def main(argv) -> None:
         sys.exit(2)
     print(f"compiling the SmartBrush train step for {target.name} ({target.topology_name}, {len(devices)} devices) "
           "on this host; the full SD step takes minutes", file=sys.stderr)
-    out = {**versions(), "config": os.path.basename(_config_path())}
+    out = {**versions(), "config": os.path.basename(_config_path()), "xla_flags": os.environ.get("XLA_FLAGS", "")}
     if FLAGS.find_max_batch:
         partial = (lambda s: _write_json({**out, **s}, FLAGS.json)) if FLAGS.json else None
         search = aot.find_max_batch(config, target, FLAGS.cached_latents, max_compiles=FLAGS.max_compiles,

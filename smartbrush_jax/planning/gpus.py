@@ -22,6 +22,11 @@ from typing import Dict
 
 from smartbrush_jax.planning.targets import Chip, TargetError
 
+# Without a device XLA:GPU cannot autotune, and its default tiling of some Triton GEMM fusions
+# fails on the SD step ("Couldn't find output tile sizes that satisfy hlo" in the text
+# encoder's out_proj); cuBLAS GEMMs compile. The flag is added for the compile only.
+XLA_FLAG = "--xla_gpu_enable_triton_gemm=false"
+
 # JAX's GPU allocator takes this share of a GPU's memory unless XLA_PYTHON_CLIENT_MEM_FRACTION
 # says otherwise: what a step must fit in.
 DEFAULT_MEM_FRACTION = 0.75
@@ -116,6 +121,9 @@ class GpuTarget:
                               "environment (make .venv-gpu-aot, then run the same command with "
                               ".venv-gpu-aot/bin/python)")
         os.environ.setdefault("JAX_PLATFORMS", "cpu")  # the plugin then skips its CUDA-library check
+        flags = os.environ.get("XLA_FLAGS", "")
+        if "xla_gpu_enable_triton_gemm" not in flags:  # read when the GPU compiler starts, below
+            os.environ["XLA_FLAGS"] = f"{flags} {XLA_FLAG}".strip()
         from jax.experimental import topologies
 
         nodes = self.hosts
