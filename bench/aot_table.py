@@ -37,9 +37,16 @@ def load(paths):
 def row(name: str, search: dict, r: dict) -> str:
     chip = r["chip"]
     m = r["memory"]
-    est = xla.estimate(r["xla_costs"], chip["bf16_tflops"] * 1e12, chip["hbm_gbps"] * 1e9,
-                                  r["flops"]["analytic"])
-    mfu = r["flops"]["analytic"] / (est["seconds"] * chip["bf16_tflops"] * 1e12)
+    peak = chip["bf16_tflops"] * 1e12
+    est = xla.estimate(r["xla_costs"], peak, chip["hbm_gbps"] * 1e9, r["flops"]["analytic"])
+    kernel = r.get("kernel_flops")
+    if kernel:  # the splash kernels, which XLA's counts leave out (train/aot.py)
+        est = xla.add_kernel_time(est, kernel["step_padded"], peak, "splash kernels")
+    if not est.get("seconds"):
+        return (f"| {r['topology']} | {r['attention']} attention, remat {r['remat']} | - | {r['per_chip_batch']} | "
+                f"{m['total'] / GIB:.1f} ({m['temp'] / GIB:.1f}) | {m['margin'] / GIB:+.1f} | - | - | "
+                f"none: {est['method'].split(';')[0]} | - | - | {name} |")
+    mfu = r["flops"]["analytic"] / (est["seconds"] * peak)
     coll = ", ".join(f"{k} {v['bytes'] / GIB:.1f}" for k, v in r["collectives"].items() if v["bytes"] >= GIB / 100)
     from smartbrush_jax.planning.search import Probe, memory_line
 
@@ -56,14 +63,25 @@ def row(name: str, search: dict, r: dict) -> str:
     mesh = "FSDP" if r["fsdp"] else "DP"
     how = "XLA optimal_seconds" if est["method"].startswith("XLA") else \
         f"roofline ({'HBM' if 'HBM bandwidth-bound' in est['method'] else 'compute'})"
-    return (f"| {r['topology']} | {mesh}, {r['attention']} attention, remat {r['remat']} | {inputs} | "
+    if kernel:
+        how += f" + {est['kernel_seconds'] * 1e3:.0f} ms kernels at peak"
+    side = [f"{k.split('_')[0]} {est[k] * 1e3:.0f}" for k in ("optimal_seconds", "roofline_seconds")
+            if est.get(k) and est[k] > 0]
+    how += f" ({', '.join(side)} ms before kernels)" if kernel and side else f" ({', '.join(side)} ms)" if side else ""
+    attn = r["attention"] + (f" >= {r['splash_min_tokens']} tokens" if r["attention"] in ("splash", "auto")
+                             and r.get("splash_min_tokens") else "")
+    if "unfused" in name:
+        attn += " (unfused backward)"
+    return (f"| {r['topology']} | {mesh}, {attn} attention, remat {r['remat']} | {inputs} | "
             f"{r['per_chip_batch']} ({r['global_batch']}) | {m['total'] / GIB:.1f} ({m['temp'] / GIB:.1f}) | "
             f"{m['margin'] / GIB:+.1f} | {largest} | {coll} | {est['seconds'] * 1e3:.0f} ms, {how} | "
             f"{mfu:.2f} | {r['per_chip_batch'] / est['seconds']:.1f} | {name} |")
 
 
 def main(argv=None) -> int:
-    paths = (argv or sys.argv[1:]) or glob.glob(os.path.join(os.path.dirname(__file__), "results", "tpu_aot_*.json"))
+    here = os.path.join(os.path.dirname(__file__), "results")
+    paths = (argv or sys.argv[1:]) or (glob.glob(os.path.join(here, "tpu_aot_*.json")) +
+                                       glob.glob(os.path.join(here, "search", "*.json")))
     print("| Slice | Step | Inputs | Per chip (global) | GiB per chip (temporaries) | Margin GiB | Largest per-chip "
           "batch | Collectives GiB per chip per step | Step time estimate | MFU it implies | Images/s per chip | "
           "File |")
