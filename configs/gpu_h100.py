@@ -13,7 +13,7 @@ of replicated state, 36.5 of temporaries) of the 59.3 GiB JAX's allocator gives 
 21.4 GiB. The 4096- and 1024-token self-attention runs in cuDNN's flash kernel (10 calls
 forward, 10 backward in the compiled program); the 160-wide heads of the deeper levels and
 cross-attention stay on XLA. The same step for an H200 (gpu_aot_h200_cached.json) takes
-49.87 GiB of its 105.7: 64 per GPU would be the H200's batch. No step time: a deviceless XLA:GPU compile gives
+49.87 GiB of its 105.7 (the memory line puts 64 per GPU at ~86 GiB: a prediction, not compiled). No step time: a deviceless XLA:GPU compile gives
 no cost analysis (the U-Net's FLOPs at the bf16 peak would take 78 ms a step, a bound).
 """
 
