@@ -12,7 +12,7 @@ the workdir is the gs:// URL itself, which every worker writes through the GCS A
 Parameters are FSDP-sharded over the slice; the batch is split over data x fsdp.
 
 What fits, compiled for v4-32 on a CPU host (`python -m smartbrush_jax.cli.aot
---config=configs/tpu_v4.py --topology=v4-32`, bench/results/tpu_aot_v4-32_*.json): with
+--config=configs/tpu_v4.py --topology=v4-32`, bench/results/tpu_aot_v4-32_vae.json and _cached.json): with
 the VAE encode in the step, 22.3 GiB per chip (0.9 of state, 21.1 of temporaries), a 9.7
 GiB margin; with a latent cache 18.2 GiB. The memory line puts the largest batch at ~23
 per chip. That needs remat ("full") and the chunked attention: XLA's attention at the

@@ -6,17 +6,21 @@ EMA, data 0.8 / 0.2 with BLIP/label captions:
         --config.model.init_from=gs://bucket/models/stable-diffusion-v1-2 \\
         --config.data.prepared_dirs='("/mnt/gcs/bucket/data/coco_openimages", "/mnt/gcs/bucket/data/laion")'
 
-What fits, compiled for v5p-128 on a CPU host (`python -m smartbrush_jax.cli.aot
---config=configs/tpu_v5p.py --topology=v5p-128`, bench/results/tpu_aot_v5p-128_*.json):
-with the VAE encode in the step, 30.5 GiB per chip (13.4 of replicated state, 16.1 of
-temporaries), a 64.5 GiB margin; the memory line puts the largest batch at ~79 per chip
-(the paper's batch would also fit a v5p-64 at 32 per chip). Step time estimate 0.43 s
-(XLA's own estimate). Data parallel, not FSDP: a chip holds the replicated state with
-room to spare, and the only collective is one all-reduce of the gradients (1.6 GiB per
-chip per step: XLA reduces them in bf16), where FSDP on v4-32 moves ~48 GiB per chip per
-step. XLA's attention, not the chunked one (whose query loop costs gathers); remat stays:
-without it 16 images take 89.8 GiB with cached latents, a 5.2 GiB margin
-(tpu_aot_v5p-128_cached_no_remat.json), and the VAE in the step would not fit.
+What fits, compiled for v5p-128 on a CPU host (`python -m smartbrush_jax.aot
+--config=configs/tpu_v5p.py --topology=v5p-128`; bench/results/search/, bench/SCALING.md):
+splash attention (Pallas, fused backward) for the 4096- and 1024-token self-attention, XLA
+for the rest, and no remat, which splash makes affordable (XLA's attention without remat
+took 89.8 GiB of 95). With the VAE encode in the step (the paper's setting; compiled in
+search/v5p-128_splash_none_b16_vae.json): 30.6 GiB per chip, 64.4 GiB margin, estimate
+251 ms a step, 63.6 images/s per chip (37.4 before: XLA attention, remat full). With a
+latent cache: 30.4 GiB, 203 ms, 78.8 images/s per chip, MFU 0.41. Estimates are XLA's
+`optimal_seconds` for the program plus the splash kernels at the bf16 peak (their FLOPs with
+the head dim padded to 128 lanes; XLA counts none for a custom call). The per-chip batch
+is the global batch over the slice: the same config on a v5p-64 is 32 per chip, 46.9 GiB,
+89.3 images/s per chip (search/v5p-128_splash_none_b32.json: the per-chip program is the
+same). Data parallel, not FSDP: a chip holds the replicated state (13.3 GiB) with room to
+spare, and the only collective is one all-reduce of the gradients (1.6 GiB per chip per
+step: XLA reduces them in bf16).
 """
 
 import importlib.util
@@ -32,5 +36,6 @@ def get_config():
     c.train.steps = 25_000
     c.mesh.shape = {"data": -1, "fsdp": 1, "tensor": 1}
     c.mesh.fsdp = False
-    c.model.attention = "xla"  # remat stays "full" (from tpu_v4.py)
+    c.model.attention = "splash"
+    c.model.remat = "none"
     return c
