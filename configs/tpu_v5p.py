@@ -17,8 +17,9 @@ latent cache: 30.4 GiB, 203 ms, 78.8 images/s per chip, MFU 0.41. Estimates are 
 `optimal_seconds` for the program plus the splash kernels at the bf16 peak (their FLOPs with
 the head dim padded to 128 lanes; XLA counts none for a custom call). The per-chip batch
 is the global batch over the slice: the same config on a v5p-64 is 32 per chip, 46.9 GiB,
-89.3 images/s per chip (search/v5p-128_splash_none_b32.json: the per-chip program is the
-same). Data parallel, not FSDP: a chip holds the replicated state (13.3 GiB) with room to
+89.3 images/s per chip (search/v5p-128_splash_none_b32.json), and on a v5p-32 64 per chip,
+79.0 GiB (16 GiB margin), 96.3 images/s per chip, MFU 0.51 (search/..._b64.json): the
+fastest per chip, for a quarter of the chips and 1.6x the time per step. Data parallel, not FSDP: a chip holds the replicated state (13.3 GiB) with room to
 spare, and the only collective is one all-reduce of the gradients (1.6 GiB per chip per
 step: XLA reduces them in bf16).
 """
