@@ -19,7 +19,8 @@ the head dim padded to 128 lanes; XLA counts none for a custom call). The per-ch
 is the global batch over the slice: the same config on a v5p-64 is 32 per chip, 46.9 GiB,
 89.3 images/s per chip (search/v5p-128_splash_none_b32.json), and on a v5p-32 64 per chip,
 79.0 GiB (16 GiB margin), 96.3 images/s per chip, MFU 0.51 (search/..._b64.json): the
-fastest per chip: a quarter of the chips, 3.3x the time per step (664 ms against 203). Data parallel, not FSDP: a chip holds the replicated state (13.3 GiB) with room to
+fastest per chip: a quarter of the chips, 3.3x the time per step (664 ms against 203).
+Data parallel, not FSDP: a chip holds the replicated state (13.3 GiB) with room to
 spare, and the only collective is one all-reduce of the gradients (1.6 GiB per chip per
 step: XLA reduces them in bf16).
 """
