@@ -91,6 +91,7 @@ def test_the_heartbeat_keeps_a_long_run_alive(tmp_path):
     ("--config.train.steps=1.5", "--config.train.steps=1.5: invalid literal for int()"),
     ("--config.train.steps.x=1", "config.train.steps is a value, not a section"),
     ("--no_such_flag=1", "Unknown command line flag 'no_such_flag'"),
+    ("--config.model.attention_impl=xla", "config.model.attention_impl was renamed: use config.model.attention"),
 ])
 def test_train_config_lr_abc_and_train_bogus_are_one_line_exit_2(tmp_path, override, says):
     """Row: `train --config.optim.lr=abc` gave absl's usage text and exit 1,

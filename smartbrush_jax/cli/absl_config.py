@@ -54,8 +54,14 @@ def check_config_file(argv) -> None:
                 sys.exit(2)
 
 
+# fields that were renamed: an old override names the new field
+RENAMED = {"model.attention_impl": "model.attention (auto, xla, chunked, splash or cudnn; '' is now auto)"}
+
+
 def unknown_field(config, dotted: str):
     """What is wrong with the override path `section.field` of `config`, or None."""
+    if dotted in RENAMED:
+        return f"config.{dotted} was renamed: use config.{RENAMED[dotted]}"
     node, seen = config, "config"
     for part in dotted.split("."):
         keys = list(node.keys()) if hasattr(node, "keys") else None
