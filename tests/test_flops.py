@@ -29,7 +29,9 @@ CONFIGS = {  # name: (diffusers config, latent height, width)
 
 
 def _forward(cfg: UNetConfig, b: int, h: int, w: int, t: int):
-    model = UNet2DConditionModel(cfg)
+    # XLA's attention: the chunked one ("auto" on CPU) pads the queries to whole blocks, and
+    # XLA counts the padding
+    model = UNet2DConditionModel(cfg, attention_impl="xla")
     args = (jnp.zeros((b, h, w, cfg.in_channels)), jnp.zeros((b,), jnp.int32),
             jnp.zeros((b, t, cfg.cross_attention_dim)),
             jnp.zeros((b,), jnp.int32) if cfg.num_class_embeddings else None)

@@ -33,6 +33,7 @@ def main(argv) -> None:
     del argv
     if FLAGS.config is None or FLAGS.workdir is None:
         raise app.UsageError("--config and --workdir are required")
+    from smartbrush_jax.checkpoints import DiskFull
     from smartbrush_jax.errors import Failure, InputError
     from smartbrush_jax.train.loop import Distributed, TrainingError, run
 
@@ -43,7 +44,16 @@ def main(argv) -> None:
     except (TrainingError, Failure, InputError) as e:  # bad input: 2; a run that cannot go on: 1; bugs: traceback
         logging.error("%s", e)
         print(f"error: {e}", file=sys.stderr)
-        sys.exit(2 if isinstance(e, InputError) else 1)
+        code = 2 if isinstance(e, InputError) else 1
+        if isinstance(e, DiskFull):
+            # the run has closed everything of its own; what is left are the aborted save's
+            # writes in TensorStore's threads, whose callbacks print "Event loop is closed"
+            # tracebacks if the interpreter shuts down under them (seen under load): leave now
+            logging.flush()
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+        sys.exit(code)
 
 
 def console():
