@@ -39,6 +39,10 @@ SPLASH_MIN_TOKENS = 1024
 SPLASH_BLOCK = 512  # query and key block; fewer grid steps than the kernel's default 128
 RESIDUALS = "splash_residuals"  # the kernel's saved logsumexp, by name for remat policies
 
+# what "auto" means on each platform (jax names GPUs "gpu"; a deviceless CUDA topology "cuda")
+AUTO = {"tpu": "splash", "gpu": "cudnn", "cuda": "cudnn"}
+GPU_PLATFORMS = ("gpu", "cuda")
+
 _scope = threading.local()
 
 
@@ -77,9 +81,8 @@ def choose(implementation: Optional[str], tq: int, tk: int, head_dim: int, dtype
     impl = implementation or "auto"
     if impl not in IMPLEMENTATIONS:
         raise ValueError(f"attention implementation {implementation!r}; one of {IMPLEMENTATIONS}")
-    where = platform() if impl == "auto" else None
     if impl == "auto":
-        impl = {"tpu": "splash", "gpu": "cudnn", "cuda": "cudnn"}.get(where, "chunked")
+        impl = AUTO.get(platform(), "chunked")
     if impl == "splash":
         ok = self_attention and tq >= min_tokens() and tq % 128 == 0 and tk % 128 == 0
         return "splash" if ok else "xla"
@@ -88,7 +91,7 @@ def choose(implementation: Optional[str], tq: int, tk: int, head_dim: int, dtype
         # <= 128 (Hopper takes 256, but jax checks the host's backend in a deviceless compile)
         ok = self_attention and head_dim <= 128 and head_dim % 8 == 0 and tq % 2 == 0 and \
             jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
-        return "cudnn" if ok and platform() in ("gpu", "cuda") else "xla"
+        return "cudnn" if ok and platform() in GPU_PLATFORMS else "xla"
     return impl
 
 
@@ -97,7 +100,7 @@ def describe(implementation: Optional[str], platform_name: str, splash_min_token
     threshold = splash_min_tokens or SPLASH_MIN_TOKENS
     impl = implementation or "auto"
     if impl == "auto":
-        impl = {"tpu": "splash", "gpu": "cudnn", "cuda": "cudnn"}.get(platform_name, "chunked")
+        impl = AUTO.get(platform_name, "chunked")
         head = f"auto on {platform_name}: "
     else:
         head = ""
@@ -105,7 +108,7 @@ def describe(implementation: Optional[str], platform_name: str, splash_min_token
         return head + (f"splash (Pallas) for self-attention of >= {threshold} tokens, XLA for the rest"
                        + ("" if platform_name == "tpu" else "; interpret mode off a TPU"))
     if impl == "cudnn":
-        if platform_name not in ("gpu", "cuda"):
+        if platform_name not in GPU_PLATFORMS:
             return head + f"cudnn asked for, but {platform_name} has no cuDNN: XLA"
         return head + ("cuDNN flash attention for self-attention where the head dim (<= 128) and dtype (bf16/fp16) "
                        "allow, XLA otherwise")

@@ -111,7 +111,6 @@ def embed(num_embeddings: int, features: int, name: str, param_dtype: Dtype, ini
     )
 
 
-
 # Target size of one [B, N, chunk, Tk] float32 score block in the "chunked" attention:
 # small enough to stay in the last-level cache of a CPU core (see bench/CPU_PROFILE.md).
 CHUNK_SCORE_BYTES = 4 << 20

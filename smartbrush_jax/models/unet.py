@@ -62,6 +62,8 @@ REMAT_POLICIES = {
         jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
         jax.checkpoint_policies.save_only_these_names(ATTENTION_OUT, attention.RESIDUALS)),
 }
+# the policies under which the backward pass re-runs no attention forward
+KEEPS_ATTENTION = ("none", "attention_saveable", "dots_and_attention_saveable")
 # diffusers options this port implements only at their default value: a config that
 # changes one of them describes another architecture, and loading it must fail loudly.
 _FIXED_OPTIONS = {

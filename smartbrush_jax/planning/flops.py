@@ -111,16 +111,13 @@ def kernel_attention_flops(cfg: UNetConfig, batch: int, height: int, width: int,
     160 -> 256): the cost of SD's head dims on a 128-wide systolic array."""
     calls: list = []
     _forward_counts(cfg, batch, height, width, 77, True, calls)
-    fwd = padded = 0.0
-    for tokens, channels, heads in calls:
-        if tokens < min_tokens:
-            continue
-        hd = channels // heads
-        fwd += 2 * 2 * batch * heads * tokens * tokens * hd
-        padded += 2 * 2 * batch * heads * tokens * tokens * (-(-hd // lane) * lane)
+    # what the kernel takes (models/attention.choose): enough tokens, in whole 128-token blocks
+    kernel = [(t, c // heads, heads) for t, c, heads in calls if t >= min_tokens and t % 128 == 0]
+    fwd = sum(2 * 2 * batch * heads * t * t * hd for t, hd, heads in kernel)
+    padded = sum(2 * 2 * batch * heads * t * t * (-(-hd // lane) * lane) for t, hd, heads in kernel)
     factor = 1 + KERNEL_BACKWARD_RATIO + (1 if recompute else 0)
     return {"forward": fwd, "step": fwd * factor, "step_padded": padded * factor, "passes": factor,
-            "calls": sum(1 for c in calls if c[0] >= min_tokens)}
+            "calls": len(kernel)}
 
 
 # ---------------------------------------------------------------------------- the walk

@@ -10,7 +10,7 @@ on a machine without CUDA the plugin prints a traceback whenever JAX starts unle
 JAX_PLATFORMS excludes it. No GPU, no driver: XLA compiles with its default kernel
 choices (no autotuning), so argument and output bytes are exact and temporaries close
 to, not exactly, what a real GPU run allocates. XLA:GPU gives no cost analysis here, so
-step times come from our FLOP count (labelled).
+no step time is claimed: the report gives our FLOP count at the peak, labelled as a bound.
 """
 
 from __future__ import annotations

@@ -122,11 +122,12 @@ def platform(target) -> str:
 def splash_flops(config, models, per_chip: int, latent: int) -> Optional[dict]:
     """The analytic FLOPs of the splash kernels in a TPU step (None when the step has none):
     the attention choice resolved as `models.attention.choose` does on a TPU."""
+    from smartbrush_jax.models.unet import KEEPS_ATTENTION
     from smartbrush_jax.planning import flops
 
     if config.model.attention not in ("auto", "splash"):
         return None
-    recompute = config.model.remat not in ("none", "attention_saveable", "dots_and_attention_saveable")
+    recompute = config.model.remat not in KEEPS_ATTENTION
     threshold = config.model.splash_min_tokens
     k = flops.kernel_attention_flops(models.unet.config, per_chip, latent, latent, threshold, recompute)
     return {**k, "min_tokens": threshold, "recompute": recompute} if k["calls"] else None
