@@ -86,6 +86,29 @@ def _drop_disk_full_noise(record) -> bool:
     return not ((exc is not None and disk_full(exc)) or ("No space left on device" in text))
 
 
+def _closed_loop(unraisable) -> bool:
+    """A TensorStore write finishing after the event loop that awaited it was closed: an
+    aborted async save (a full disk) leaves such writes, and each one's done-callback
+    reports "Event loop is closed" through `sys.unraisablehook`, a traceback apiece."""
+    exc = unraisable.exc_value
+    return isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed"
+
+
+def _quiet_aborted_writes() -> None:
+    """Drop the closed-loop reports of `_closed_loop` (the save's failure is said once, by
+    `DiskFull`); every other unraisable exception still goes to the hook that was there."""
+    previous = sys.unraisablehook
+    if getattr(previous, "_smartbrush", False):
+        return
+
+    def hook(unraisable):
+        if not _closed_loop(unraisable):
+            previous(unraisable)
+
+    hook._smartbrush = True
+    sys.unraisablehook = hook
+
+
 def manager(workdir: str, keep_last: int, keep_every: int, async_save: bool = True) -> ocp.CheckpointManager:
     # cleanup_tmp_directories: a save killed mid-way leaves `<step>.orbax-checkpoint-tmp-*`
     # (never a finished-looking step); it is removed when the next run opens the manager
@@ -93,6 +116,7 @@ def manager(workdir: str, keep_last: int, keep_every: int, async_save: bool = Tr
 
     for name in ("asyncio", "absl"):  # asyncio's task errors; Orbax's own (through absl); added once
         std_logging.getLogger(name).addFilter(_drop_disk_full_noise)
+    _quiet_aborted_writes()
     options = ocp.CheckpointManagerOptions(
         max_to_keep=max(keep_last, 1), keep_period=keep_every or None, create=True,
         enable_async_checkpointing=async_save, cleanup_tmp_directories=True, atomicity_options=atomicity(workdir))
