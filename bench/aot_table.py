@@ -60,7 +60,7 @@ def row(name: str, search: dict, r: dict) -> str:
         if search.get("predicted_max_per_chip_batch"):
             largest += f"; line: {search['predicted_max_per_chip_batch']}"
     inputs = "VAE in step" if r["vae_in_step"] else "cached latents"
-    mesh = "FSDP" if r["fsdp"] else "DP"
+    mesh = f"FSDP gather {r.get('fsdp_gather') or 'per_use'}" if r["fsdp"] else "DP"
     how = "XLA optimal_seconds" if est["method"].startswith("XLA") else \
         f"roofline ({'HBM' if 'HBM bandwidth-bound' in est['method'] else 'compute'})"
     if kernel:

@@ -3,7 +3,8 @@
 # cached latents, each point compiled for the slice on this host (libtpu; no TPU), one JSON
 # per point in bench/results/search/<slice>_<attention>_<remat>_b<batch>.json;
 # `python bench/aot_table.py bench/results/search/*.json` tabulates them.
-#   bash bench/tpu_search.sh [v5p|v4]        (POINTS="splash:full:32 ..." to choose points)
+#   bash bench/tpu_search.sh [v5p|v4]        (POINTS="splash:full:32 ..." to choose points;
+#                                              v4 is FSDP: GATHER=once|per_use, mesh.fsdp_gather)
 # One v5p-128 compile takes ~6-8 minutes and up to ~20 GB of host memory here (v4-32 FSDP
 # ~12 minutes); points run one after another.
 set -uo pipefail
@@ -21,11 +22,14 @@ else
 fi
 for point in ${POINTS:-$default}; do
   IFS=: read -r attn remat batch min <<<"$point"
-  name="${topo}_${attn}_${remat}_b${batch}${min:+_min$min}"
+  gather=""
+  [[ $which == v4 ]] && gather="_gather-${GATHER:-once}"  # mesh.fsdp_gather (FSDP configs only)
+  name="${topo}_${attn}_${remat}_b${batch}${min:+_min$min}${gather}"
   [[ -s "$OUT/$name.json" && -z "${AGAIN:-}" ]] && { echo "== $name: have it" >&2; continue; }
   echo "== $name ($(date +%H:%M))" >&2
   "$PY" -m smartbrush_jax.cli.aot --config=$cfg --topology=$topo --cached_latents --per_chip_batch="$batch" \
     --config.model.attention="$attn" --config.model.remat="$remat" ${min:+--config.model.splash_min_tokens=$min} \
+    ${gather:+--config.mesh.fsdp_gather=${GATHER:-once}} \
     --json "$OUT/$name.json" 2>&1 | grep -v "^WARNING\|^E0000\|Source Location\|^learning/\|InitGoogle\|host bounds" \
     || echo "($name exited ${PIPESTATUS[0]})" >&2
 done

@@ -16,6 +16,7 @@ REMAT = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable", "a
          "dots_and_attention_saveable")
 # `models.attention.IMPLEMENTATIONS`, likewise
 ATTENTION = ("auto", "xla", "chunked", "splash", "cudnn")
+FSDP_GATHER = ("once", "per_use")
 
 
 class ConfigError(InputError, ValueError):
@@ -59,6 +60,8 @@ def validate(c: ml_collections.ConfigDict, num_devices: int | None = None, proce
          f"must be >= 128 (the kernel's block), got {c.model.splash_min_tokens}")
     need(c.model.remat in REMAT, "model.remat",
          f"must be one of {REMAT} (what the backward pass keeps; see models/unet.py), got {c.model.remat!r}")
+    need(c.mesh.fsdp_gather in FSDP_GATHER, "mesh.fsdp_gather",
+         f"must be one of {FSDP_GATHER} (see settings.MeshConfig), got {c.mesh.fsdp_gather!r}")
     need(c.data.prefetch_to_device >= 0, "data.prefetch_to_device", f"must be >= 0, got {c.data.prefetch_to_device}")
     need(c.loss.eps_region in ("all", "mask"), "loss.eps_region", f"must be 'all' or 'mask', got {c.loss.eps_region!r}")
     need(0.0 <= c.loss.text_dropout <= 1.0, "loss.text_dropout", "must be in [0, 1]")

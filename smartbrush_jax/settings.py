@@ -135,6 +135,11 @@ class MeshConfig:
     shape: Dict[str, int] = dataclasses.field(default_factory=lambda: {"data": -1, "fsdp": 1, "tensor": 1})  # -1 fills
     dcn_shape: Dict[str, int] = dataclasses.field(default_factory=lambda: {"data": 1, "fsdp": 1, "tensor": 1})
     fsdp: bool = False  # shard parameters' out_features over the fsdp axis
+    # with fsdp: "once" gathers the U-Net's weights in the compute dtype at the top of the step,
+    # kept for the forward, its recompute and the backward (one gather per step, the gathered
+    # copy in memory all step; gradients reduce-scattered in float32); "per_use": XLA gathers
+    # each weight where it is used, again in the recompute and the backward
+    fsdp_gather: str = "once"
 
 
 @dataclasses.dataclass(frozen=True)

@@ -154,7 +154,10 @@ def test_nonfinite_steps_in_a_row_stop_the_run(tmp_path, data_dir):
 
 @pytest.mark.parametrize("mesh", [("data", ["--config.mesh.shape.data=8"]),
                                   ("fsdp", ["--config.mesh.shape.data=1", "--config.mesh.shape.fsdp=8",
-                                            "--config.mesh.fsdp=True"])], ids=lambda m: m[0])
+                                            "--config.mesh.fsdp=True"]),
+                                  ("fsdp_per_use", ["--config.mesh.shape.data=1", "--config.mesh.shape.fsdp=8",
+                                                    "--config.mesh.fsdp=True", "--config.mesh.fsdp_gather=per_use"])],
+                         ids=lambda m: m[0])
 def test_eight_devices_match_one(tmp_path, one_device_run, data_dir, mesh):
     one = one_device_run  # in this process: one CPU device (built once for both meshes)
     eight = _workdir(tmp_path, data_dir, "eight")  # eight simulated devices need a process of their own
@@ -179,6 +182,7 @@ def test_bad_config_values_are_refused():
         ("loss.eps_region", "box", "must be 'all' or 'mask'"),
         ("optim.lr", -1.0, "must be > 0"),
         ("train.peak_tflops", -1.0, "must be >= 0"),
+        ("mesh.fsdp_gather", "twice", "must be one of"),
     ]:
         bad = base_config()
         bad.data.synthetic_scenes = 10

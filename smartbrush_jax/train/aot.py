@@ -79,7 +79,7 @@ def report(config, target: targets.Target, cached: bool = False, devices=None) -
             "remat": config.model.remat, "attention": config.model.attention,
             "attention_resolved": attention_line(config, target), "splash_min_tokens": config.model.splash_min_tokens,
             "dtype": config.model.dtype, "mesh": dict(config.mesh.shape), "dcn": dict(config.mesh.dcn_shape),
-            "fsdp": bool(config.mesh.fsdp)}
+            "fsdp": bool(config.mesh.fsdp), "fsdp_gather": config.mesh.fsdp_gather if config.mesh.fsdp else None}
     try:
         c = compile_step(config, devices, cached)
     except Exception as e:  # XLA: RESOURCE_EXHAUSTED (out of HBM) is the answer "does not fit"
@@ -194,7 +194,7 @@ def summary_lines(r: dict) -> List[str]:
     lines = [f"{r['topology']} ({r['topology_name']}, {r['chips']} {'GPUs' if gpu else 'chips'}, "
              f"{chip['device_kind']}, {memory}): per-{'GPU' if gpu else 'chip'} batch {r['per_chip_batch']} (global "
              f"{r['global_batch']}) at {r['resolution']} px, "
-             f"{inputs}, remat {r['remat']}, attention {r['attention']}, {'FSDP' if r['fsdp'] else 'data parallel'}",
+             f"{inputs}, remat {r['remat']}, attention {r['attention']}, {fsdp_words(r)}",
              f"attention: {r.get('attention_resolved', r['attention'])}"]
     if r.get("compile_error"):
         lines.append(f"DOES NOT FIT: XLA refused the program: {r['compile_error']}")
@@ -205,3 +205,11 @@ def summary_lines(r: dict) -> List[str]:
                          f"the step time estimate), MFU {r['mfu']:.2f} of our U-Net FLOPs")
         lines.append(f"compiled in {r['compile_seconds']:.0f}s")
     return lines
+
+
+def fsdp_words(r: dict) -> str:
+    """"data parallel", or FSDP with how its weights were gathered (a report from before
+    `mesh.fsdp_gather` existed gathered per use)."""
+    if not r["fsdp"]:
+        return "data parallel"
+    return f"FSDP (weights gathered {r.get('fsdp_gather') or 'per_use'})"

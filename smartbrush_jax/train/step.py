@@ -181,7 +181,8 @@ def build_step(config, models, mesh, empty_tokens, corrupt_grads=None, materiali
 
     tx = make_optimizer(config)
     state, frozen, state_shardings, frozen_shardings = init_state(models, config, tx, mesh, materialize)
-    train_step = make_train_step(models, config, tx, empty_tokens, corrupt_grads)
+    train_step = make_train_step(models, config, tx, empty_tokens, corrupt_grads,
+                                 param_shardings=state_shardings.params)
 
     def on_mesh(*args):  # traced with the mesh in scope: splash attention shards over it
         with attention.mesh_scope(mesh, config.model.splash_min_tokens):
@@ -239,10 +240,46 @@ def init_state(models, config, tx, mesh, materialize: bool = True):
     return state, frozen, state_shardings, frozen_shardings
 
 
+def _gathered(x, shard, whole):
+    return jax.lax.with_sharding_constraint(x, whole)
+
+
+def _gathered_fwd(x, shard, whole):
+    return jax.lax.with_sharding_constraint(x, whole), None
+
+
+def _gathered_bwd(shard, whole, _, ct):
+    # the cotangent of the whole weight is each chip's partial sum: summed into the weight's
+    # own shards (a reduce-scatter), not summed whole on every chip as the transpose of the
+    # constraint would (an all-reduce, twice the bytes)
+    return (jax.lax.with_sharding_constraint(ct, shard),)
+
+
+_gathered = jax.custom_vjp(_gathered, nondiff_argnums=(1, 2))
+_gathered.defvjp(_gathered_fwd, _gathered_bwd)
+
+
+def gather_once(params, shardings, dtype):
+    """FSDP's weights gathered whole, once, for the step (`mesh.fsdp_gather = "once"`): every
+    float32 weight is gathered and cast to the compute dtype (XLA casts before it gathers),
+    so the forward, the recompute of `remat` and the backward read one gathered copy (XLA
+    otherwise gathers a weight at each use: three times a step under remat), and the
+    gradients are reduce-scattered in float32 into the weights' shards."""
+    def one(p, shard):
+        if not jnp.issubdtype(p.dtype, jnp.floating):
+            return p
+        return _gathered(p, shard, sharding.replicated(shard.mesh)).astype(dtype)
+
+    return jax.tree_util.tree_map(one, params, shardings)
+
+
 def make_train_step(models: Models, config, tx, empty_tokens: np.ndarray,
-                    corrupt_grads: Optional[Callable[[Any, jax.Array], Any]] = None):
+                    corrupt_grads: Optional[Callable[[Any, jax.Array], Any]] = None, param_shardings=None):
     """(state, frozen, batch) -> (state, metrics). Pure; jit it with shardings and donation.
-    `corrupt_grads(grads, step) -> grads`: fault injection for tests (a non-finite gradient)."""
+    `corrupt_grads(grads, step) -> grads`: fault injection for tests (a non-finite gradient).
+    `param_shardings`: the U-Net parameters' shardings, for `mesh.fsdp_gather = "once"`."""
+    once = param_shardings is not None and config.mesh.fsdp and config.mesh.fsdp_gather == "once"
+    compute_dtype = jnp.dtype(config.model.dtype)
     loss_cfg = loss_config(config)
     acp = jnp.asarray(models.schedule.alphas_cumprod())
     decay = config.optim.ema_decay
@@ -259,6 +296,8 @@ def make_train_step(models: Models, config, tx, empty_tokens: np.ndarray,
         latents, masks = encode(models, frozen, batch, k_enc)
 
         def loss_fn(params):
+            if once:
+                params = gather_once(params, param_shardings, compute_dtype)
             apply = lambda p, x, t, c, s: models.unet.apply({"params": p}, x, t, c, s)  # noqa: E731
             return smartbrush_loss(apply, params, {"latents": latents, "masks": masks, "context": context},
                                    k_loss, acp, loss_cfg)
