@@ -45,7 +45,7 @@ demo: $(STAMP)
 # trained session fixtures are built once for both workers (tests/conftest.py: built_once)
 test: $(STAMP) $(GPU_VENV)/.installed
 	bash tests/setup_browser.sh
-	$(PY) -m pytest -q -n 2 --dist loadfile
+	$(PY) -m pytest -q -n 2 --dist loadfile --durations=20
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow"

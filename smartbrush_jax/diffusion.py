@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from smartbrush_jax.masks import degrade_mask, dice_loss, mask_iou
+from smartbrush_jax.sampling.solvers import PREDICTIONS, SPACINGS
 from smartbrush_jax.settings import LossConfig
 
 ApplyFn = Callable[..., jax.Array]
@@ -32,15 +33,23 @@ class NoiseSchedule:
     beta_schedule: str = "scaled_linear"
     set_alpha_to_one: bool = False  # SD v1's DDIM config
     steps_offset: int = 1
+    prediction_type: str = "epsilon"  # what the U-Net predicts: "epsilon" or "v_prediction" (SD 2.x 768)
+    # how a sampler spaces its steps ("leading", "linspace", "trailing"); None: each diffusers
+    # scheduler's own default, as when a config that does not say is loaded into it
+    timestep_spacing: Optional[str] = None
+
+    def __post_init__(self):
+        if self.prediction_type not in PREDICTIONS:
+            raise ValueError(f"scheduler: prediction_type {self.prediction_type!r} is not supported "
+                             f"({', '.join(PREDICTIONS)})")
+        if self.timestep_spacing not in (None,) + SPACINGS:
+            raise ValueError(f"scheduler: timestep_spacing {self.timestep_spacing!r} is not supported "
+                             f"({', '.join(SPACINGS)})")
 
     @classmethod
     def from_diffusers(cls, cfg: Optional[dict]) -> "NoiseSchedule":
         """From a diffusers `scheduler_config.json` dict (None: SD v1 defaults)."""
         cfg = cfg or {}
-        if cfg.get("prediction_type", "epsilon") != "epsilon":
-            raise ValueError(f"scheduler: prediction_type {cfg['prediction_type']!r} is not supported (epsilon only)")
-        if cfg.get("timestep_spacing", "leading") != "leading":
-            raise ValueError(f"scheduler: timestep_spacing {cfg['timestep_spacing']!r} is not supported (leading)")
         fields = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in cfg.items() if k in fields})
 
@@ -55,13 +64,6 @@ class NoiseSchedule:
     def alphas_cumprod(self) -> np.ndarray:
         """[T] float32, computed in float64."""
         return np.cumprod(1.0 - self.betas()).astype(np.float32)
-
-    def ddim_timesteps(self, num_steps: int) -> np.ndarray:
-        """DDIM's `leading` spacing with `steps_offset`, high to low, as diffusers sets them."""
-        if not 1 <= num_steps <= self.num_train_timesteps:
-            raise ValueError(f"num_steps must be in [1, {self.num_train_timesteps}], got {num_steps}")
-        ratio = self.num_train_timesteps // num_steps
-        return (np.arange(num_steps)[::-1] * ratio + self.steps_offset).astype(np.int32)
 
 
 # ---------------------------------------------------------------------------- forward process
@@ -81,15 +83,21 @@ def compose_noisy_latent(x0: jax.Array, noise: jax.Array, t: jax.Array, mask: ja
 # ---------------------------------------------------------------------------- loss
 def smartbrush_loss(apply_fn: ApplyFn, params: Any, batch: Dict[str, jax.Array], rng: jax.Array,
                     alphas_cumprod: jax.Array,
-                    cfg: LossConfig = LossConfig()) -> Tuple[jax.Array, Dict[str, jax.Array]]:
+                    cfg: LossConfig = LossConfig(),
+                    prediction_type: str = "epsilon") -> Tuple[jax.Array, Dict[str, jax.Array]]:
     """The SmartBrush objective for one batch; pure, jittable, differentiable in `params`.
 
     batch: `latents` [B,h,w,C] (scaled VAE latents), `masks` [B,h,w] (exact object masks on
     the latent grid), `context` [B,T,D]; optional `levels` [B] (else uniform in [0, S]; an
     image-text example carries a full mask, for which every level gives the same mask).
+    `prediction_type`: the U-Net's parameterisation, whose target the MSE takes: the noise
+    (`epsilon`) or v = sqrt(abar_t) noise - sqrt(1 - abar_t) x0 (`v_prediction`); the mask
+    head's DICE is the same for both.
     Returns (loss, parts) with parts `mse`, `dice`, `iou` (predicted mask at 0.5 against
     the exact mask), `t`, `levels`.
     """
+    if prediction_type not in PREDICTIONS:
+        raise ValueError(f"prediction_type {prediction_type!r}; one of {PREDICTIONS}")
     x0, m = batch["latents"], batch["masks"].astype(jnp.float32)
     b = x0.shape[0]
     k_t, k_s, k_eps = jax.random.split(rng, 3)
@@ -102,8 +110,12 @@ def smartbrush_loss(apply_fn: ApplyFn, params: Any, batch: Dict[str, jax.Array],
     x_t = compose_noisy_latent(x0, noise, t, m_s, alphas_cumprod)
     out = apply_fn(params, jnp.concatenate([x_t, m_s[..., None]], axis=-1), t, batch["context"], levels)
     c = x0.shape[-1]  # latent channels: 4 for SD's VAE, 3 for a pixel-space model
-    eps_hat, logit = out[..., :c].astype(jnp.float32), out[..., c].astype(jnp.float32)
-    sq = (eps_hat - noise) ** 2
+    pred, logit = out[..., :c].astype(jnp.float32), out[..., c].astype(jnp.float32)
+    target = noise
+    if prediction_type == "v_prediction":
+        a = alphas_cumprod[t][:, None, None, None]
+        target = jnp.sqrt(a) * noise - jnp.sqrt(1.0 - a) * x0
+    sq = (pred - target.astype(jnp.float32)) ** 2
     if cfg.eps_region == "all":
         mse = sq.mean()
     else:

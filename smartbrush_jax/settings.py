@@ -213,6 +213,8 @@ class SamplerConfig:
     """Every knob of SmartBrush sampling, shared by the JAX sampler (`sampling.sampler.sample`) and
     the PyTorch pipeline (each is a CLI flag of `inpaint`)."""
 
+    sampler: str = "ddim"  # "ddim", "dpm++2m", "euler", "euler_a" (sampling/solvers.py)
+    karras: bool = False  # Karras sigmas (dpm++2m and euler)
     num_steps: int = 50
     guidance_scale: float = 7.5
     eta: float = 0.0
@@ -226,6 +228,12 @@ class SamplerConfig:
         _check(0.0 <= self.mask_warmup <= 1.0, f"mask_warmup must be in [0, 1], got {self.mask_warmup}")
         _check(0.0 < self.mask_threshold < 1.0, f"mask_threshold must be in (0, 1), got {self.mask_threshold}")
         _check(self.num_steps >= 1, f"num_steps must be >= 1, got {self.num_steps}")
+        from smartbrush_jax.sampling.solvers import KARRAS, SAMPLERS
+
+        _check(self.sampler in SAMPLERS, f"sampler must be one of {', '.join(SAMPLERS)}, got {self.sampler!r}")
+        _check(not self.karras or self.sampler in KARRAS,
+               f"karras is an option of {' and '.join(KARRAS)}, not of {self.sampler}")
+        _check(self.eta == 0 or self.sampler == "ddim", f"eta is DDIM's; {self.sampler} takes none")
         _check(math.isfinite(self.eta) and self.eta >= 0, f"eta must be finite and >= 0, got {self.eta}")
         _check(math.isfinite(self.guidance_scale) and self.guidance_scale >= 0,  # NaN painted the region black
                f"guidance_scale must be finite and >= 0, got {self.guidance_scale}")

@@ -104,7 +104,11 @@ def _iou(a, b):
     return (a & b).sum() / max((a | b).sum(), 1)
 
 
-def test_pytorch_sampler_matches_jax_sampler(latent_export):
+@pytest.mark.parametrize("sampler,karras", [("ddim", False), ("dpm++2m", False), ("dpm++2m", True),
+                                            ("euler", False)])
+def test_pytorch_sampler_matches_jax_sampler(latent_export, sampler, karras):
+    """Our sampler against the PyTorch pipeline's loop on diffusers' own schedulers (built
+    from the export's scheduler config), the background rule included."""
     sd, path = latent_export
     pipe = SmartBrushPipeline.from_pretrained(path)
     assert pipe.vae is not None and pipe.num_levels == 10
@@ -114,13 +118,13 @@ def test_pytorch_sampler_matches_jax_sampler(latent_export):
     cond, uncond = (rng.standard_normal((2, 77, 32)).astype(np.float32) for _ in range(2))
     unet = sd.unet()
     apply = lambda p, x, t, c, s: unet.apply({"params": p}, x, t, c, s)  # noqa: E731
-    cfg = SamplerConfig(num_steps=10, guidance_scale=7.5)
+    cfg = SamplerConfig(num_steps=10, guidance_scale=7.5, sampler=sampler, karras=karras)
     latents, pred = jax.jit(lambda *a: sample(apply, *a, NoiseSchedule.from_diffusers(sd.scheduler_config), cfg,
                                               init_noise=jnp.asarray(noise)))(
         sd.unet_params, x0, mask, levels, cond, uncond, jax.random.PRNGKey(0))
     ref, ref_pred = pipe.sample(_nchw(x0), torch.from_numpy(mask), torch.from_numpy(levels).long(),
                                 torch.from_numpy(cond), torch.from_numpy(uncond), _nchw(noise),
-                                SamplerConfig(num_steps=10, guidance_scale=7.5))
+                                cfg)
     pred, ref_pred = np.asarray(pred), ref_pred.numpy()
     assert rel_err(np.asarray(latents), ref.permute(0, 2, 3, 1).numpy()) <= 1e-4
     assert _iou(pred, ref_pred) >= 0.99

@@ -60,7 +60,10 @@ def write_diffusers_folder(sd, out: str, pipeline: str = "StableDiffusionPipelin
         "_class_name": "DDIMScheduler", **version, "num_train_timesteps": schedule.num_train_timesteps,
         "beta_start": schedule.beta_start, "beta_end": schedule.beta_end, "beta_schedule": schedule.beta_schedule,
         "set_alpha_to_one": schedule.set_alpha_to_one, "steps_offset": schedule.steps_offset,
-        "clip_sample": False, "prediction_type": "epsilon", "timestep_spacing": "leading"})
+        "clip_sample": False, "prediction_type": schedule.prediction_type,
+        # the spacing only where the source said one: unset, each scheduler class uses its own
+        # default (DDIM leading, DPM-Solver and Euler linspace), as with SD's own configs
+        **({"timestep_spacing": schedule.timestep_spacing} if schedule.timestep_spacing else {})})
     index = {"_class_name": pipeline, **version,
              "unet": ["diffusers", "UNet2DConditionModel"],
              "vae": ["diffusers", "AutoencoderKL"] if sd.vae_config is not None else [None, None],

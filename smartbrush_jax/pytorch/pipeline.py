@@ -1,7 +1,8 @@
 """SmartBrush inpainting in PyTorch on stock diffusers/transformers components: the same
-sampler as `smartbrush_jax.sampling.sampler.sample` (DDIM, classifier-free guidance, precision
-level as `class_labels`, background restored outside the predicted mask after every
-step) and the same image handling (`smartbrush_jax.compositing`). No JAX needed.
+sampler as `smartbrush_jax.sampling.sampler.sample` (DDIM, DPM-Solver++ 2M, Euler or Euler
+ancestral through diffusers' own schedulers, classifier-free guidance, precision level as
+`class_labels`, background restored outside the predicted mask after every step) and the
+same image handling (`smartbrush_jax.compositing`). No JAX needed.
 
     pipe = SmartBrushPipeline.from_pretrained("exports/smartbrush")   # smartbrush-export output
     result = pipe(image_u8, mask_bool, "a flamingo", precision=3, seed=0)
@@ -56,9 +57,7 @@ class SmartBrushPipeline:
                                 f"embedding; this one has {cfg.in_channels} / {cfg.out_channels} and "
                                 f"num_class_embeds={cfg.num_class_embeds}")
         if scheduler.config.get("clip_sample") or scheduler.config.get("thresholding"):
-            raise PipelineError("the scheduler clips or thresholds samples; SmartBrush's DDIM does neither")
-        if scheduler.config.get("timestep_spacing", "leading") != "leading":
-            raise PipelineError("only timestep_spacing='leading' DDIM schedules are supported")
+            raise PipelineError("the scheduler clips or thresholds samples; SmartBrush's samplers do neither")
         self.latent_channels = latent
         self.num_levels = cfg.num_class_embeds - 1
         self.vae_factor = 1 if vae is None else downsampling_factor(vae.config.block_out_channels)
@@ -137,25 +136,47 @@ class SmartBrushPipeline:
         c, b = x0.shape[1], x0.shape[0]
         m = (mask > 0.5).to(x0.dtype)
         m4 = m[:, None]
-        self.scheduler.set_timesteps(cfg.num_steps)
+        sched = self.scheduler_for(cfg)
+        sched.set_timesteps(cfg.num_steps)
+        # Euler's sample lives in sigma space (the U-Net's input times sqrt(1 + sigma^2)): the
+        # clean background is put back at the scale of the level the sample is at
+        sigma_space = type(sched).__name__.startswith("Euler")
+        scale = (lambda i: float((1.0 + sched.sigmas[i] ** 2) ** 0.5)) if sigma_space else (lambda i: 1.0)
         warmup = int(round(cfg.mask_warmup * cfg.num_steps))
-        x = noise.to(x0.dtype) * m4 + x0 * (1.0 - m4)
+        x = noise.to(x0.dtype) * float(sched.init_noise_sigma) * m4 + x0 * scale(0) * (1.0 - m4)
         context = torch.cat([cond, uncond])
         labels = torch.cat([levels, levels]).to(self.device)
+        step_kw = {"eta": cfg.eta} if cfg.sampler == "ddim" else {}
+        if cfg.sampler in ("ddim", "euler_a"):
+            step_kw["generator"] = generator
         pred = m
-        for i, t in enumerate(self.scheduler.timesteps):
-            inp = torch.cat([x, m4], dim=1)
+        for i, t in enumerate(sched.timesteps):
+            inp = torch.cat([sched.scale_model_input(x, t), m4], dim=1)
             out = self.unet(torch.cat([inp, inp]).to(self.dtype), t, context.to(self.dtype),
                             class_labels=labels).sample.to(x0.dtype)
-            eps_c, eps_u = out[:b, :c], out[b:, :c]
-            eps = eps_u + cfg.guidance_scale * (eps_c - eps_u)
-            x = self.scheduler.step(eps, t, x, eta=cfg.eta, generator=generator).prev_sample
+            out_c, out_u = out[:b, :c], out[b:, :c]
+            x = sched.step(out_u + cfg.guidance_scale * (out_c - out_u), t, x, **step_kw).prev_sample
             pred = predicted_region(out[:b, c], m, cfg)
             region = m if (not cfg.use_predicted_mask or i < warmup) else pred
-            x = x * region[:, None] + x0 * (1.0 - region[:, None])
+            x = x * region[:, None] + x0 * scale(i + 1) * (1.0 - region[:, None])
             if progress is not None:
                 progress(i)
         return x, pred
+
+    def scheduler_for(self, cfg: SamplerConfig):
+        """A fresh diffusers scheduler of `cfg.sampler` on the export's scheduler config (keys
+        the file left unset take the class's own defaults, as in diffusers)."""
+        from diffusers import (
+            DDIMScheduler,
+            DPMSolverMultistepScheduler,
+            EulerAncestralDiscreteScheduler,
+            EulerDiscreteScheduler,
+        )
+
+        classes = {"ddim": DDIMScheduler, "dpm++2m": DPMSolverMultistepScheduler, "euler": EulerDiscreteScheduler,
+                   "euler_a": EulerAncestralDiscreteScheduler}
+        extra = {"use_karras_sigmas": True} if cfg.karras else {}
+        return classes[cfg.sampler].from_config(self.scheduler.config, **extra)
 
     # -- the whole thing
     def __call__(self, image: np.ndarray, mask: np.ndarray, prompt: str, negative_prompt: str = "",

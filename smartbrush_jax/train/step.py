@@ -300,7 +300,7 @@ def make_train_step(models: Models, config, tx, empty_tokens: np.ndarray,
                 params = gather_once(params, param_shardings, compute_dtype)
             apply = lambda p, x, t, c, s: models.unet.apply({"params": p}, x, t, c, s)  # noqa: E731
             return smartbrush_loss(apply, params, {"latents": latents, "masks": masks, "context": context},
-                                   k_loss, acp, loss_cfg)
+                                   k_loss, acp, loss_cfg, models.schedule.prediction_type)
 
         (loss, parts), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
         if corrupt_grads is not None:
