@@ -211,14 +211,20 @@ def test_collective_bytes_from_optimized_hlo_text():
 ENTRY %main (p: f32[4]) -> f32[4] {
   %cp = (f32[1024,64]{1,0}, f32[1024,64]{1,0}, u32[], u32[]) collective-permute-start(%x), source_target_pairs={{0,1}}
   %cpd = f32[1024,64]{1,0} collective-permute-done(%cp)
-  %ag = (bf16[8,128]{1,0}, bf16[32,128]{1,0}) all-gather-start(%y), dimensions={0}
+  %ag = (bf16[8,128]{1,0}, bf16[32,128]{1,0}) all-gather-start(%y), dimensions={0}, metadata={op_name="jit(f)/dot_general" source_file="a.py"}
   %ar = f32[10]{0} all-reduce(%z), to_apply=%add
 }
 """
-    assert collectives(hlo) == {"all-reduce": {"count": 1, "bytes": 40},
-                                "all-gather": {"count": 1, "bytes": 32 * 128 * 2},
-                                "reduce-scatter": {"count": 1, "bytes": 3 * 3 * 64 * 16 * 4},
-                                "collective-permute": {"count": 1, "bytes": 1024 * 64 * 4}}
+    got = collectives(hlo)
+    assert got["all-gather"].pop("top_sources") == [{"op": "jit(f)/dot_general", "count": 1, "bytes": 32 * 128 * 2}]
+    assert got["all-reduce"].pop("top_sources") == [{"op": "?", "count": 1, "bytes": 40}]  # no metadata
+    for v in got.values():
+        v.pop("top_sources", None)
+    assert got == {
+        "all-reduce": {"count": 1, "bytes": 40, "by_dtype": {"f32": 40}},
+        "all-gather": {"count": 1, "bytes": 32 * 128 * 2, "by_dtype": {"bf16": 32 * 128 * 2}},
+        "reduce-scatter": {"count": 1, "bytes": 3 * 3 * 64 * 16 * 4, "by_dtype": {"f32": 3 * 3 * 64 * 16 * 4}},
+        "collective-permute": {"count": 1, "bytes": 1024 * 64 * 4, "by_dtype": {"f32": 1024 * 64 * 4}}}
 
 
 @pytest.mark.parametrize("name,topology,compiled_file", [

@@ -22,6 +22,8 @@ COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "coll
 _INSTR = re.compile(r"=\s*(\(.*?\)|[a-z0-9]+\[[^\]]*\](?:\{[^}]*\})?)\s+(" + "|".join(COLLECTIVES) +
                     r")(-start)?\(")
 _ARRAY = re.compile(r"([a-z][a-z0-9]*)\[([0-9,]*)\]")
+_OP_NAME = re.compile(r'op_name="([^"]*)"')
+TOP_SOURCES, SOURCE_CHARS = 8, 160  # per kind: the JAX ops (metadata op_name, its tail) that moved the most
 
 
 def memory(compiled, hbm_bytes: Optional[float] = None) -> Dict[str, object]:
@@ -41,17 +43,19 @@ def memory(compiled, hbm_bytes: Optional[float] = None) -> Dict[str, object]:
 
 
 def collectives(program) -> Dict[str, Dict[str, int]]:
-    """{kind: {"count", "bytes"}} of the collectives in an optimized program: the bytes of
+    """{kind: {"count", "bytes", "by_dtype"}} of the collectives in an optimized program: the bytes of
     each instruction's result (an all-gather's gathered array, a reduce-scatter's shard, an
     all-reduce's reduced array), once per execution of the program (a collective inside a
     loop body counts once). XLA:TPU writes a reduce-scatter as an all-reduce fused with the
     slice each chip keeps (a computation named `all-reduce-scatter*`): counted as the
-    reduce-scatter it is, with the shard's bytes.
+    reduce-scatter it is, with the shard's bytes. Each kind also has `by_dtype` (bytes) and
+    `top_sources`: the JAX ops (HLO metadata `op_name`) whose collectives moved the most.
 
     `program`: a compiled executable, whose HLO modules are walked instruction by
     instruction (only the collectives are printed, one line each: the whole module as text
     costs seconds for SD), or optimized HLO text as XLA prints it."""
-    out = {k: {"count": 0, "bytes": 0} for k in COLLECTIVES}
+    out = {k: {"count": 0, "bytes": 0, "by_dtype": {}} for k in COLLECTIVES}
+    sources: Dict[str, Dict[str, list]] = {}
     lines = _text_instructions(program) if isinstance(program, str) else _module_instructions(program)
     for comp, comp_result, line in lines:
         for m in _INSTR.finditer(line):
@@ -59,7 +63,17 @@ def collectives(program) -> Dict[str, Dict[str, int]]:
             if kind == "all-reduce" and comp.startswith("all-reduce-scatter"):
                 kind, shape = "reduce-scatter", comp_result()
             out[kind]["count"] += 1
-            out[kind]["bytes"] += _bytes(shape, async_start=bool(m.group(3)))
+            total = 0
+            for dtype, n in _bytes_by_dtype(shape, async_start=bool(m.group(3))).items():
+                total += n
+                out[kind]["by_dtype"][dtype] = out[kind]["by_dtype"].get(dtype, 0) + n
+            out[kind]["bytes"] += total
+            op = _OP_NAME.search(line)
+            src = sources.setdefault(kind, {}).setdefault(op.group(1)[-SOURCE_CHARS:] if op else "?", [0, 0])
+            src[0], src[1] = src[0] + 1, src[1] + total
+    for kind, ops in sources.items():  # the ops that moved the most: what to look at first
+        top = sorted(ops.items(), key=lambda x: -x[1][1])[:TOP_SOURCES]
+        out[kind]["top_sources"] = [{"op": op, "count": c, "bytes": b} for op, (c, b) in top]
     return {k: v for k, v in out.items() if v["count"]}
 
 
@@ -104,7 +118,17 @@ def _text_instructions(hlo_text: str):
 _COMPUTATION = re.compile(r"^(?:ENTRY\s+)?%?([\w.\-]+)\s+\(.*\)\s+->\s+(.*?)\s*\{\s*$")
 
 
+def _dtypes(v: dict) -> str:
+    """" (bf16 3.2 GiB, f32 1.5 GiB)" where a collective moves more than one dtype (of note)."""
+    parts = [(d, n) for d, n in sorted((v.get("by_dtype") or {}).items(), key=lambda x: -x[1]) if n >= v["bytes"] / 100]
+    return f" ({', '.join(f'{d} {_size(n)}' for d, n in parts)})" if len(parts) > 1 else ""
+
+
 def _bytes(shape: str, async_start: bool = False) -> int:
+    return sum(_bytes_by_dtype(shape, async_start).values())
+
+
+def _bytes_by_dtype(shape: str, async_start: bool = False) -> Dict[str, int]:
     if async_start and shape.startswith("("):
         # an async start's tuple holds (operands, results) and, for a collective-permute,
         # scalar u32 contexts after them: the results are the second half of the arrays
@@ -112,14 +136,14 @@ def _bytes(shape: str, async_start: bool = False) -> int:
         arrays = arrays[len(arrays) // 2:] if len(arrays) > 1 else arrays
     else:
         arrays = _ARRAY.findall(shape)
-    size = 0.0
+    out: Dict[str, int] = {}
     for dtype, dims in arrays:
         n = 1
         for d in dims.split(","):
             if d:
                 n *= int(d)
-        size += n * _DTYPE_BYTES.get(dtype, 4)
-    return int(size)
+        out[dtype] = out.get(dtype, 0) + int(n * _DTYPE_BYTES.get(dtype, 4))
+    return out
 
 
 def costs(compiled) -> Dict[str, Optional[float]]:
@@ -206,7 +230,7 @@ def format_report(r: dict) -> str:
         lines.append(_flops_line(f))
     c = r.get("collectives") or {}
     if c:
-        lines.append("collectives per step: " + ", ".join(f"{k} x{v['count']} {_size(v['bytes'])}"
+        lines.append("collectives per step: " + ", ".join(f"{k} x{v['count']} {_size(v['bytes'])}{_dtypes(v)}"
                                                         for k, v in c.items()))
     else:
         lines.append("collectives per step: none")
