@@ -69,6 +69,10 @@ def validate(c: ml_collections.ConfigDict, num_devices: int | None = None, proce
     need(c.optim.schedule in ("constant", "cosine"), "optim.schedule", "must be 'constant' or 'cosine'")
     need(0.0 <= c.optim.ema_decay < 1.0, "optim.ema_decay", "must be in [0, 1)")
     need(c.train.steps > 0, "train.steps", "must be > 0")
+    from smartbrush_jax.sampling.solvers import SAMPLERS
+
+    need(c.train.sample_sampler in SAMPLERS, "train.sample_sampler",
+         f"must be one of {SAMPLERS}, got {c.train.sample_sampler!r}")
     need(c.train.batch_size > 0, "train.batch_size", "must be > 0")
     need(c.train.max_nonfinite_in_a_row >= 1, "train.max_nonfinite_in_a_row", "must be >= 1")
     need(c.train.peak_tflops >= 0, "train.peak_tflops", f"must be >= 0 (0: from the device), got {c.train.peak_tflops}")

@@ -93,7 +93,8 @@ class TrainConfig:
     seed: int = 0
     log_every: int = 50
     sample_every: int = 1000  # held-out inpainting grids (0: none)
-    sample_steps: int = 25  # DDIM steps of the held-out grids
+    sample_sampler: str = "ddim"  # sampler of the held-out grids, and the run's default for inpaint and the app
+    sample_steps: int = 25  # sampler steps of the held-out grids
     sample_guidance: float = 3.0  # guidance scale of the held-out grids
     num_sample_examples: int = 4
     checkpoint_every: int = 1000

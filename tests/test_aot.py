@@ -211,7 +211,8 @@ def test_collective_bytes_from_optimized_hlo_text():
 ENTRY %main (p: f32[4]) -> f32[4] {
   %cp = (f32[1024,64]{1,0}, f32[1024,64]{1,0}, u32[], u32[]) collective-permute-start(%x), source_target_pairs={{0,1}}
   %cpd = f32[1024,64]{1,0} collective-permute-done(%cp)
-  %ag = (bf16[8,128]{1,0}, bf16[32,128]{1,0}) all-gather-start(%y), dimensions={0}, metadata={op_name="jit(f)/dot_general" source_file="a.py"}
+  %ag = (bf16[8,128]{1,0}, bf16[32,128]{1,0}) all-gather-start(%y), dimensions={0}, \
+metadata={op_name="jit(f)/dot_general" source_file="a.py"}
   %ar = f32[10]{0} all-reduce(%z), to_apply=%add
 }
 """

@@ -34,13 +34,14 @@ def _read(path):
     return np.asarray(Image.open(path))
 
 
-def test_cli_keeps_every_background_pixel(sd_folder, files, tmp_path):
+@pytest.mark.parametrize("sampler", [[], ["--sampler", "dpm++2m", "--karras"]], ids=["ddim", "dpm++2m_karras"])
+def test_cli_keeps_every_background_pixel(sd_folder, files, tmp_path, sampler):
     d, img, mask = files
     out = tmp_path / "out"
     proc = subprocess.run(
         [sys.executable, "-m", "smartbrush_jax.inpaint", "--checkpoint", sd_folder[0], "--image", str(d / "img.png"),
-         "--mask", str(d / "mask.png"), "--prompt", "a cat", "--steps", "4", "--seed", "3", "--out", str(out)],
-        capture_output=True, text=True, timeout=600)
+         "--mask", str(d / "mask.png"), "--prompt", "a cat", "--steps", "4", "--seed", "3", "--out", str(out),
+         *sampler], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr
     printed = proc.stdout.split()
     for name in ("result.png", "predicted_mask.png", "grid.png"):
@@ -139,6 +140,15 @@ def test_precision_out_of_range(sd_folder, files, capsys):
     d = files[0]
     code, err = _run(capsys, _base(sd_folder, d) + ["--mask", str(d / "mask.png"), "--precision", "11"])
     assert code == 2 and "--precision must be in [0, 10]" in err
+
+
+def test_sampler_options_that_do_not_go_together(sd_folder, files, capsys):
+    d = files[0]
+    base = _base(sd_folder, d) + ["--mask", str(d / "mask.png")]
+    code, err = _run(capsys, base + ["--karras"])
+    assert code == 2 and "--karras is an option of dpm++2m and euler, not of ddim" in err
+    code, err = _run(capsys, base + ["--sampler", "euler", "--eta", "0.5"])
+    assert code == 2 and "--eta is DDIM's; euler takes none" in err
 
 
 def test_bad_checkpoint(files, tmp_path, capsys):

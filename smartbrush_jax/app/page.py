@@ -214,7 +214,8 @@ def build_page(service: InpaintService, title: str = "SmartBrush inpainting"):
                                       elem_id="precision")
                 gr.Markdown(PRECISION_HELP)
                 with gr.Accordion("advanced", open=False):
-                    steps = gr.Slider(1, 200, value=d.num_steps, step=1, label="DDIM steps")
+                    steps = gr.Slider(1, 200, value=d.num_steps, step=1,
+                                      label=f"{d.sampler}{' Karras' if d.karras else ''} steps")
                     guidance = gr.Slider(0, 20, value=d.guidance_scale, step=0.5, label="guidance scale")
                     seed = gr.Number(value=0, precision=0, label="seed")
                     samples = gr.Slider(1, 8, value=1, step=1, label="number of samples")

@@ -19,6 +19,7 @@ import socket
 import sys
 
 from smartbrush_jax.errors import InputError, run_command, warn
+from smartbrush_jax.sampling.solvers import SAMPLERS
 
 DEMO_RUN = "runs/demo"
 
@@ -36,6 +37,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=7860)
     p.add_argument("--share", action="store_true", help="also publish a public gradio.live link (a tunnel)")
     p.add_argument("--examples", type=int, default=4, help="held-out demo scenes offered as examples")
+    p.add_argument("--sampler", choices=SAMPLERS, default=None,
+                   help="ddim, dpm++2m, euler or euler_a (default: the run's, else ddim)")
+    p.add_argument("--karras", action="store_true", help="Karras sigmas (dpm++2m and euler)")
+    p.add_argument("--steps", type=int, default=None, help="the page's default steps (default: the run's, else 50)")
     return p
 
 
@@ -67,11 +72,16 @@ def load_service(args):
     if (args.resolution is not None and args.resolution < 8) or args.levels < 1:
         raise InputError("--resolution must be >= 8 and --levels >= 1")
     inpainter = Inpainter.load(path, args.tokenizer, args.levels, ema_choice(args.ema), warn=warn)
-    sampler = SamplerConfig()
+    run = {}
     if storage.isfile(storage.join(path, "model.json")):  # a training run: its own sampler settings
         run = read_model_config(path).get("sampler", {})
-        sampler = SamplerConfig(num_steps=run.get("num_steps", sampler.num_steps),
-                                guidance_scale=run.get("guidance_scale", sampler.guidance_scale))
+    d = SamplerConfig()
+    try:
+        sampler = SamplerConfig(sampler=args.sampler or run.get("sampler", d.sampler), karras=args.karras,
+                                num_steps=args.steps or run.get("num_steps", d.num_steps),
+                                guidance_scale=run.get("guidance_scale", d.guidance_scale))
+    except ValueError as e:
+        raise InputError(f"--sampler/--karras/--steps: {e}") from None
     examples = heldout_examples(path, args.examples, inpainter.num_levels)
     return InpaintService(inpainter, sampler, args.resolution, examples)
 

@@ -31,7 +31,7 @@ def _main(argv) -> int:
     ap.add_argument("--out", default=None, help="default: WORKDIR/inpaint")
     ap.add_argument("--num-scenes", type=int, default=4)
     ap.add_argument("--levels", default="0,5,10")
-    ap.add_argument("--steps", type=int, default=None, help="DDIM steps (default: the run's, model.json)")
+    ap.add_argument("--steps", type=int, default=None, help="sampler steps (default: the run's, model.json)")
     ap.add_argument("--guidance", type=float, default=None, help="guidance scale (default: the run's, model.json)")
     ap.add_argument("--scale", type=int, default=4, help="upscaling of the overview (nearest)")
     args = ap.parse_args(argv)
@@ -53,7 +53,8 @@ def _main(argv) -> int:
     levels = [int(x) for x in args.levels.split(",")]
     out = args.out or os.path.join(args.workdir, "inpaint")
     os.makedirs(out, exist_ok=True)
-    sampler = SamplerConfig(num_steps=args.steps or run_sampler.get("num_steps", SamplerConfig.num_steps),
+    sampler = SamplerConfig(sampler=run_sampler.get("sampler", SamplerConfig.sampler),
+                            num_steps=args.steps or run_sampler.get("num_steps", SamplerConfig.num_steps),
                             guidance_scale=args.guidance or run_sampler.get("guidance_scale",
                                                                             SamplerConfig.guidance_scale))
     rows, paths = [], []

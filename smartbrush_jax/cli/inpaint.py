@@ -32,6 +32,7 @@ from smartbrush_jax.box import Box
 from smartbrush_jax.errors import InputError, run_command, warn
 from smartbrush_jax.images import MAX_PIXELS, read_gray, read_rgb
 from smartbrush_jax.interop.loader import ema_choice
+from smartbrush_jax.sampling.solvers import SAMPLERS
 from smartbrush_jax.settings import SamplerConfig
 
 
@@ -52,7 +53,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", type=int, default=0,
                    help="shape precision level s: 0 = follow the mask exactly ... S = the mask is only a box")
     p.add_argument("--levels", type=int, default=10, help="number of precision levels S for a plain SD checkpoint")
-    p.add_argument("--steps", type=int, default=d.num_steps, help="DDIM steps")
+    p.add_argument("--sampler", choices=SAMPLERS, default=d.sampler,
+                   help="ddim, dpm++2m (DPM-Solver++ 2M), euler or euler_a (Euler ancestral)")
+    p.add_argument("--karras", action="store_true", help="Karras sigmas (dpm++2m and euler)")
+    p.add_argument("--steps", type=int, default=d.num_steps, help="sampler steps")
     p.add_argument("--guidance", type=float, default=d.guidance_scale, help="classifier-free guidance scale")
     p.add_argument("--eta", type=float, default=d.eta, help="DDIM eta (0 = deterministic)")
     p.add_argument("--seed", type=int, default=0)
@@ -92,7 +96,8 @@ def run(args) -> int:
     if not mask.any():
         raise InputError("the mask is empty: mark the region to fill in white")
     try:
-        sampler = SamplerConfig(num_steps=args.steps, guidance_scale=args.guidance, eta=args.eta,
+        sampler = SamplerConfig(sampler=args.sampler, karras=args.karras, num_steps=args.steps,
+                                guidance_scale=args.guidance, eta=args.eta,
                                 use_predicted_mask=not args.no_predicted_mask, mask_warmup=args.mask_warmup,
                                 mask_threshold=args.mask_threshold, mask_dilate=args.mask_dilate)
     except ValueError as e:
@@ -153,7 +158,8 @@ def run(args) -> int:
     return 0
 
 
-_FLAGS = {"guidance_scale": "--guidance", "num_steps": "--steps", "eta": "--eta", "mask_warmup": "--mask-warmup",
+_FLAGS = {"guidance_scale": "--guidance", "num_steps": "--steps", "eta is": "--eta is", "eta must": "--eta must",
+          "karras is": "--karras is", "mask_warmup": "--mask-warmup",
           "mask_threshold": "--mask-threshold", "mask_dilate": "--mask-dilate"}
 
 

@@ -30,7 +30,8 @@ def make_sample_fn(models, config, empty_tokens):
     user masks, iou [B]), jitted."""
     from smartbrush_jax.train.step import encode, loss_config
 
-    cfg = SamplerConfig(num_steps=config.train.sample_steps, guidance_scale=config.train.sample_guidance)
+    cfg = SamplerConfig(sampler=config.train.sample_sampler, num_steps=config.train.sample_steps,
+                        guidance_scale=config.train.sample_guidance)
     loss = loss_config(config)
     ae = models.autoencoder
 

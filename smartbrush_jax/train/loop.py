@@ -146,7 +146,8 @@ def run_model_config(config, models) -> dict:
             "init_from": storage.absolute(config.model.init_from) if config.model.init_from else "",
             "init_ema": config.model.init_ema, "resolution": config.data.resolution,
             "degrade": loss_config(config).degrade,
-            "sampler": {"num_steps": config.train.sample_steps, "guidance_scale": config.train.sample_guidance}}
+            "sampler": {"sampler": config.train.sample_sampler, "num_steps": config.train.sample_steps,
+                        "guidance_scale": config.train.sample_guidance}}
 
 
 def write_run_files(workdir: str, model_config: dict, tokenizer_dir: str, frozen=None) -> None:
