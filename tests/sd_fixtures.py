@@ -25,6 +25,14 @@ TINY_UNET_V2 = dict(
     use_linear_projection=True, transformer_layers_per_block=2, flip_sin_to_cos=False, freq_shift=1,
     norm_num_groups=16, sample_size=16,
 )
+# SDXL-style: no attention at the first level, deeper transformers further down, head dim
+# from head counts, and the "text_time" micro-conditioning (pooled text 16 + 6 ids x 8)
+TINY_UNET_XL = dict(
+    block_out_channels=(32, 64), layers_per_block=1, cross_attention_dim=40, attention_head_dim=(2, 4),
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+    transformer_layers_per_block=(1, 2), use_linear_projection=True, norm_num_groups=16, sample_size=16,
+    addition_embed_type="text_time", addition_time_embed_dim=8, projection_class_embeddings_input_dim=16 + 6 * 8,
+)
 TINY_VAE = dict(
     block_out_channels=(32, 64), layers_per_block=1, latent_channels=4, norm_num_groups=32,
     down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2, sample_size=32,

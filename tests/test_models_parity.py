@@ -9,6 +9,7 @@ import pytest
 import torch
 from sd_fixtures import (
     TINY_UNET_V2,
+    TINY_UNET_XL,
     nchw,
     nhwc,
     rel_err,
@@ -71,6 +72,32 @@ def test_sd2_style_unet_options():
     tm = torch_unet(**TINY_UNET_V2)
     ours, ref = _unet_outputs(tm, size=16)
     assert rel_err(ours, ref) <= TOL
+
+
+def test_sdxl_unet_with_micro_conditioning_and_smartbrush_channels():
+    """SDXL's U-Net options (no attention at the top level, 2-deep transformers, linear
+    projections) and its "text_time" embedding (pooled text + original size, crop,
+    target size), with SmartBrush's 5 channels and precision embedding."""
+    tm = torch_unet(**TINY_UNET_XL, in_channels=5, out_channels=5, num_class_embeds=11)
+    model, params = _flax_unet(tm)
+    assert model.config.pooled_text_dim == 16
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((2, 16, 16, 5)).astype(np.float32)
+    t, labels = np.array([10, 900]), np.array([0, 7])
+    ctx = rng.standard_normal((2, 7, 40)).astype(np.float32)
+    pooled = rng.standard_normal((2, 16)).astype(np.float32)
+    ids = np.array([[512, 768, 0, 32, 512, 512], [1024, 1024, 64, 0, 768, 768]], np.float32)
+    ours = np.asarray(jax.jit(model.apply)({"params": params}, x, t, ctx, labels, pooled, ids))
+    with torch.no_grad():
+        ref = nhwc(tm(nchw(x), torch.from_numpy(t), torch.from_numpy(ctx), class_labels=torch.from_numpy(labels),
+                      added_cond_kwargs={"text_embeds": torch.from_numpy(pooled),
+                                         "time_ids": torch.from_numpy(ids)}).sample)
+    assert rel_err(ours, ref) <= TOL
+    other = np.asarray(jax.jit(model.apply)({"params": params}, x, t, ctx, labels, pooled, ids[::-1]))
+    assert np.abs(other - ours).max() > 1e-3  # the size and crop numbers reach the network
+    with pytest.raises(ValueError, match="needs text_embeds"):
+        model.apply({"params": params}, x, t, ctx, labels)
+    assert UNetConfig.from_diffusers(model.config.to_diffusers()) == model.config
 
 
 def test_vae_encode_mean_logvar_and_decode():

@@ -95,8 +95,11 @@ def example_inputs(module, batch: int = 1):
         cfg = module.config
         size = downsampling_factor(cfg.block_out_channels)
         labels = jnp.zeros((batch,), jnp.int32) if cfg.num_class_embeddings is not None else None
-        return (jnp.zeros((batch, size, size, cfg.in_channels)), jnp.zeros((batch,), jnp.int32),
+        args = (jnp.zeros((batch, size, size, cfg.in_channels)), jnp.zeros((batch,), jnp.int32),
                 jnp.zeros((batch, 1, cfg.cross_attention_dim)), labels)
+        if cfg.micro_conditioning:  # SDXL: the pooled text embedding and the six size / crop numbers
+            args += (jnp.zeros((batch, cfg.pooled_text_dim)), jnp.zeros((batch, 6)))
+        return args
     if isinstance(module, AutoencoderKL):
         size = downsampling_factor(module.config.block_out_channels)
         return (jnp.zeros((batch, size, size, module.config.in_channels)),)

@@ -43,6 +43,7 @@ from smartbrush_jax.models.layers import (
 Dtype = Any
 
 _DOWN_TYPES = ("CrossAttnDownBlock2D", "DownBlock2D")
+TIME_IDS = 6  # SDXL's micro-conditioning: original (h, w), crop top-left (y, x), target (h, w)
 _UP_TYPES = ("CrossAttnUpBlock2D", "UpBlock2D")
 # What the backward pass may keep from the forward of a rematerialised block (the rest is
 # recomputed). "none": no remat, keep everything; "full": keep only the block's inputs;
@@ -75,7 +76,6 @@ _FIXED_OPTIONS = {
     "act_fn": "silu",
     "dual_cross_attention": False,
     "class_embed_type": None,
-    "addition_embed_type": None,
     "resnet_time_scale_shift": "default",
     "time_embedding_type": "positional",
     "time_embedding_dim": None,
@@ -87,7 +87,6 @@ _FIXED_OPTIONS = {
     "cross_attention_norm": None,
     "conv_in_kernel": 3,
     "conv_out_kernel": 3,
-    "projection_class_embeddings_input_dim": None,
     "reverse_transformer_layers_per_block": None,
     "attention_type": "default",
 }
@@ -134,6 +133,23 @@ class UNetConfig:
     freq_shift: int = 0
     num_class_embeddings: Optional[int] = None
     sample_size: int = 64
+    # SDXL's micro-conditioning ("text_time"): the pooled text embedding and the six size
+    # and crop numbers (each embedded sinusoidally in `addition_time_embed_dim`), through a
+    # TimestepEmbedding of `projection_class_embeddings_input_dim` inputs, added to temb
+    addition_embed_type: Optional[str] = None
+    addition_time_embed_dim: Optional[int] = None
+    projection_class_embeddings_input_dim: Optional[int] = None
+
+    @property
+    def micro_conditioning(self) -> bool:
+        return self.addition_embed_type == "text_time"
+
+    @property
+    def pooled_text_dim(self) -> Optional[int]:
+        """The pooled text embedding's width the "text_time" embedding takes (SDXL: 1280)."""
+        if not self.micro_conditioning:
+            return None
+        return self.projection_class_embeddings_input_dim - TIME_IDS * self.addition_time_embed_dim
 
     @classmethod
     def from_diffusers(cls, cfg: dict) -> "UNetConfig":
@@ -166,6 +182,16 @@ class UNetConfig:
         for c, h in zip(boc, num_heads):
             if c % h:
                 raise ValueError(f"UNet config: {c} channels do not split into {h} attention heads")
+        extra = cfg.get("addition_embed_type")
+        if extra not in (None, "text_time"):
+            raise ValueError(f"UNet config: addition_embed_type={extra!r} is not supported (None or 'text_time')")
+        time_dim, proj_dim = cfg.get("addition_time_embed_dim"), cfg.get("projection_class_embeddings_input_dim")
+        if extra == "text_time" and (not time_dim or not proj_dim or proj_dim <= TIME_IDS * time_dim):
+            raise ValueError("UNet config: addition_embed_type='text_time' needs addition_time_embed_dim and a "
+                             f"projection_class_embeddings_input_dim above {TIME_IDS} x it (the pooled text's width "
+                             f"plus the {TIME_IDS} time ids), got {time_dim} and {proj_dim}")
+        if extra is None and proj_dim is not None:
+            raise ValueError("UNet config: projection_class_embeddings_input_dim without addition_embed_type")
         groups = int(cfg.get("norm_num_groups", 32))
         for c in boc:
             if c % groups:
@@ -188,6 +214,9 @@ class UNetConfig:
             freq_shift=int(cfg.get("freq_shift", 0)),
             num_class_embeddings=cfg.get("num_class_embeds"),
             sample_size=int(cfg.get("sample_size") or 64),
+            addition_embed_type=extra,
+            addition_time_embed_dim=int(time_dim) if extra else None,
+            projection_class_embeddings_input_dim=int(proj_dim) if extra else None,
         )
 
     def to_diffusers(self) -> dict:
@@ -210,6 +239,9 @@ class UNetConfig:
             "freq_shift": self.freq_shift,
             "num_class_embeds": self.num_class_embeddings,
             "sample_size": self.sample_size,
+            **({"addition_embed_type": self.addition_embed_type, "addition_time_embed_dim": self.addition_time_embed_dim,
+                "projection_class_embeddings_input_dim": self.projection_class_embeddings_input_dim}
+               if self.micro_conditioning else {}),
             "act_fn": "silu",
             "center_input_sample": False,
             "downsample_padding": 1,
@@ -414,7 +446,9 @@ class UNet2DConditionModel(nn.Module):
     encoder_hidden_states [B,T,D], class_labels [B] int or None) -> [B,H,W,Cout]`.
 
     `class_labels` carries SmartBrush's precision level `s`; it is required when the
-    config has `num_class_embeddings` (as in diffusers). `dtype` is the compute dtype
+    config has `num_class_embeddings` (as in diffusers). An SDXL U-Net
+    (`addition_embed_type="text_time"`) also takes `text_embeds` [B, pooled_text_dim] and
+    `time_ids` [B, 6] (diffusers' `added_cond_kwargs`). `dtype` is the compute dtype
     (bf16 for training), `param_dtype` the storage dtype (fp32 master weights). `remat`:
     a key of `REMAT_POLICIES` (the module docstring).
     """
@@ -432,6 +466,8 @@ class UNet2DConditionModel(nn.Module):
         timesteps: Union[jax.Array, int, float],
         encoder_hidden_states: jax.Array,
         class_labels: Optional[jax.Array] = None,
+        text_embeds: Optional[jax.Array] = None,
+        time_ids: Optional[jax.Array] = None,
     ) -> jax.Array:
         cfg = self.config
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
@@ -448,6 +484,15 @@ class UNet2DConditionModel(nn.Module):
                 raise ValueError("this U-Net has num_class_embeddings: pass class_labels (the precision level)")
             table = embed(cfg.num_class_embeddings, temb_dim, "class_embedding", self.param_dtype)
             temb = temb + table(jnp.asarray(class_labels, jnp.int32)).astype(temb.dtype)
+        if cfg.micro_conditioning:
+            if text_embeds is None or time_ids is None:
+                raise ValueError("an SDXL U-Net (addition_embed_type='text_time') needs text_embeds (the pooled "
+                                 "text embedding) and time_ids (original size, crop top-left, target size)")
+            b = sample.shape[0]
+            ids = jnp.broadcast_to(jnp.asarray(time_ids, jnp.float32), (b, TIME_IDS)).reshape(-1)
+            t_ids = timestep_embedding(ids, cfg.addition_time_embed_dim, cfg.flip_sin_to_cos, cfg.freq_shift)
+            added = jnp.concatenate([jnp.asarray(text_embeds, jnp.float32).reshape(b, -1), t_ids.reshape(b, -1)], -1)
+            temb = temb + TimestepEmbedding(temb_dim, name="add_embedding", **kw)(added.astype(self.dtype))
         context = encoder_hidden_states.astype(self.dtype)
 
         def spec(i: int, ch: Tuple[int, ...], heads, depth, num_layers, attention, resample):
