@@ -100,6 +100,40 @@ def test_sdxl_unet_with_micro_conditioning_and_smartbrush_channels():
     assert UNetConfig.from_diffusers(model.config.to_diffusers()) == model.config
 
 
+def test_sdxl_text_encoder_with_projection_and_penultimate_layer(tmp_path):
+    """SDXL's second encoder: `CLIPTextModelWithProjection` (gelu), its projected pooled
+    output (`text_embeds`) and `hidden_states[-2]`, through the on-disk transformers format."""
+    from transformers import CLIPTextConfig as TorchConfig
+    from transformers import CLIPTextModelWithProjection
+
+    vocab = write_tokenizer(str(tmp_path))
+    torch.manual_seed(0)
+    tc = CLIPTextModelWithProjection(TorchConfig(vocab_size=vocab, bos_token_id=vocab - 2, eos_token_id=vocab - 1,
+                                                 pad_token_id=vocab - 1, projection_dim=24, hidden_size=32,
+                                                 intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+                                                 max_position_embeddings=77, hidden_act="gelu"))
+    from sd_fixtures import perturb
+
+    from smartbrush_jax.interop.weights import read_state_dict
+
+    perturb(tc)
+    tc.save_pretrained(str(tmp_path / "text_encoder_2"))
+
+    cfg = CLIPTextConfig.from_transformers(tc.config.to_dict())
+    assert cfg.projection_dim == 24 and cfg.to_transformers()["architectures"] == ["CLIPTextModelWithProjection"]
+    model = CLIPTextModel(cfg)
+    state = read_state_dict(str(tmp_path / "text_encoder_2" / "model.safetensors"))
+    params = torch_to_flax({k.removeprefix("text_model."): v for k, v in state.items()}, abstract_params(model))
+    ids = np.random.default_rng(2).integers(0, vocab - 2, (2, 77))
+    ids[:, 0], ids[0, 9:], ids[1, 40:] = vocab - 2, vocab - 1, vocab - 1
+    hidden, embeds, before = model.apply({"params": params}, ids, penultimate=True)
+    with torch.no_grad():
+        out = tc(torch.from_numpy(ids), output_hidden_states=True)
+    assert rel_err(hidden, out.last_hidden_state.numpy()) <= TOL
+    assert rel_err(embeds, out.text_embeds.numpy()) <= TOL and embeds.shape == (2, 24)
+    assert rel_err(before, out.hidden_states[-2].numpy()) <= TOL
+
+
 def test_vae_encode_mean_logvar_and_decode():
     tv = torch_vae()
     model = AutoencoderKL(VAEConfig.from_diffusers(dict(tv.config)))

@@ -2,7 +2,11 @@
 
 `__call__(input_ids [B,T] int32) -> (last_hidden_state [B,T,D], pooled [B,D])`. Stable
 Diffusion v1 conditions on `last_hidden_state` of CLIP ViT-L/14 (77 tokens, D=768, causal
-mask, final LayerNorm applied).
+mask, final LayerNorm applied); SD 2.x on that of OpenCLIP ViT-H as diffusers ships it (a
+`CLIPTextModel` of 23 layers, gelu). SDXL conditions on the penultimate layer's hidden
+states of two encoders (`penultimate=True`) and on the pooled output of the second,
+projected (`CLIPTextModelWithProjection`: `projection_dim` set, `pooled` is its
+`text_embeds`).
 """
 
 from __future__ import annotations
@@ -34,16 +38,17 @@ class CLIPTextConfig:
     eos_token_id: int = 49407
     bos_token_id: int = 49406
     pad_token_id: int = 1
+    projection_dim: Optional[int] = None  # CLIPTextModelWithProjection (SDXL's second encoder)
 
     @classmethod
     def from_transformers(cls, cfg: dict) -> "CLIPTextConfig":
         if "text_config" in cfg:  # a full CLIPConfig
             cfg = cfg["text_config"]
         activation(cfg.get("hidden_act", "quick_gelu"))  # validates the name
-        if cfg.get("projection_dim") and cfg.get("architectures") == ["CLIPTextModelWithProjection"]:
-            raise ValueError("CLIP config: CLIPTextModelWithProjection is not supported (SD v1 uses CLIPTextModel)")
-        fields = {f.name for f in dataclasses.fields(cls)}
+        fields = {f.name for f in dataclasses.fields(cls)} - {"projection_dim"}
         kwargs = {k: cfg[k] for k in fields if k in cfg and cfg[k] is not None}
+        if "CLIPTextModelWithProjection" in (cfg.get("architectures") or ()):
+            kwargs["projection_dim"] = int(cfg.get("projection_dim") or 512)  # transformers' default
         out = cls(**kwargs)
         if out.hidden_size % out.num_attention_heads:
             raise ValueError(f"CLIP config: hidden_size {out.hidden_size} not divisible by "
@@ -52,7 +57,10 @@ class CLIPTextConfig:
 
     def to_transformers(self) -> dict:
         d = dataclasses.asdict(self)
-        d.update({"architectures": ["CLIPTextModel"], "model_type": "clip_text_model"})
+        arch = "CLIPTextModelWithProjection" if self.projection_dim else "CLIPTextModel"
+        if not self.projection_dim:
+            del d["projection_dim"]
+        d.update({"architectures": [arch], "model_type": "clip_text_model"})
         return d
 
 
@@ -123,18 +131,21 @@ class CLIPEncoder(nn.Module):
     attention_impl: Optional[str] = None
 
     @nn.compact
-    def __call__(self, x: jax.Array, mask: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, mask: jax.Array):
+        """(the last layer's output, the one before it: `hidden_states[-2]` of transformers)."""
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, attention_impl=self.attention_impl)
+        before = x
         for i in range(self.config.num_hidden_layers):
-            x = CLIPEncoderLayer(self.config, name=f"layers_{i}", **kw)(x, mask)
-        return x
+            before, x = x, CLIPEncoderLayer(self.config, name=f"layers_{i}", **kw)(x, mask)
+        return x, before
 
 
 class CLIPTextModel(nn.Module):
     """`__call__(input_ids [B,T] int, attention_mask [B,T] or None) -> (last_hidden_state
-    [B,T,D], pooled [B,D])`. Parameter names follow transformers >= 5 (`embeddings.*`,
-    `encoder.layers.N.*`, `final_layer_norm.*`); older files' `text_model.` prefix is
-    stripped on import."""
+    [B,T,D], pooled [B,D] (projected to [B,projection_dim] with a projection))`, plus the
+    penultimate layer's hidden states [B,T,D] with `penultimate=True`. Parameter names
+    follow transformers >= 5 (`embeddings.*`, `encoder.layers.N.*`, `final_layer_norm.*`,
+    `text_projection`); older files' `text_model.` prefix is stripped on import."""
 
     config: CLIPTextConfig
     dtype: Dtype = jnp.float32
@@ -142,7 +153,7 @@ class CLIPTextModel(nn.Module):
     attention_impl: Optional[str] = None
 
     @nn.compact
-    def __call__(self, input_ids: jax.Array, attention_mask: Optional[jax.Array] = None):
+    def __call__(self, input_ids: jax.Array, attention_mask: Optional[jax.Array] = None, penultimate: bool = False):
         cfg, kw = self.config, dict(dtype=self.dtype, param_dtype=self.param_dtype)
         input_ids = jnp.asarray(input_ids, jnp.int32)
         b, t = input_ids.shape
@@ -155,9 +166,12 @@ class CLIPTextModel(nn.Module):
         if attention_mask is not None:
             mask = mask & attention_mask.astype(bool)[:, None, None, :]
         mask = jnp.broadcast_to(mask, (b, 1, t, t))
-        x = CLIPEncoder(cfg, attention_impl=self.attention_impl, name="encoder", **kw)(x, mask)
+        x, before = CLIPEncoder(cfg, attention_impl=self.attention_impl, name="encoder", **kw)(x, mask)
         x = layer_norm(cfg.layer_norm_eps, "final_layer_norm", **kw)(x)
-        return x, x[jnp.arange(b), _eos_position(input_ids, cfg.eos_token_id)]
+        pooled = x[jnp.arange(b), _eos_position(input_ids, cfg.eos_token_id)]
+        if cfg.projection_dim:
+            pooled = dense(cfg.projection_dim, "text_projection", use_bias=False, **kw)(pooled)
+        return (x, pooled, before) if penultimate else (x, pooled)
 
 
 def _eos_position(input_ids: jax.Array, eos_token_id: int) -> jax.Array:

@@ -239,7 +239,8 @@ class UNetConfig:
             "freq_shift": self.freq_shift,
             "num_class_embeds": self.num_class_embeddings,
             "sample_size": self.sample_size,
-            **({"addition_embed_type": self.addition_embed_type, "addition_time_embed_dim": self.addition_time_embed_dim,
+            **({"addition_embed_type": self.addition_embed_type,
+                "addition_time_embed_dim": self.addition_time_embed_dim,
                 "projection_class_embeddings_input_dim": self.projection_class_embeddings_input_dim}
                if self.micro_conditioning else {}),
             "act_fn": "silu",
