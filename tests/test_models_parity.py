@@ -189,3 +189,70 @@ def test_full_sd_v1_unet_architecture():
     err = rel_err(ours, ref)
     print(f"full SD v1 U-Net: max rel err {err:.2e}")
     assert err <= TOL
+
+
+# Full-size architectures, written from the published SD 2.1 (768, v-prediction) and SDXL
+# base 1.0 component configs; SmartBrush's 5 channels and 11 levels on the U-Nets.
+SD21_UNET = dict(block_out_channels=(320, 640, 1280, 1280), attention_head_dim=(5, 10, 20, 20), layers_per_block=2,
+                 cross_attention_dim=1024, use_linear_projection=True, upcast_attention=True, sample_size=96,
+                 down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+                 up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3)
+SDXL_UNET = dict(block_out_channels=(320, 640, 1280), attention_head_dim=(5, 10, 20), layers_per_block=2,
+                 transformer_layers_per_block=(1, 2, 10), cross_attention_dim=2048, use_linear_projection=True,
+                 down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                 up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"), sample_size=128,
+                 addition_embed_type="text_time", addition_time_embed_dim=256,
+                 projection_class_embeddings_input_dim=2816)
+OPENCLIP_H = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=23, num_attention_heads=16,
+                  hidden_act="gelu", projection_dim=512)  # as diffusers ships SD 2.x's (one layer dropped)
+CLIP_L = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+              hidden_act="quick_gelu")
+OPENCLIP_BIGG = dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20,
+                     hidden_act="gelu", projection_dim=1280)
+
+
+def _shapes_match(torch_model, ours):
+    """Same state-dict keys with the same dimensions (up to the layout change), and the same
+    parameter count; torch side on the meta device, ours from `eval_shape`: no weights."""
+    from flax import traverse_util
+
+    from smartbrush_jax.interop.weights import torch_key
+
+    ref = {k: tuple(v.shape) for k, v in torch_model.state_dict().items()}
+    mine = {torch_key(p): tuple(v.shape) for p, v in traverse_util.flatten_dict(abstract_params(ours)).items()}
+    assert set(mine) == set(ref), (sorted(set(mine) ^ set(ref)))[:10]
+    bad = [k for k in ref if sorted(ref[k]) != sorted(mine[k])]
+    assert not bad, [(k, ref[k], mine[k]) for k in bad[:5]]
+    return sum(int(np.prod(s)) for s in ref.values())
+
+
+@pytest.mark.parametrize("name", ["sd21", "sdxl"])
+def test_full_size_unet_shapes(name):
+    from diffusers import UNet2DConditionModel as TorchUNet
+
+    cfg = dict(SD21_UNET if name == "sd21" else SDXL_UNET, in_channels=5, out_channels=5, num_class_embeds=11)
+    with torch.device("meta"):
+        tm = TorchUNet(**cfg)
+    n = _shapes_match(tm, UNet2DConditionModel(UNetConfig.from_diffusers(dict(tm.config))))
+    assert abs(n / 1e6 - {"sd21": 866, "sdxl": 2568}[name]) < 5, n  # the published sizes, in millions
+
+
+@pytest.mark.parametrize("name,spec,with_projection", [("openclip_h", OPENCLIP_H, False), ("clip_l", CLIP_L, False),
+                                                        ("openclip_bigg", OPENCLIP_BIGG, True)])
+def test_full_size_text_encoder_shapes(name, spec, with_projection):
+    from transformers import CLIPTextConfig as TorchConfig
+    from transformers import CLIPTextModel as TorchText
+    from transformers import CLIPTextModelWithProjection
+
+    tcfg = TorchConfig(vocab_size=49408, max_position_embeddings=77, **spec)
+    with torch.device("meta"):
+        tc = (CLIPTextModelWithProjection if with_projection else TorchText)(tcfg)
+    cfg = CLIPTextConfig.from_transformers({**tc.config.to_dict(), "architectures": [type(tc).__name__]})
+    assert (cfg.projection_dim is not None) == with_projection
+
+    class Stripped(torch.nn.Module):  # the state dict as our loader reads it: no "text_model." prefix
+        def state_dict(self):
+            return {k.removeprefix("text_model."): v for k, v in tc.state_dict().items()}
+
+    n = _shapes_match(Stripped(), CLIPTextModel(cfg))
+    assert abs(n / 1e6 - {"openclip_h": 340, "clip_l": 123, "openclip_bigg": 695}[name]) < 5, n
