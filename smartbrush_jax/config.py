@@ -47,6 +47,8 @@ def validate(c: ml_collections.ConfigDict, num_devices: int | None = None, proce
             raise ConfigError(f"config.{field}: {msg}")
 
     need(c.model.num_levels >= 1, "model.num_levels", f"must be >= 1, got {c.model.num_levels}")
+    need(c.model.family in ("auto", "sd1", "sd2", "sdxl"), "model.family",
+         f"must be auto, sd1, sd2 or sdxl, got {c.model.family!r}")
     need(c.model.init_ema in ("auto", "ema", "raw"), "model.init_ema",
          f"must be 'auto', 'ema' or 'raw', got {c.model.init_ema!r}")
     need(c.model.dtype in DTYPES, "model.dtype", f"must be one of {DTYPES}, got {c.model.dtype!r}")

@@ -54,6 +54,7 @@ class ModelConfig:
     init_from: str = ""  # diffusers SD folder or single-file checkpoint; "" = from scratch (pixel space)
     tokenizer: str = ""  # tokenizer folder (needed for a single file, or from scratch)
     init_ema: str = "auto"  # single-file init_from: "auto" (EMA when the file has them), "ema" or "raw"
+    family: str = "auto"  # "sd1", "sd2", "sdxl" or "auto": what init_from must be (interop/families.py)
     unet: Dict[str, Any] = dataclasses.field(default_factory=lambda: {  # diffusers UNet2DConditionModel fields
         "block_out_channels": (320, 640, 1280, 1280), "layers_per_block": 2, "cross_attention_dim": 768,
         "attention_head_dim": 8, "down_block_types": ("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),

@@ -154,10 +154,7 @@ def test_nonfinite_steps_in_a_row_stop_the_run(tmp_path, data_dir):
 
 @pytest.mark.parametrize("mesh", [("data", ["--config.mesh.shape.data=8"]),
                                   ("fsdp", ["--config.mesh.shape.data=1", "--config.mesh.shape.fsdp=8",
-                                            "--config.mesh.fsdp=True"]),
-                                  ("fsdp_per_use", ["--config.mesh.shape.data=1", "--config.mesh.shape.fsdp=8",
-                                                    "--config.mesh.fsdp=True", "--config.mesh.fsdp_gather=per_use"])],
-                         ids=lambda m: m[0])
+                                            "--config.mesh.fsdp=True"])], ids=lambda m: m[0])
 def test_eight_devices_match_one(tmp_path, one_device_run, data_dir, mesh):
     one = one_device_run  # in this process: one CPU device (built once for both meshes)
     eight = _workdir(tmp_path, data_dir, "eight")  # eight simulated devices need a process of their own

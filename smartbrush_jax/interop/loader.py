@@ -204,7 +204,11 @@ def folder_components(path: str) -> tuple:
 
 def as_smartbrush(sd: StableDiffusion, num_levels: int) -> StableDiffusion:
     """A plain SD U-Net gets SmartBrush's channels and `num_levels` precision levels (zero:
-    untrained); a SmartBrush U-Net is returned as it is."""
+    untrained); a SmartBrush U-Net is returned as it is; a 9-channel inpainting U-Net is
+    refused (`families.refuse_inpainting_unet`)."""
+    from smartbrush_jax.interop.families import refuse_inpainting_unet
+
+    refuse_inpainting_unet(sd.unet_config, "the U-Net")
     if sd.unet_config.in_channels == 4 and sd.unet_config.num_class_embeddings is None:
         return to_smartbrush(sd, num_levels)
     return sd

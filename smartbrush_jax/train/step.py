@@ -21,6 +21,7 @@ from flax.core import meta
 
 from smartbrush_jax.config import ConfigError
 from smartbrush_jax.diffusion import NoiseSchedule, smartbrush_loss
+from smartbrush_jax.interop.families import check_family, family_of
 from smartbrush_jax.interop.loader import StableDiffusion, as_smartbrush, ema_choice, example_inputs, load_model
 from smartbrush_jax.models import CLIPTextConfig, CLIPTextModel, UNet2DConditionModel, UNetConfig, attention
 from smartbrush_jax.models.autoencoder import Identity, make_autoencoder
@@ -62,7 +63,8 @@ class Models:
     def model_config(self) -> dict:
         """What `inpaint`/`export` need to rebuild the models from a workdir."""
         ae = self.autoencoder
-        return {"unet": self.unet.config.to_diffusers(), "text": self.text.config.to_transformers(),
+        return {"family": family_of(self.unet.config) if self.pretrained is not None else None,
+                "unet": self.unet.config.to_diffusers(), "text": self.text.config.to_transformers(),
                 "vae": None if ae.config is None else ae.config.to_diffusers(), "autoencoder": ae.kind}
 
 
@@ -95,8 +97,9 @@ def build_models(config, tokenizer_vocab_size: Optional[int] = None, weights: bo
                       ae, None, NoiseSchedule())
     if config.model.init_from:
         path = config.model.init_from
-        sd = as_smartbrush(load_model(path, tokenizer_dir=config.model.tokenizer or None,
-                                      ema=ema_choice(config.model.init_ema)), levels)
+        sd = load_model(path, tokenizer_dir=config.model.tokenizer or None, ema=ema_choice(config.model.init_ema))
+        check_family(config.model.family, family_of(sd.unet_config), path)
+        sd = as_smartbrush(sd, levels)
         if sd.unet_config.num_class_embeddings != levels + 1:
             raise ConfigError(f"{path}: the U-Net has {sd.unet_config.num_class_embeddings} precision levels, "
                               f"config.model.num_levels={levels} needs {levels + 1}")
