@@ -7,7 +7,8 @@
 The family is read from what the files say, never guessed from a name: a diffusers
 folder's `model_index.json` (`StableDiffusionXLPipeline` is SDXL) and its U-Net config
 (SDXL's `addition_embed_type="text_time"`; SD 2.x's 1024-wide OpenCLIP-H context; else SD
-v1's design: one CLIP text encoder, no micro-conditioning). `config.model.family` ("auto" by default) must agree with it.
+v1's design: one CLIP text encoder, no micro-conditioning). `config.model.family` ("auto"
+by default) must agree with it.
 """
 
 from __future__ import annotations
