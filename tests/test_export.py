@@ -20,7 +20,7 @@ from smartbrush_jax.diffusion import NoiseSchedule
 from smartbrush_jax.interop.export import _settings, write_export
 from smartbrush_jax.interop.loader import load_diffusers_folder, load_workdir, to_smartbrush
 from smartbrush_jax.pytorch import PipelineError, SmartBrushPipeline
-from smartbrush_jax.sampling.sampler import sample
+from smartbrush_jax.sampling.sampler import plan_for, sample
 from smartbrush_jax.settings import SamplerConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -67,15 +67,15 @@ def test_export_loads_in_stock_diffusers_and_matches(demo_run, demo_export):
     sched = DDIMScheduler.from_pretrained(os.path.join(demo_export, "scheduler"), local_files_only=True)
     sched.set_timesteps(10)
     ours_sched = NoiseSchedule.from_diffusers(dict(sched.config))
-    assert (sched.timesteps.numpy() == ours_sched.ddim_timesteps(10)).all()
+    assert (sched.timesteps.numpy() == plan_for(ours_sched, SamplerConfig(num_steps=10)).timesteps).all()
     np.testing.assert_allclose(sched.alphas_cumprod.numpy(), ours_sched.alphas_cumprod(), rtol=1e-5)
 
 
-@pytest.fixture(scope="module")
-def latent_export(sd_folder, tmp_path_factory):
+def _latent_export(sd_folder, tmp_path_factory, prediction="epsilon"):
     """A latent-space SmartBrush (tiny random SD + channel surgery, weights perturbed and
     the mask logit's bias set so about 10% of cells are positive), exported."""
     sd = to_smartbrush(load_diffusers_folder(sd_folder[0]), 10)
+    sd.scheduler_config = {**sd.scheduler_config, "prediction_type": prediction}
     rng = np.random.default_rng(0)
     leaves, tdef = jax.tree_util.tree_flatten(sd.unet_params)
     sd.unet_params = jax.tree_util.tree_unflatten(
@@ -93,6 +93,17 @@ def latent_export(sd_folder, tmp_path_factory):
     return sd, path
 
 
+@pytest.fixture(scope="module")
+def latent_export(sd_folder, tmp_path_factory):
+    return _latent_export(sd_folder, tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def v_export(sd_folder, tmp_path_factory):
+    """The same as a v-prediction model (SD 2.x 768's parameterisation)."""
+    return _latent_export(sd_folder, tmp_path_factory, "v_prediction")
+
+
 def _box_mask(b, n):
     mask = np.zeros((b, n, n), np.float32)
     mask[:, n // 5:n - n // 5, n // 4:n - n // 4] = 1
@@ -104,14 +115,15 @@ def _iou(a, b):
     return (a & b).sum() / max((a | b).sum(), 1)
 
 
-@pytest.mark.parametrize("sampler,karras", [("ddim", False), ("dpm++2m", False), ("dpm++2m", True),
-                                            ("euler", False)])
-def test_pytorch_sampler_matches_jax_sampler(latent_export, sampler, karras):
+@pytest.mark.parametrize("prediction,sampler,karras", [
+    ("epsilon", "ddim", False), ("epsilon", "dpm++2m", False), ("epsilon", "dpm++2m", True),
+    ("epsilon", "euler", False), ("v_prediction", "ddim", False), ("v_prediction", "dpm++2m", True)])
+def test_pytorch_sampler_matches_jax_sampler(request, prediction, sampler, karras):
     """Our sampler against the PyTorch pipeline's loop on diffusers' own schedulers (built
-    from the export's scheduler config), the background rule included."""
-    sd, path = latent_export
+    from the export's scheduler config: its prediction_type too), the background rule included."""
+    sd, path = request.getfixturevalue("latent_export" if prediction == "epsilon" else "v_export")
     pipe = SmartBrushPipeline.from_pretrained(path)
-    assert pipe.vae is not None and pipe.num_levels == 10
+    assert pipe.vae is not None and pipe.num_levels == 10 and pipe.scheduler.config.prediction_type == prediction
     rng = np.random.default_rng(1)
     x0, noise = (rng.standard_normal((2, 16, 16, 4)).astype(np.float32) for _ in range(2))
     mask, levels = _box_mask(2, 16), np.array([0, 7], np.int32)
