@@ -118,3 +118,29 @@ def nchw(x: np.ndarray) -> torch.Tensor:
 
 def nhwc(t: torch.Tensor) -> np.ndarray:
     return t.detach().permute(0, 2, 3, 1).numpy()
+
+
+def write_sdxl_folder(path: str, seed: int = 0):
+    """A tiny random SDXL pipeline folder, written by diffusers' `StableDiffusionXLPipeline`
+    itself: CLIP-style encoder (16 wide) + projected encoder (24 wide, projection 16), their
+    penultimate states concatenated to the U-Net's 40-wide context, Euler scheduler."""
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    tok_dir = os.path.join(path, "_tok")
+    vocab = write_tokenizer(tok_dir)
+    common = dict(vocab_size=vocab, bos_token_id=vocab - 2, eos_token_id=vocab - 1, pad_token_id=vocab - 1,
+                  max_position_embeddings=77, intermediate_size=48, num_attention_heads=4, num_hidden_layers=2)
+    torch.manual_seed(seed)
+    text = perturb(CLIPTextModel(CLIPTextConfig(hidden_size=16, hidden_act="quick_gelu", **common)), seed=seed)
+    text2 = perturb(CLIPTextModelWithProjection(CLIPTextConfig(hidden_size=24, projection_dim=16, hidden_act="gelu",
+                                                               **common)), seed=seed + 1)
+    unet = torch_unet(seed + 2, **TINY_UNET_XL)
+    vae = torch_vae(seed + 3)
+    sched = EulerDiscreteScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                                   steps_offset=1, timestep_spacing="leading")
+    tok = CLIPTokenizer.from_pretrained(tok_dir, local_files_only=True)
+    pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=text, text_encoder_2=text2, tokenizer=tok, tokenizer_2=tok,
+                                     unet=unet, scheduler=sched)
+    pipe.save_pretrained(path, safe_serialization=True)
+    return {"unet": unet, "vae": vae, "text_encoder": text, "text_encoder_2": text2}

@@ -44,3 +44,28 @@ def test_training_from_weights_of_another_family_says_so(sd_folder):
         build_models(c)
     c.model.family = "sd1"
     assert build_models(c).model_config()["family"] == "sd1"
+
+
+def test_an_sdxl_folder_written_by_diffusers_loads_with_both_text_encoders(tmp_path):
+    import numpy as np
+    import torch
+    from sd_fixtures import rel_err, write_sdxl_folder
+
+    from smartbrush_jax.interop.loader import folder_components, load_model
+
+    models = write_sdxl_folder(str(tmp_path))
+    assert set(folder_components(str(tmp_path))) >= {"text_encoder_2", "tokenizer_2"}
+    sd = load_model(str(tmp_path))
+    assert family_of(sd.unet_config) == "sdxl" and sd.unet_config.pooled_text_dim == 16
+    assert sd.text2_config.projection_dim == 16 and sd.tokenizer_2 is not None
+    ids = sd.tokenizer_2(["a red circle"], padding="max_length", max_length=77, return_tensors="np").input_ids
+    from transformers import CLIPTokenizer  # the same words from the vocab.json + merges.txt it was made of
+    ref_tok = CLIPTokenizer.from_pretrained(str(tmp_path / "_tok"), local_files_only=True)
+    assert (ids == ref_tok(["a red circle"], padding="max_length", max_length=77, return_tensors="np").input_ids).all()
+    hidden, embeds, before = sd.text_encoder_2().apply({"params": sd.text2_params}, ids, penultimate=True)
+    with torch.no_grad():
+        out = models["text_encoder_2"](torch.from_numpy(ids), output_hidden_states=True)
+    assert rel_err(embeds, out.text_embeds.numpy()) <= 1e-5
+    assert rel_err(before, out.hidden_states[-2].numpy()) <= 1e-5
+    assert sd.scheduler_config["_class_name"] == "EulerDiscreteScheduler"
+    assert np.isfinite(np.asarray(sd.unet_params["add_embedding"]["linear_1"]["kernel"])).all()

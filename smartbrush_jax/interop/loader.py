@@ -35,10 +35,12 @@ from smartbrush_jax.models import (
 from smartbrush_jax.models.tokenizer import load_tokenizer
 
 COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer")
+SDXL_COMPONENTS = ("text_encoder_2", "tokenizer_2")  # SDXL's second text encoder (OpenCLIP bigG, projected)
 _WEIGHT_FILES = {
     "unet": ("diffusion_pytorch_model", ),
     "vae": ("diffusion_pytorch_model", ),
     "text_encoder": ("model", "pytorch_model"),
+    "text_encoder_2": ("model", "pytorch_model"),
 }
 # Buffers that PyTorch state dicts carry but that are not parameters.
 _IGNORED_KEYS = (r"position_ids$",)
@@ -56,6 +58,9 @@ class StableDiffusion:
     text_params: Any = None
     tokenizer: Any = None
     scheduler_config: Optional[dict] = None
+    text2_config: Optional[CLIPTextConfig] = None  # SDXL: text_encoder_2 / tokenizer_2
+    text2_params: Any = None
+    tokenizer_2: Any = None
 
     def unet(self, dtype=jnp.float32, **kw) -> UNet2DConditionModel:
         return UNet2DConditionModel(self.unet_config, dtype=dtype, **kw)
@@ -65,6 +70,9 @@ class StableDiffusion:
 
     def text_encoder(self, dtype=jnp.float32, **kw) -> CLIPTextModel:
         return CLIPTextModel(self.text_config, dtype=dtype, **kw)
+
+    def text_encoder_2(self, dtype=jnp.float32, **kw) -> Optional[CLIPTextModel]:
+        return None if self.text2_config is None else CLIPTextModel(self.text2_config, dtype=dtype, **kw)
 
 
 # ---------------------------------------------------------------------------- shapes
@@ -199,7 +207,8 @@ def folder_components(path: str) -> tuple:
     """The components a diffusers folder holds, from its model_index.json."""
     index = os.path.join(path, "model_index.json")
     listed = _read_json(index) if os.path.isfile(index) else {}
-    return tuple(c for c in COMPONENTS if listed.get(c, ["?"]) not in ([None, None], None))
+    present = tuple(c for c in COMPONENTS if listed.get(c, ["?"]) not in ([None, None], None))
+    return present + tuple(c for c in SDXL_COMPONENTS if listed.get(c) not in ([None, None], None))
 
 
 def as_smartbrush(sd: StableDiffusion, num_levels: int) -> StableDiffusion:
@@ -220,13 +229,14 @@ def load_diffusers_folder(path: str, components: Sequence[str] = COMPONENTS, var
     """Load the named components of a local diffusers Stable Diffusion folder.
 
     Expects `model_index.json` and one subfolder per component (`unet/`, `vae/`,
-    `text_encoder/`, `tokenizer/`), each with its config and `.safetensors` (preferred) or
+    `text_encoder/`, `tokenizer/`; SDXL's `text_encoder_2/`, `tokenizer_2/` too), each
+    with its config and `.safetensors` (preferred) or
     `.bin` weights; `variant="fp16"` picks `*.fp16.*` files. Raises `WeightsError` naming
     the missing file or the offending key.
     """
-    unknown = set(components) - set(COMPONENTS)
+    unknown = set(components) - set(COMPONENTS + SDXL_COMPONENTS)
     if unknown:
-        raise ValueError(f"unknown component(s) {sorted(unknown)}; choose from {COMPONENTS}")
+        raise ValueError(f"unknown component(s) {sorted(unknown)}; choose from {COMPONENTS + SDXL_COMPONENTS}")
     if not os.path.isdir(path):
         raise WeightsError(f"{path}: not a directory (expected a diffusers Stable Diffusion folder)")
     if not os.path.isfile(os.path.join(path, "model_index.json")):
@@ -236,8 +246,8 @@ def load_diffusers_folder(path: str, components: Sequence[str] = COMPONENTS, var
         sub = os.path.join(path, name)
         if not os.path.isdir(sub):
             raise WeightsError(f"{path}: component folder {name}/ is missing")
-        if name == "tokenizer":
-            sd.tokenizer = load_tokenizer(sub)
+        if name in ("tokenizer", "tokenizer_2"):
+            setattr(sd, name, load_tokenizer(sub))
             continue
         config = _read_json(os.path.join(sub, "config.json"))
         state = _read_component_weights(sub, _WEIGHT_FILES[name], variant)
@@ -250,9 +260,13 @@ def load_diffusers_folder(path: str, components: Sequence[str] = COMPONENTS, var
             state = _legacy_vae_keys(state)
             sd.vae_params = _convert(AutoencoderKL(sd.vae_config, param_dtype=param_dtype), state, source)
         else:
-            sd.text_config = CLIPTextConfig.from_transformers(config)
+            cfg = CLIPTextConfig.from_transformers(config)
             state = {k.removeprefix("text_model."): v for k, v in state.items()}
-            sd.text_params = _convert(CLIPTextModel(sd.text_config, param_dtype=param_dtype), state, source)
+            params = _convert(CLIPTextModel(cfg, param_dtype=param_dtype), state, source)
+            if name == "text_encoder":
+                sd.text_config, sd.text_params = cfg, params
+            else:
+                sd.text2_config, sd.text2_params = cfg, params
     sched = os.path.join(path, "scheduler", "scheduler_config.json")
     if os.path.isfile(sched):
         sd.scheduler_config = _read_json(sched)

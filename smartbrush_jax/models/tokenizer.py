@@ -17,12 +17,14 @@ from transformers import CLIPTokenizer  # at import time: lazy imports from work
 
 
 def load_tokenizer(path: str):
-    """transformers' `CLIPTokenizer` from a local folder (vocab.json + merges.txt)."""
+    """transformers' `CLIPTokenizer` from a local folder: vocab.json + merges.txt (what SD
+    releases ship), or the tokenizer.json that transformers >= 5 alone writes."""
     from smartbrush_jax.errors import InputError
 
-    for f in ("vocab.json", "merges.txt"):
-        if not os.path.isfile(os.path.join(path, f)):
-            raise InputError(f"{path}: tokenizer file {f} is missing")
+    if not os.path.isfile(os.path.join(path, "tokenizer.json")):
+        for f in ("vocab.json", "merges.txt"):
+            if not os.path.isfile(os.path.join(path, f)):
+                raise InputError(f"{path}: tokenizer file {f} is missing (and there is no tokenizer.json)")
     return CLIPTokenizer.from_pretrained(path, local_files_only=True)
 
 
