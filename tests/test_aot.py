@@ -136,10 +136,15 @@ def test_fsdp_compile_gathers_params_and_scatters_grads(reports):
     assert c["all-gather"]["count"] > 0 and c["reduce-scatter"]["count"] > 0, c
     assert c["reduce-scatter"]["bytes"] >= 0.5 * grads / 4, (c, grads)
     assert c["all-reduce"]["bytes"] < 0.5 * grads, (c, grads)
-    # mesh.fsdp_gather = "once" (the default): the bf16 weights are gathered once a step, not
-    # again in the recompute and the backward (XLA's per-use gathers: 3.2x here)
+    # mesh.fsdp_gather = "once" (the default): the U-Net's bf16 weights are gathered once a
+    # step by our constraint, not again in the recompute and the backward (XLA's per-use
+    # gathers: 3.2x here); the frozen text encoder's weights are gathered too, so no layer of
+    # it gathers activations (SD v1 on v4-32: 3 GiB a step)
     weights = 2 * r["trainable_parameters"]
-    assert weights <= c["all-gather"]["bytes"] <= 1.2 * weights, (c, weights)
+    sources = c["all-gather"]["top_sources"]
+    unet = sum(x["bytes"] for x in sources if x["op"].endswith("jvp()/sharding_constraint"))
+    assert 0.95 * weights <= unet <= 1.2 * weights, (sources, weights)  # (a few small ones stay replicated)
+    assert not [x for x in sources if "CLIPTextModel" in x["op"]], sources
     # the state is sharded four ways: what a chip holds is a fraction of data parallel's
     assert r["memory"]["alias"] < 0.5 * dp["memory"]["alias"]
 
