@@ -12,16 +12,16 @@ the workdir is the gs:// URL itself, which every worker writes through the GCS A
 Parameters are FSDP-sharded over the slice; the batch is split over data x fsdp.
 
 What fits, compiled for v4-32 on a CPU host (`python -m smartbrush_jax.cli.aot
---config=configs/tpu_v4.py --topology=v4-32`, bench/results/tpu_aot_v4-32_vae.json and _cached.json): with
-the VAE encode in the step, 22.3 GiB per chip (0.9 of state, 21.1 of temporaries), a 9.7
-GiB margin; with a latent cache 18.2 GiB. The memory line puts the largest batch at ~23
-per chip. That needs remat ("full") and the chunked attention: XLA's attention at the
-4096-token level takes 28.9 GiB of temporaries at the same batch (1.9 GiB margin with a
-latent cache, no room for the VAE). FSDP because data parallel replicates 13.4 GiB of
-fp32 state (params, AdamW, EMA) on every chip. Step time estimate: >= 0.64 s (roofline,
-HBM-bound; XLA moves ~48 GiB of collectives per chip per step besides, see
-bench/SCALING.md). The paper's global batch 1024 is 16 per chip on a v4-128:
---config.train.batch_size=1024 there (the per-chip program is this one).
+--config=configs/tpu_v4.py --topology=v4-32`, bench/results/tpu_aot_v4-32_vae.json): with
+the VAE encode in the step, 15.0 GiB per chip, a 17.0 GiB margin (10.8 GiB with a latent
+cache, search/v4-32_chunked_full_b16_gather-once.json). That uses remat ("full") and the
+chunked attention: XLA's attention at the 4096-token level takes 28.9 GiB of temporaries
+at the same batch, and splash estimates slower on v4 (bench/SCALING.md). FSDP because data
+parallel replicates 13.4 GiB of fp32 state (params, AdamW, EMA) on every chip; the weights
+are gathered once a step (mesh.fsdp_gather="once", the default): 1.9 GiB of all-gathers
+per chip per step, where XLA's own placement moved 40.1. Step time estimate: >= 0.31 s
+(roofline, HBM-bound; 51.7 images/s per chip). The paper's global batch 1024 is 16 per chip on a v4-128:
+--config.train.batch_size=1024 there (compiled: 12.1 GiB, >= 0.25 s, 62.9 images/s per chip).
 """
 
 from smartbrush_jax.config import base_config

@@ -9,6 +9,7 @@ from __future__ import annotations
 import ml_collections
 
 from smartbrush_jax.errors import InputError
+from smartbrush_jax.settings import SAMPLERS
 
 DTYPES = ("float32", "bfloat16")
 # `models.unet.REMAT_POLICIES` (kept here too so that reading a config imports no JAX)
@@ -71,8 +72,6 @@ def validate(c: ml_collections.ConfigDict, num_devices: int | None = None, proce
     need(c.optim.schedule in ("constant", "cosine"), "optim.schedule", "must be 'constant' or 'cosine'")
     need(0.0 <= c.optim.ema_decay < 1.0, "optim.ema_decay", "must be in [0, 1)")
     need(c.train.steps > 0, "train.steps", "must be > 0")
-    from smartbrush_jax.sampling.solvers import SAMPLERS
-
     need(c.train.sample_sampler in SAMPLERS, "train.sample_sampler",
          f"must be one of {SAMPLERS}, got {c.train.sample_sampler!r}")
     need(c.train.batch_size > 0, "train.batch_size", "must be > 0")

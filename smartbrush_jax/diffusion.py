@@ -16,8 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from smartbrush_jax.masks import degrade_mask, dice_loss, mask_iou
-from smartbrush_jax.sampling.solvers import PREDICTIONS, SPACINGS
-from smartbrush_jax.settings import LossConfig
+from smartbrush_jax.settings import PREDICTIONS, SPACINGS, LossConfig
 
 ApplyFn = Callable[..., jax.Array]
 

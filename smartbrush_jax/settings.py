@@ -20,6 +20,14 @@ from typing import Any, Dict, Mapping, Sequence, Tuple
 from smartbrush_jax.errors import InputError
 
 
+# the samplers (sampling/solvers.py) and the schedule's choices, named here so a config can
+# be checked without the sampler
+SAMPLERS = ("ddim", "dpm++2m", "euler", "euler_a")
+KARRAS = ("dpm++2m", "euler")  # the samplers with a Karras-sigmas option
+SPACINGS = ("leading", "linspace", "trailing")
+PREDICTIONS = ("epsilon", "v_prediction")
+
+
 class SettingsError(InputError, ValueError):
     """A setting out of its range; the message names it."""
 
@@ -230,8 +238,6 @@ class SamplerConfig:
         _check(0.0 <= self.mask_warmup <= 1.0, f"mask_warmup must be in [0, 1], got {self.mask_warmup}")
         _check(0.0 < self.mask_threshold < 1.0, f"mask_threshold must be in (0, 1), got {self.mask_threshold}")
         _check(self.num_steps >= 1, f"num_steps must be >= 1, got {self.num_steps}")
-        from smartbrush_jax.sampling.solvers import KARRAS, SAMPLERS
-
         _check(self.sampler in SAMPLERS, f"sampler must be one of {', '.join(SAMPLERS)}, got {self.sampler!r}")
         _check(not self.karras or self.sampler in KARRAS,
                f"karras is an option of {' and '.join(KARRAS)}, not of {self.sampler}")

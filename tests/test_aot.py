@@ -259,6 +259,8 @@ def test_shipped_tpu_configs_are_what_was_compiled(name, topology, compiled_file
     assert (compiled["remat"], compiled["attention"], compiled["dtype"], compiled["fsdp"]) == \
         (c.model.remat, c.model.attention, c.model.dtype, c.mesh.fsdp)
     assert compiled["mesh"] == dict(c.mesh.shape) and compiled["vae_in_step"]
+    if c.mesh.fsdp:  # how the weights reach the layers; files without the field predate "once"
+        assert compiled.get("fsdp_gather", "per_use") == c.mesh.fsdp_gather
 
 
 @needs_libtpu

@@ -31,9 +31,8 @@ from typing import Optional
 
 import numpy as np
 
-SAMPLERS = ("ddim", "dpm++2m", "euler", "euler_a")
-KARRAS = ("dpm++2m", "euler")  # the samplers with a Karras-sigmas option
-SPACINGS = ("leading", "linspace", "trailing")
+from smartbrush_jax.settings import KARRAS, PREDICTIONS, SAMPLERS, SPACINGS  # noqa: F401 (re-exported)
+
 # what each diffusers scheduler uses when the config does not say
 DEFAULT_SPACING = {"ddim": "leading", "dpm++2m": "linspace", "euler": "linspace", "euler_a": "linspace"}
 RHO = 7.0  # Karras et al. (2022)
@@ -224,9 +223,6 @@ def _f32(*arrays):
 
 
 # ---------------------------------------------------------------------------- in the loop (JAX)
-PREDICTIONS = ("epsilon", "v_prediction")
-
-
 def device_arrays(p: Plan) -> dict:
     """The plan as the loop reads it: [N] jnp arrays indexed by the step."""
     import jax.numpy as jnp
