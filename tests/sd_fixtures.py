@@ -144,3 +144,27 @@ def write_sdxl_folder(path: str, seed: int = 0):
                                      unet=unet, scheduler=sched)
     pipe.save_pretrained(path, safe_serialization=True)
     return {"unet": unet, "vae": vae, "text_encoder": text, "text_encoder_2": text2}
+
+
+def write_sd2_folder(path: str, seed: int = 0, prediction_type: str = "v_prediction"):
+    """A tiny random SD 2.x pipeline folder, written by diffusers' `StableDiffusionPipeline`
+    itself: the SD 2.x U-Net design (linear projections, two transformer layers), an
+    OpenCLIP-style text encoder (GELU, 24 wide as the U-Net's context), and SD 2.1's
+    scheduler config (v-prediction, leading spacing, offset 1)."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+    from transformers import CLIPTokenizer
+
+    tok_dir = os.path.join(path, "_tok")
+    vocab = write_tokenizer(tok_dir)
+    unet = torch_unet(seed, **TINY_UNET_V2)
+    vae = torch_vae(seed + 1)
+    text = torch_text(vocab, seed + 2, hidden_size=TINY_UNET_V2["cross_attention_dim"], hidden_act="gelu",
+                      num_attention_heads=4, intermediate_size=48)
+    sched = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, clip_sample=False,
+                          set_alpha_to_one=False, steps_offset=1, prediction_type=prediction_type,
+                          timestep_spacing="leading")
+    tok = CLIPTokenizer.from_pretrained(tok_dir, local_files_only=True)
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=tok, unet=unet, scheduler=sched,
+                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.save_pretrained(path, safe_serialization=True)
+    return {"unet": unet, "vae": vae, "text_encoder": text}

@@ -16,6 +16,7 @@ def test_family_from_the_unet_config_and_model_index():
     assert family_of(_cfg(**TINY_UNET)) == "sd1"
     assert family_of(_cfg(cross_attention_dim=768)) == "sd1"
     assert family_of(_cfg(cross_attention_dim=1024, attention_head_dim=(5, 10, 20, 20))) == "sd2"
+    assert family_of(_cfg(**TINY_UNET_V2)) == "sd2"  # linear projections at any width
     assert family_of(_cfg(**TINY_UNET_XL)) == "sdxl"
     assert family_of(_cfg(**TINY_UNET_V2), {"_class_name": "StableDiffusionXLPipeline"}) == "sdxl"
 

@@ -6,8 +6,9 @@
 
 The family is read from what the files say, never guessed from a name: a diffusers
 folder's `model_index.json` (`StableDiffusionXLPipeline` is SDXL) and its U-Net config
-(SDXL's `addition_embed_type="text_time"`; SD 2.x's 1024-wide OpenCLIP-H context; else SD
-v1's design: one CLIP text encoder, no micro-conditioning). `config.model.family` ("auto"
+(SDXL's `addition_embed_type="text_time"`; SD 2.x's linear projections in the transformer
+blocks, or its 1024-wide OpenCLIP-H context; else SD v1's design: one CLIP text encoder,
+convolutional projections, no micro-conditioning). `config.model.family` ("auto"
 by default) must agree with it.
 """
 
@@ -45,9 +46,9 @@ def family_of(unet_config, model_index: Optional[dict] = None) -> str:
     pipeline = (model_index or {}).get("_class_name", "")
     if getattr(unet_config, "micro_conditioning", False) or "XL" in pipeline:
         return "sdxl"
-    if unet_config.cross_attention_dim == 1024:
-        return "sd2"
-    return "sd1"  # CLIP-L's 768, and any other one-encoder design (the tests' tiny models)
+    if unet_config.cross_attention_dim == 1024 or unet_config.use_linear_projection:
+        return "sd2"  # every SD 2.x U-Net has linear projections; no SD v1 release does
+    return "sd1"  # CLIP-L's 768 and 1x1-conv projections, as any other one-encoder design
 
 
 def check_family(wanted: str, found: str, where: str) -> None:
