@@ -19,7 +19,6 @@ from typing import Any, Dict, Mapping, Sequence, Tuple
 
 from smartbrush_jax.errors import InputError
 
-
 # the samplers (sampling/solvers.py) and the schedule's choices, named here so a config can
 # be checked without the sampler
 SAMPLERS = ("ddim", "dpm++2m", "euler", "euler_a")
@@ -69,6 +68,9 @@ class ModelConfig:
         "up_block_types": ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3, "norm_num_groups": 32})
     text: Dict[str, Any] = dataclasses.field(default_factory=lambda: {  # transformers CLIPTextConfig fields
         "hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12, "num_attention_heads": 12})
+    # SDXL's second text encoder (transformers CLIPTextConfig fields, with projection_dim), for
+    # compiling without weights; {} = none. A run from weights takes both from init_from.
+    text2: Dict[str, Any] = dataclasses.field(default_factory=dict)
     autoencoder: str = "vae"  # "vae" (SD's, from init_from) or "identity" (pixel space)
     num_levels: int = 10  # precision levels S
     dtype: str = "float32"  # compute dtype; parameters stay float32

@@ -79,21 +79,33 @@ def torch_text(vocab_size: int, seed: int = 0, **overrides):
     return perturb(CLIPTextModel(cfg), seed=seed)
 
 
-def write_sd_folder(path: str, seed: int = 0, unet_overrides=None, safe_serialization: bool = True):
-    """A complete diffusers SD folder with tiny random components. Returns the torch models."""
+# SD's noise schedule, as every released SD scheduler config states it
+SD_BETAS = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+
+
+def sd_ddim(**overrides):
     from diffusers import DDIMScheduler
 
-    os.makedirs(path, exist_ok=True)
-    vocab = write_tokenizer(os.path.join(path, "tokenizer"))
-    models = {
+    return DDIMScheduler(**SD_BETAS, clip_sample=False, set_alpha_to_one=False, **overrides)
+
+
+def tiny_sd_models(tok_dir: str, seed: int = 0, unet_overrides=None, text_overrides=None):
+    """The tokenizer (written to `tok_dir`), U-Net, VAE and text encoder of a tiny SD v1/2 pipeline."""
+    vocab = write_tokenizer(tok_dir)
+    return {
         "unet": torch_unet(seed, **(unet_overrides or {})),
         "vae": torch_vae(seed + 1),
-        "text_encoder": torch_text(vocab, seed + 2),
+        "text_encoder": torch_text(vocab, seed + 2, **(text_overrides or {})),
     }
+
+
+def write_sd_folder(path: str, seed: int = 0, unet_overrides=None, safe_serialization: bool = True):
+    """A complete diffusers SD folder with tiny random components. Returns the torch models."""
+    os.makedirs(path, exist_ok=True)
+    models = tiny_sd_models(os.path.join(path, "tokenizer"), seed, unet_overrides)
     for name, m in models.items():
         m.save_pretrained(os.path.join(path, name), safe_serialization=safe_serialization)
-    DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
-                  clip_sample=False, set_alpha_to_one=False).save_pretrained(os.path.join(path, "scheduler"))
+    sd_ddim().save_pretrained(os.path.join(path, "scheduler"))
     with open(os.path.join(path, "model_index.json"), "w") as f:
         json.dump({"_class_name": "StableDiffusionPipeline",
                    "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
@@ -123,7 +135,8 @@ def nhwc(t: torch.Tensor) -> np.ndarray:
 def write_sdxl_folder(path: str, seed: int = 0):
     """A tiny random SDXL pipeline folder, written by diffusers' `StableDiffusionXLPipeline`
     itself: CLIP-style encoder (16 wide) + projected encoder (24 wide, projection 16), their
-    penultimate states concatenated to the U-Net's 40-wide context, Euler scheduler."""
+    penultimate states concatenated to the U-Net's 40-wide context, Euler scheduler; the
+    second tokenizer pads with "!" as SDXL's does."""
     from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
@@ -137,10 +150,11 @@ def write_sdxl_folder(path: str, seed: int = 0):
                                                                **common)), seed=seed + 1)
     unet = torch_unet(seed + 2, **TINY_UNET_XL)
     vae = torch_vae(seed + 3)
-    sched = EulerDiscreteScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
-                                   steps_offset=1, timestep_spacing="leading")
+    sched = EulerDiscreteScheduler(**SD_BETAS, steps_offset=1, timestep_spacing="leading")
     tok = CLIPTokenizer.from_pretrained(tok_dir, local_files_only=True)
-    pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=text, text_encoder_2=text2, tokenizer=tok, tokenizer_2=tok,
+    tok2 = CLIPTokenizer.from_pretrained(tok_dir, local_files_only=True, pad_token="!")  # as SDXL's tokenizer_2
+    assert tok2.pad_token_id != tok.pad_token_id
+    pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=text, text_encoder_2=text2, tokenizer=tok, tokenizer_2=tok2,
                                      unet=unet, scheduler=sched)
     pipe.save_pretrained(path, safe_serialization=True)
     return {"unet": unet, "vae": vae, "text_encoder": text, "text_encoder_2": text2}
@@ -151,20 +165,16 @@ def write_sd2_folder(path: str, seed: int = 0, prediction_type: str = "v_predict
     itself: the SD 2.x U-Net design (linear projections, two transformer layers), an
     OpenCLIP-style text encoder (GELU, 24 wide as the U-Net's context), and SD 2.1's
     scheduler config (v-prediction, leading spacing, offset 1)."""
-    from diffusers import DDIMScheduler, StableDiffusionPipeline
+    from diffusers import StableDiffusionPipeline
     from transformers import CLIPTokenizer
 
     tok_dir = os.path.join(path, "_tok")
-    vocab = write_tokenizer(tok_dir)
-    unet = torch_unet(seed, **TINY_UNET_V2)
-    vae = torch_vae(seed + 1)
-    text = torch_text(vocab, seed + 2, hidden_size=TINY_UNET_V2["cross_attention_dim"], hidden_act="gelu",
-                      num_attention_heads=4, intermediate_size=48)
-    sched = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, clip_sample=False,
-                          set_alpha_to_one=False, steps_offset=1, prediction_type=prediction_type,
-                          timestep_spacing="leading")
+    models = tiny_sd_models(tok_dir, seed, TINY_UNET_V2, dict(
+        hidden_size=TINY_UNET_V2["cross_attention_dim"], hidden_act="gelu", num_attention_heads=4,
+        intermediate_size=48))
+    sched = sd_ddim(steps_offset=1, prediction_type=prediction_type, timestep_spacing="leading")
     tok = CLIPTokenizer.from_pretrained(tok_dir, local_files_only=True)
-    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=tok, unet=unet, scheduler=sched,
+    pipe = StableDiffusionPipeline(**models, tokenizer=tok, scheduler=sched,
                                    safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipe.save_pretrained(path, safe_serialization=True)
-    return {"unet": unet, "vae": vae, "text_encoder": text}
+    return models

@@ -197,3 +197,54 @@ def test_config_errors(prepared, tmp_path):
     os.makedirs(tmp_path / "x", exist_ok=True)
     with pytest.raises(DataError, match="component .extra. has weight"):
         make_dataset(_cfg(prepared, weights={"seg": 0.5, "extra": 0.5}))
+
+
+def test_micro_conditioning_locates_the_crop_in_the_scaled_source():
+    """SDXL's micro-conditioning of a training crop: the source image's (h, w), the crop's
+    top-left in the source scaled by R / side (SDXL's scripts record it after their resize),
+    and (R, R). The recorded offsets must point at the crop: cutting an R x R window there from
+    the scaled source matches the pipeline's crop better than any window up to 3 px off."""
+    import io
+
+    from PIL import Image
+
+    from smartbrush_jax.data.pipeline import ExampleTransform
+
+    h, w, r = 90, 130, 32
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    image = np.stack([128 + 100 * np.sin(xx / 6.0), 128 + 100 * np.cos(yy / 5.0),
+                      128 + 90 * np.sin((xx + yy) / 7.0)], -1).astype(np.uint8)
+    mask = np.zeros((h, w), np.uint8)
+    mask[30:60, 50:80] = 255
+
+    def png(a):
+        buf = io.BytesIO()
+        Image.fromarray(a).save(buf, format="PNG")
+        return buf.getvalue()
+
+    rec = {"id": "t:1", "source": "test", "kind": "seg", "label": "box", "image": png(image), "mask": png(mask),
+           "box": [50, 30, 80, 60]}
+    transform = ExampleTransform(DataConfig(resolution=r, latent_factor=4))
+    rng = np.random.default_rng(3)
+    for _ in range(5):
+        ex = transform.crop(rec, rng)
+        x0, y0, side = ex["box"]
+        micro = ex["micro"]
+        assert micro.dtype == np.int32 and micro.shape == (6,)
+        assert tuple(micro[:2]) == (h, w) and tuple(micro[4:]) == (r, r)
+        scale = r / side
+        # the source at exactly R / side (a rounded output size would stretch it by up to half a
+        # pixel), edge-padded so every window lies inside
+        big_w, big_h = int(np.ceil(w * scale)) + r, int(np.ceil(h * scale)) + r
+        padded = np.pad(image, ((0, 2 * side), (0, 2 * side), (0, 0)), mode="edge")
+        scaled = np.asarray(Image.fromarray(padded).resize((big_w, big_h), Image.Resampling.BICUBIC,
+                                                           box=(0, 0, big_w / scale, big_h / scale)), np.float32)
+        top, left = int(micro[2]), int(micro[3])
+        assert (top, left) == (round(y0 * scale), round(x0 * scale))
+
+        def err(dy, dx):
+            win = scaled[top + dy:top + dy + r, left + dx:left + dx + r]
+            return np.abs(win - ex["image"].astype(np.float32)).mean() if win.shape[:2] == (r, r) else np.inf
+
+        errs = {(dy, dx): err(dy, dx) for dy in range(-3, 4) for dx in range(-3, 4)}
+        assert min(errs, key=errs.get) == (0, 0), errs

@@ -61,8 +61,14 @@ def test_an_sdxl_folder_written_by_diffusers_loads_with_both_text_encoders(tmp_p
     assert sd.text2_config.projection_dim == 16 and sd.tokenizer_2 is not None
     ids = sd.tokenizer_2(["a red circle"], padding="max_length", max_length=77, return_tensors="np").input_ids
     from transformers import CLIPTokenizer  # the same words from the vocab.json + merges.txt it was made of
-    ref_tok = CLIPTokenizer.from_pretrained(str(tmp_path / "_tok"), local_files_only=True)
+    ref_tok = CLIPTokenizer.from_pretrained(str(tmp_path / "_tok"), local_files_only=True, pad_token="!")
     assert (ids == ref_tok(["a red circle"], padding="max_length", max_length=77, return_tensors="np").input_ids).all()
+    # the second tokenizer's ids are the first's re-padded (what the trainer feeds encoder 2)
+    from smartbrush_jax.models.conditioning import repad
+
+    ids1 = sd.tokenizer(["a red circle"], padding="max_length", max_length=77, return_tensors="np").input_ids
+    assert (ids1 != ids).any()
+    assert (np.asarray(repad(ids1, sd.tokenizer.eos_token_id, sd.tokenizer_2.pad_token_id)) == ids).all()
     hidden, embeds, before = sd.text_encoder_2().apply({"params": sd.text2_params}, ids, penultimate=True)
     with torch.no_grad():
         out = models["text_encoder_2"](torch.from_numpy(ids), output_hidden_states=True)

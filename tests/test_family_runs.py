@@ -1,4 +1,4 @@
-"""SmartBrush on an SD 2.x base, through the whole system as a user runs it: a tiny
+"""SmartBrush on SD 2.x and SDXL bases, through the whole system as a user runs it: a tiny
 v-prediction pipeline folder written by diffusers itself trains on this CPU, resumes,
 exports, loads in stock diffusers, and inpaints with the background untouched."""
 
@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from sd_fixtures import TINY_UNET_V2, rel_err, write_sd2_folder
+from sd_fixtures import TINY_UNET_V2, rel_err, write_sd2_folder, write_sdxl_folder
 from train_helpers import read, train
 
 RES = 32  # pixels; the tiny VAE halves it, the 3-level U-Net runs at 16, 8 and 4
@@ -19,6 +19,8 @@ RES = 32  # pixels; the tiny VAE halves it, the 3-level U-Net runs at 16, 8 and 
 
 @pytest.fixture(scope="module")
 def sd2_run(tmp_path_factory):
+    from smartbrush_jax.cli.export import main as export
+
     root = tmp_path_factory.mktemp("sd2")
     folder, work = str(root / "sd2-base"), str(root / "run")
     torch_models = write_sd2_folder(folder)
@@ -29,8 +31,10 @@ def sd2_run(tmp_path_factory):
     assert first.returncode == 0, first.stderr[-3000:]
     second = train(work, *common, "--config.train.steps=3", timeout=420)
     assert second.returncode == 0, second.stderr[-3000:]
+    out = str(root / "export")
+    assert export(["--workdir", work, "--out", out]) == 0
     return {"folder": folder, "work": work, "torch": torch_models, "logs": (first.stderr, second.stderr),
-            "export": str(root / "export")}
+            "export": out}
 
 
 @pytest.mark.slow  # two trainer runs (compile each) and an export: ~2-3 min on 2 shared cores
@@ -39,7 +43,6 @@ def test_sd2_v_prediction_trains_resumes_and_exports(sd2_run):
     from diffusers import DDIMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel
 
-    from smartbrush_jax.cli.export import main as export
     from smartbrush_jax.interop.loader import load_workdir
 
     first, second = sd2_run["logs"]
@@ -52,7 +55,6 @@ def test_sd2_v_prediction_trains_resumes_and_exports(sd2_run):
     assert model["unet"]["in_channels"] == 5 and model["unet"]["out_channels"] == 5  # latent + mask
 
     out = sd2_run["export"]
-    assert export(["--workdir", sd2_run["work"], "--out", out]) == 0
     sched = DDIMScheduler.from_pretrained(os.path.join(out, "scheduler"), local_files_only=True)
     assert sched.config.prediction_type == "v_prediction" and sched.config.steps_offset == 1
     text = CLIPTextModel.from_pretrained(os.path.join(out, "text_encoder"), local_files_only=True)
@@ -79,12 +81,9 @@ def test_sd2_v_prediction_trains_resumes_and_exports(sd2_run):
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_sd2_export_inpaints_with_the_background_untouched(sd2_run, tmp_path):
-    from smartbrush_jax.cli.export import main as export
     from smartbrush_jax.cli.inpaint import main as inpaint
 
     out = sd2_run["export"]
-    if not os.path.isdir(out):  # run alone (-k): export here
-        assert export(["--workdir", sd2_run["work"], "--out", out]) == 0
     image = np.random.default_rng(5).integers(0, 256, (40, 44, 3), dtype=np.uint8)
     Image.fromarray(image).save(tmp_path / "in.png")
     assert inpaint(["--checkpoint", out, "--image", str(tmp_path / "in.png"), "--box", "8,6,36,30",
@@ -95,3 +94,91 @@ def test_sd2_export_inpaints_with_the_background_untouched(sd2_run, tmp_path):
     box[6:30, 8:36] = True
     assert result.shape == image.shape and (result[~box] == image[~box]).all()
     assert (result[box] != image[box]).any()  # and the box was painted
+
+
+@pytest.fixture(scope="module")
+def sdxl_run(tmp_path_factory):
+    from smartbrush_jax.cli.export import main as export
+
+    root = tmp_path_factory.mktemp("sdxl")
+    folder, work, out = str(root / "sdxl-base"), str(root / "run"), str(root / "export")
+    torch_models = write_sdxl_folder(folder)
+    common = [f"--config.model.init_from={folder}", "--config.model.family=sdxl", "--config.model.autoencoder=vae",
+              f"--config.data.resolution={RES}", f"--config.data.synthetic_size={RES}",
+              "--config.train.batch_size=2", "--config.train.checkpoint_every=2", "--config.train.log_every=1"]
+    first = train(work, *common, "--config.train.steps=2", timeout=420)
+    assert first.returncode == 0, first.stderr[-3000:]
+    # the resumed run draws the held-out grid at step 3 (both encoders, micro-conditioning)
+    second = train(work, *common, "--config.train.steps=3", "--config.train.sample_every=3",
+                   "--config.train.sample_steps=2", timeout=420)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert export(["--workdir", work, "--out", out]) == 0
+    return {"work": work, "torch": torch_models, "logs": (first.stderr, second.stderr), "export": out}
+
+
+@pytest.mark.slow  # two trainer runs and an export of a two-encoder model: ~2-3 min on 2 shared cores
+@pytest.mark.timeout(1200)
+def test_sdxl_trains_resumes_exports_and_loads_in_stock_diffusers(sdxl_run):
+    from diffusers import StableDiffusionXLPipeline
+
+    from smartbrush_jax.interop.loader import load_workdir
+    from smartbrush_jax.models.conditioning import TextEncoders, plain_micro, unet_apply
+
+    first, second = sdxl_run["logs"]
+    assert "resumed from step 2" in second and "resumed" not in first
+    summary = json.loads(read(os.path.join(sdxl_run["work"], "summary.json")))
+    assert summary["steps"] == 3 and all(np.isfinite(h["loss"]) for h in summary["history"] if "loss" in h)
+    model = json.loads(read(os.path.join(sdxl_run["work"], "model.json")))
+    assert model["family"] == "sdxl" and model["text2"]["projection_dim"] == 16
+    assert model["unet"]["addition_embed_type"] == "text_time" and model["unet"]["in_channels"] == 5
+    grid = np.asarray(Image.open(os.path.join(sdxl_run["work"], "samples", "step_0000003.png")))
+    assert grid.ndim == 3 and grid.std() > 0
+
+    pipe = StableDiffusionXLPipeline.from_pretrained(sdxl_run["export"], local_files_only=True)
+    assert pipe.text_encoder_2.config.projection_dim == 16 and pipe.unet.config.num_class_embeds == 11
+    # the exported second encoder is the base's, through our writer's key names
+    base2 = sdxl_run["torch"]["text_encoder_2"].state_dict()
+    for k, v in pipe.text_encoder_2.state_dict().items():
+        assert torch.equal(v, base2[k]), k
+
+    # diffusers' own SDXL prompt encoding (both encoders, penultimate states, pooled) and
+    # U-Net equal ours on the trained weights
+    step, sd = load_workdir(sdxl_run["work"])
+    assert step == 3
+    prompt = "a red star"
+    with torch.no_grad():
+        embeds, _, pooled, _ = pipe.encode_prompt(prompt, do_classifier_free_guidance=False)
+    ids = sd.tokenizer(prompt, padding="max_length", max_length=77, return_tensors="np").input_ids.astype(np.int32)
+    enc = TextEncoders(sd.text_encoder(), sd.text_encoder_2(), sd.tokenizer.eos_token_id, sd.tokenizer_2.pad_token_id)
+    micro = plain_micro(RES, RES)[None]
+    ctx = enc({"text": sd.text_params, "text2": sd.text2_params}, ids, micro)
+    assert rel_err(ctx["hidden"], embeds.numpy()) <= 1e-5 and rel_err(ctx["pooled"], pooled.numpy()) <= 1e-5
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((1, RES // 2, RES // 2, 5)).astype(np.float32)
+    t, levels = np.array([500], np.int32), np.array([7], np.int32)
+    ours = np.asarray(unet_apply(sd.unet(), sd.unet_params, x, t, ctx, levels))
+    with torch.no_grad():
+        ref = pipe.unet(torch.from_numpy(x).permute(0, 3, 1, 2), torch.from_numpy(t).long(), embeds,
+                        class_labels=torch.from_numpy(levels).long(),
+                        added_cond_kwargs={"text_embeds": pooled, "time_ids": torch.from_numpy(micro).float()}
+                        ).sample.permute(0, 2, 3, 1).numpy()
+    assert rel_err(ours, ref) <= 1e-5
+    base = sdxl_run["torch"]["unet"].state_dict()["conv_in.weight"].numpy()
+    assert not np.allclose(pipe.unet.state_dict()["conv_in.weight"].numpy()[:, :4], base, atol=1e-6)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_sdxl_export_inpaints_with_the_background_untouched(sdxl_run, tmp_path):
+    from smartbrush_jax.cli.inpaint import main as inpaint
+
+    image = np.random.default_rng(6).integers(0, 256, (36, 40, 3), dtype=np.uint8)
+    Image.fromarray(image).save(tmp_path / "in.png")
+    assert inpaint(["--checkpoint", sdxl_run["export"], "--image", str(tmp_path / "in.png"), "--box", "4,4,30,28",
+                    "--prompt", "the cat", "--precision", "2", "--steps", "2", "--sampler", "euler",
+                    "--resolution", str(RES), "--out", str(tmp_path / "out")]) == 0
+    result = np.asarray(Image.open(tmp_path / "out" / "result.png"))
+    box = np.zeros(image.shape[:2], bool)
+    box[4:28, 4:30] = True
+    assert result.shape == image.shape and (result[~box] == image[~box]).all()
+    assert (result[box] != image[box]).any()

@@ -260,7 +260,33 @@ def test_two_processes_write_the_cache_one_process_writes(cached, tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     got = json.loads(proc.stdout.strip().splitlines()[-1])
     assert got["features"] == ["box", "caption", "crop", "id", "kind", "label", "latent_dtype", "latent_logvar",
-                               "latent_mean", "latent_shape", "mask", "source"]
+                               "latent_mean", "latent_shape", "mask", "micro", "source"]
     ours = [r.get("id") for k in ("seg", "t2i") for r in _records(out, two["components"][k]["files"])]
     assert got["n"] == len(ours) == two["components"]["seg"]["count"] + two["components"]["t2i"]["count"]
     assert got["ids"] == ours
+
+
+def test_sdxl_refuses_a_cache_without_micro_conditioning(cached, tmp_path):
+    """A cache holds each crop's source size and offsets (SDXL's micro-conditioning, in its
+    records and flagged in metadata.json); one written before that was recorded is refused
+    for an SDXL run, by name, before any step."""
+    from smartbrush_jax.config import ConfigError
+    from smartbrush_jax.train.loop import check_micro_recorded
+
+    check_micro_recorded([cached["out"], cached["clean"]])  # a new cache and a prepared folder: fine
+    meta = json.loads(open(os.path.join(cached["out"], "metadata.json")).read())
+    assert meta["latents"]["micro"] is True
+    old = tmp_path / "old_cache"
+    old.mkdir()
+    del meta["latents"]["micro"]
+    (old / "metadata.json").write_text(json.dumps(meta))
+    with pytest.raises(ConfigError, match=r"old_cache does not record the crops' original size .* rebuild it"):
+        check_micro_recorded([cached["out"], str(old)])
+    # the records carry it: each crop's micro equals the pipeline's for the same crop box
+    cfg = DataConfig(prepared_dirs=[cached["out"]], tokenizer_dir=cached["tok"], resolution=R, latent_factor=F)
+    transform = ExampleTransform(cfg)
+    recs = [r for r in _records(cached["out"], meta["components"]["seg"]["files"]) if r]
+    assert recs and all(len(r["micro"]) == 6 and r["micro"][4:] == [R, R] for r in recs)
+    for rec in recs[:4]:
+        ex = transform.cached_example(rec, np.random.default_rng(0))
+        assert ex["micro"].tolist() == rec["micro"]

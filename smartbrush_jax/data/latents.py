@@ -313,7 +313,8 @@ def _assemble(out_dir, blocks, summaries, encoder, spec, src_meta) -> dict:
                     "scaling_factor": encoder.config.scaling_factor, "format_version": FORMAT_VERSION,
                     "dtype": "float16", "latent_shape": [h, h, encoder.channels], "seed": spec.seed,
                     "crop_context": list(spec.crop_context), "vae_dtype": spec.dtype,
-                    "prepared": os.path.abspath(spec.prepared)},
+                    "prepared": os.path.abspath(spec.prepared),
+                    "micro": True},  # each crop's SDXL micro-conditioning is in its record
     }
     with open(os.path.join(out_dir, "metadata.json"), "w") as f:
         json.dump(meta, f, indent=2)
@@ -384,6 +385,7 @@ def _record_crops(transform, data: bytes, spec, component: str, index: int, shap
         fields = {"id": str(rec.get("id", "")), "source": str(rec.get("source", "")),
                   "kind": str(rec.get("kind", component)), **text, "crop": k,
                   "box": [int(v) for v in c["box"]], "mask": encode_mask(c["mask"] > 0),
+                  "micro": [int(v) for v in c["micro"]],
                   "latent_shape": list(shape), "latent_dtype": "float16"}
         out.append((fields, c["image"]))
     return out

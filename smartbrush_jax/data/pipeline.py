@@ -11,6 +11,8 @@ A batch (per host) is a dict of numpy arrays:
     mask         [B, R, R] uint8         the instance mask (all ones for image-text)
     latent_mask  [B, R/f, R/f] float32   the mask's area fraction per latent cell
     tokens       [B, 77] int32           CLIP token ids of the label or caption
+    micro        [B, 6] int32            SDXL's micro-conditioning of the crop: source (h, w), crop
+                                         top-left (y, x) in the resized frame, (R, R) (models/conditioning.py)
     is_t2i       [B] bool                image-text example (full mask)
     source       [B] str                 "coco", "openimages", "laion", "shapes", ...
     id           [B] str                 the record's id ("coco:123")
@@ -41,10 +43,12 @@ from smartbrush_jax.box import Box
 from smartbrush_jax.data.records import RecordError, decode_mask, field, unpack_record
 from smartbrush_jax.data.validate import SKIP_REASONS, Skip, check_caption, check_mask, decode_image
 from smartbrush_jax.errors import InputError
+from smartbrush_jax.models.conditioning import MICRO, crop_micro
 from smartbrush_jax.models.tokenizer import load_tokenizer
 from smartbrush_jax.settings import DataConfig
 
 _TOKENIZER_LOCK = threading.Lock()
+MISSING_MICRO = [-1] * MICRO  # a latent cache from before the crop's micro-conditioning was stored
 
 
 class DataError(InputError):
@@ -206,6 +210,7 @@ class ExampleTransform:
         mask_r = np.asarray(mcrop, bool)
         return {"image": np.asarray(crop, np.uint8), "mask": mask_r.astype(np.uint8),
                 "latent_mask": self.latent_mask(mask_r), "text": text, "is_t2i": np.bool_(is_t2i),
+                "micro": crop_micro(h, w, x0, y0, side, r),
                 "source": np.str_(rec.get("source", "")), "id": np.str_(rec.get("id", "")),
                 "box": (x0, y0, side)}
 
@@ -231,7 +236,12 @@ class ExampleTransform:
         if mask.shape != (r, r):
             raise RecordError(f"cached mask {mask.shape} at resolution {r}")
         is_t2i = rec.get("kind") == "t2i"
+        # caches written before it was recorded lack it (train.loop.check_micro_recorded refuses them for SDXL)
+        micro = rec.get("micro", MISSING_MICRO)
+        if not (isinstance(micro, list) and len(micro) == MICRO and all(isinstance(v, int) for v in micro)):
+            raise RecordError(f"micro {micro!r}")
         return {"latent_mean": moments[0], "latent_logvar": moments[1], "mask": mask.astype(np.uint8),
+                "micro": np.asarray(micro, np.int32),
                 "latent_mask": self.latent_mask(mask), "tokens": self.tokens(self.choose_text(rec, rng)),
                 "is_t2i": np.bool_(is_t2i), "source": np.str_(rec.get("source", "")),
                 "id": np.str_(rec.get("id", ""))}

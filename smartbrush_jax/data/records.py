@@ -44,7 +44,7 @@ PREPARED_FIELDS = {"id": "text", "source": "text", "kind": "text", "label": "tex
                    "image": "bytes", "mask": "bytes", "box": ("int", (4,))}
 CACHED_FIELDS = {"id": "text", "source": "text", "kind": "text", "label": "text", "caption": "text",
                  "mask": "bytes", "latent_mean": "bytes", "latent_logvar": "bytes", "latent_shape": ("int", (3,)),
-                 "latent_dtype": "text", "crop": ("int", ()), "box": ("int", (3,))}
+                 "latent_dtype": "text", "crop": ("int", ()), "box": ("int", (3,)), "micro": ("int", (6,))}
 _SCALARS = {name for schema in (PREPARED_FIELDS, CACHED_FIELDS) for name, kind in schema.items()
             if isinstance(kind, tuple) and kind[1] == ()}
 _TEXT = {name for schema in (PREPARED_FIELDS, CACHED_FIELDS) for name, kind in schema.items() if kind == "text"}

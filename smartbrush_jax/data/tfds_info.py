@@ -62,6 +62,8 @@ def features(kind: str):
         "latent_dtype": F.Text(doc="float16"),
         "crop": F.Tensor(shape=(), dtype=np.int64, doc="which of the record's crops"),
         "box": F.Tensor(shape=(3,), dtype=np.int64, doc="x0, y0, side of the crop in the source image"),
+        "micro": F.Tensor(shape=(6,), dtype=np.int64, doc="SDXL's micro-conditioning of the crop: source (h, w), "
+                                                          "crop top-left (y, x) in the resized frame, (R, R)"),
     })
 
 

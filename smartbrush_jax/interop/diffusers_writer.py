@@ -7,6 +7,7 @@ read by `pytorch.SmartBrushPipeline`) and `smartbrush-convert` (a stock SD folde
     vae/           AutoencoderKL (absent for a pixel-space SmartBrush run)
     text_encoder/  CLIPTextModel config + model.safetensors
     tokenizer/     CLIPTokenizer (with the slow tokenizer's vocab.json and merges.txt)
+    text_encoder_2/, tokenizer_2/  SDXL's second encoder (CLIPTextModelWithProjection) and tokenizer
     scheduler/     DDIMScheduler: the bundle's noise schedule, leading spacing, no clipping
     model_index.json
 """
@@ -36,9 +37,10 @@ def write_diffusers_folder(sd, out: str, pipeline: str = "StableDiffusionPipelin
     if pipeline not in PIPELINES:
         raise ValueError(f"pipeline must be one of {PIPELINES}, got {pipeline!r}")
 
-    def weights(params, folder, name, config):
+    def weights(params, folder, name, config, prefix=""):
         os.makedirs(os.path.join(out, folder))
-        state = {k: np.ascontiguousarray(v, np.float32) for k, v in flax_to_torch(jax.device_get(params)).items()}
+        state = {(k if k.startswith("text_projection.") else prefix + k): np.ascontiguousarray(v, np.float32)
+                 for k, v in flax_to_torch(jax.device_get(params)).items()}
         save_file(state, os.path.join(out, folder, name), metadata={"format": "pt"})
         write_json(os.path.join(out, folder, "config.json"), config)
 
@@ -49,11 +51,18 @@ def write_diffusers_folder(sd, out: str, pipeline: str = "StableDiffusionPipelin
     if sd.vae_config is not None:
         weights(sd.vae_params, "vae", "diffusion_pytorch_model.safetensors", {**sd.vae_config.to_diffusers(),
                                                                             **version})
-    sd.tokenizer.save_pretrained(os.path.join(out, "tokenizer"))
-    source = getattr(sd.tokenizer, "name_or_path", "")
-    for name in ("vocab.json", "merges.txt"):  # the slow-tokenizer files too, for tools that read only those
-        if os.path.isfile(os.path.join(source, name)) and not os.path.exists(os.path.join(out, "tokenizer", name)):
-            shutil.copy(os.path.join(source, name), os.path.join(out, "tokenizer", name))
+    sdxl = sd.text2_config is not None
+    if sdxl:  # CLIPTextModelWithProjection keeps transformers' text_model. prefix on all but the projection
+        weights(sd.text2_params, "text_encoder_2", "model.safetensors", {**sd.text2_config.to_transformers(),
+                                                                         "torch_dtype": "float32"}, "text_model.")
+    for folder, tok in (("tokenizer", sd.tokenizer), ("tokenizer_2", sd.tokenizer_2 if sdxl else None)):
+        if tok is None:
+            continue
+        tok.save_pretrained(os.path.join(out, folder))
+        source = getattr(tok, "name_or_path", "")
+        for name in ("vocab.json", "merges.txt"):  # the slow-tokenizer files too, for tools that read only those
+            if os.path.isfile(os.path.join(source, name)) and not os.path.exists(os.path.join(out, folder, name)):
+                shutil.copy(os.path.join(source, name), os.path.join(out, folder, name))
     schedule = NoiseSchedule.from_diffusers(sd.scheduler_config)
     os.makedirs(os.path.join(out, "scheduler"))
     write_json(os.path.join(out, "scheduler", "scheduler_config.json"), {
@@ -70,7 +79,12 @@ def write_diffusers_folder(sd, out: str, pipeline: str = "StableDiffusionPipelin
              "text_encoder": ["transformers", "CLIPTextModel"],
              "tokenizer": ["transformers", "CLIPTokenizer"],
              "scheduler": ["diffusers", "DDIMScheduler"]}
-    if pipeline == "StableDiffusionPipeline":  # a stock SD folder: no safety checker shipped
+    if sdxl:  # what diffusers' StableDiffusionXLPipeline reads
+        index.update(text_encoder_2=["transformers", "CLIPTextModelWithProjection"],
+                     tokenizer_2=["transformers", "CLIPTokenizer"], force_zeros_for_empty_prompt=False)
+        if pipeline == "StableDiffusionPipeline":
+            index["_class_name"] = "StableDiffusionXLPipeline"
+    if pipeline == "StableDiffusionPipeline" and not sdxl:  # a stock SD folder: no safety checker shipped
         index.update(safety_checker=[None, None], feature_extractor=[None, None], requires_safety_checker=False)
     write_json(os.path.join(out, "model_index.json"), index)
 

@@ -172,8 +172,10 @@ def load_workdir(workdir: str, step: Optional[int] = None, ema: bool = True):
     sd = StableDiffusion(unet_config=UNetConfig.from_diffusers(cfg["unet"]), unet_params=_as_jax(unet_params),
                          tokenizer=load_tokenizer(storage.local_copy(storage.join(workdir, "tokenizer"))))
     if cfg.get("init_from"):  # the frozen text encoder and VAE the run started from
-        base = load_model(cfg["init_from"], components=("vae", "text_encoder"), ema=False)
+        parts = ("vae", "text_encoder") + (SDXL_COMPONENTS if cfg.get("text2") else ())
+        base = load_model(cfg["init_from"], components=parts, ema=False)
         sd.text_config, sd.text_params = base.text_config, base.text_params
+        sd.text2_config, sd.text2_params, sd.tokenizer_2 = base.text2_config, base.text2_params, base.tokenizer_2
         sd.vae_config, sd.vae_params, sd.scheduler_config = base.vae_config, base.vae_params, base.scheduler_config
     else:
         sd.text_config = CLIPTextConfig.from_transformers(cfg["text"])

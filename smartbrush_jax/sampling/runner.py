@@ -23,6 +23,7 @@ from smartbrush_jax.diffusion import NoiseSchedule
 from smartbrush_jax.errors import InputError
 from smartbrush_jax.interop.loader import StableDiffusion
 from smartbrush_jax.models.autoencoder import downsampling_factor, make_autoencoder
+from smartbrush_jax.models.conditioning import plain_micro, text_encoders, unet_apply
 from smartbrush_jax.sampling.sampler import sample
 from smartbrush_jax.settings import SamplerConfig
 
@@ -99,7 +100,9 @@ class Inpainter:
         self.sd = sd
         self.num_levels = sd.unet_config.num_class_embeddings - 1
         self.schedule = NoiseSchedule.from_diffusers(sd.scheduler_config)
-        self.unet, self.text = sd.unet(dtype), sd.text_encoder(dtype)
+        self.unet = sd.unet(dtype)
+        self.encoders = text_encoders(sd, "the model", dtype)
+        self.text_params = {"text": sd.text_params, **({"text2": sd.text2_params} if self.encoders.text2 else {})}
         self.vae_factor = self.autoencoder.factor
         # the U-Net halves the latent grid (len(blocks) - 1) times
         self.size_multiple = self.vae_factor * downsampling_factor(sd.unet_config.block_out_channels)
@@ -118,8 +121,8 @@ class Inpainter:
         return ids.astype(np.int32), len(full) > self.max_tokens
 
     @functools.partial(jax.jit, static_argnums=0)
-    def _encode_text(self, params, ids):
-        return self.text.apply({"params": params}, ids)[0]
+    def _encode_text(self, params, ids, micro):
+        return self.encoders(params, ids, micro)
 
     @functools.partial(jax.jit, static_argnums=0)
     def _encode_image(self, params, pixels):
@@ -135,7 +138,7 @@ class Inpainter:
         server answers many). Progress goes through `self._progress`, read at each step."""
         if cfg not in self._samplers:
             def apply_fn(params, x, t, context, levels):
-                return self.unet.apply({"params": params}, x, t, context, levels)
+                return unet_apply(self.unet, params, x, t, context, levels)
 
             def run(params, x0, mask, levels, cond, uncond, rng):
                 return sample(apply_fn, params, x0, mask, levels, cond, uncond, rng, self.schedule, cfg,
@@ -179,11 +182,13 @@ class Inpainter:
 
         x0 = self._encode_image(self.sd.vae_params, jnp.asarray(pixels[None]))
         ids = np.stack([self.tokenize(prompt)[0], self.tokenize(negative_prompt)[0]])
-        context = self._encode_text(self.sd.text_params, jnp.asarray(ids))
+        micro = jnp.asarray(plain_micro(*size))  # the working size (h, w): the whole canvas, uncropped
+        context = self._encode_text(self.text_params, jnp.asarray(ids), micro)
         n = num_samples
         rep = lambda a: jnp.repeat(a, n, axis=0)  # noqa: E731
+        pick = lambda i: jax.tree_util.tree_map(lambda c: rep(c[i:i + 1]), context)  # noqa: E731
         args = (self.sd.unet_params, rep(x0), rep(jnp.asarray(latent_mask)[None]),
-                jnp.full((n,), precision, jnp.int32), rep(context[:1]), rep(context[1:]), jax.random.PRNGKey(seed))
+                jnp.full((n,), precision, jnp.int32), pick(0), pick(1), jax.random.PRNGKey(seed))
         program = self._compiled(sampler, args, size)
         self._progress = progress
         try:

@@ -32,16 +32,17 @@ def sample(apply_fn: ApplyFn, params: Any, x0: jax.Array, mask: jax.Array, level
     """SmartBrush sampling with classifier-free guidance and background preservation.
 
     x0: [B,h,w,C] scaled latents of the input image; mask: [B,h,w] the user's mask on the
-    latent grid; levels: [B]; cond/uncond: [B,T,D]. Conditional and unconditional passes
-    run as one batched U-Net call; `cfg.sampler` steps the latent (`solvers.py`), in the
-    schedule's parameterisation (`schedule.prediction_type`: guidance is applied to eps or
-    v, then the clean estimate is taken). Outside the region `M` the clean latent is
-    restored after every step; `M` is the user mask for the first `mask_warmup` of the
-    steps, then the predicted mask (sigmoid > threshold, dilated, within the user mask; the
-    user mask again if the prediction covers less than `min_predicted_fraction` of it).
-    `progress(i)` is called after step i (host callback). `init_noise` ([B,h,w,C]) replaces
-    the initial noise drawn from `rng` (to compare with another implementation). Returns (latents [B,h,w,C],
-    predicted mask [B,h,w] float in {0,1} within the user mask, from the last step).
+    latent grid; levels: [B]; cond/uncond: [B,T,D] (or SDXL's dict of them,
+    `models.conditioning`). Conditional and unconditional passes run as one batched U-Net
+    call; `cfg.sampler` steps the latent (`solvers.py`), in the schedule's parameterisation
+    (`schedule.prediction_type`: guidance is applied to eps or v, then the clean estimate is
+    taken). Outside the region `M` the clean latent is restored after every step; `M` is the
+    user mask for the first `mask_warmup` of the steps, then the predicted mask (sigmoid >
+    threshold, dilated, within the user mask; the user mask again if the prediction covers
+    less than `min_predicted_fraction` of it). `progress(i)` is called after step i (host
+    callback). `init_noise` ([B,h,w,C]) replaces the initial noise drawn from `rng` (to
+    compare with another implementation). Returns (latents [B,h,w,C], predicted mask
+    [B,h,w] float in {0,1} within the user mask, from the last step).
     """
     steps = plan_for(schedule, cfg)
     arr = solvers.device_arrays(steps)
@@ -52,7 +53,7 @@ def sample(apply_fn: ApplyFn, params: Any, x0: jax.Array, mask: jax.Array, level
     k0, k_loop = jax.random.split(rng)
     noise0 = jax.random.normal(k0, x0.shape, x0.dtype) if init_noise is None else init_noise.astype(x0.dtype)
     x = steps.init_scale * noise0 * m[..., None] + x0 * (1.0 - m[..., None])
-    context = jnp.concatenate([cond, uncond], axis=0)
+    context = jax.tree_util.tree_map(lambda c, u: jnp.concatenate([c, u], axis=0), cond, uncond)
     unet_in_mask = m[..., None]
 
     def body(i, carry):

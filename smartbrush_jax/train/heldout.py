@@ -17,6 +17,7 @@ from absl import logging
 from smartbrush_jax import storage
 from smartbrush_jax.compositing import grid_row
 from smartbrush_jax.masks import degrade_mask, mask_iou
+from smartbrush_jax.models.conditioning import plain_micro, unet_apply
 from smartbrush_jax.sampling.sampler import sample
 from smartbrush_jax.settings import SamplerConfig
 
@@ -39,10 +40,12 @@ def make_sample_fn(models, config, empty_tokens):
     def run(params, frozen, batch, levels, rng):
         x0, true_mask = encode(models, frozen, batch, rng)
         user = degrade_mask(true_mask, levels, loss.num_levels, **loss.degrade)
-        cond = models.text.apply({"params": frozen["text"]}, batch["tokens"])[0]
+        r = batch["mask"].shape[1]
+        micro = jnp.asarray(plain_micro(r, r))  # generate the whole crop, as a user would
+        cond = models.encoders(frozen, batch["tokens"], micro)
         empty = jnp.broadcast_to(jnp.asarray(empty_tokens, jnp.int32)[None], batch["tokens"].shape)
-        uncond = models.text.apply({"params": frozen["text"]}, empty)[0]
-        apply = lambda p, x, t, c, s: models.unet.apply({"params": p}, x, t, c, s)  # noqa: E731
+        uncond = models.encoders(frozen, empty, micro)
+        apply = lambda p, x, t, c, s: unet_apply(models.unet, p, x, t, c, s)  # noqa: E731
         latents, pred = sample(apply, params, x0, user, levels, cond, uncond, rng, models.schedule, cfg)
         pixels = ae.decode(frozen.get("vae"), latents)
         return jnp.clip(pixels, -1, 1), pred, user, mask_iou(pred, true_mask)

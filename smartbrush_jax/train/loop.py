@@ -45,7 +45,8 @@ from smartbrush_jax.train.prefetch import DevicePrefetch  # noqa: E402
 from smartbrush_jax.train.step import abstract, build_models, build_step, loss_config  # noqa: E402
 from smartbrush_jax.train.workdir_lock import WorkdirLock  # noqa: E402
 
-# what the step reads from a batch: `image` from prepared folders, `latent_mean`/`latent_logvar` from latent caches
+# what the step reads from a batch: `image` from prepared folders, `latent_mean`/`latent_logvar` from latent caches;
+# `micro` (the crop's size and offsets) only where the U-Net takes SDXL's micro-conditioning
 BATCH_KEYS = ("image", "latent_mean", "latent_logvar", "mask", "latent_mask", "tokens")
 
 
@@ -110,6 +111,8 @@ def setup(config, workdir: str, cleanup: contextlib.ExitStack, corrupt_grads=Non
     dirs, heldout_dirs, tokenizer = data_sources(config, workdir)
     models = build_models(config, len(tokenizer))
     train_cfg, heldout_cfg = data_configs(config, dirs, heldout_dirs, tokenizer.name_or_path, models.latent_factor)
+    if models.text2 is not None:
+        check_micro_recorded(dirs)
     empty_tokens = np.asarray(tokenizer("", padding="max_length", max_length=77, truncation=True).input_ids,
                               np.int32)
     mesh = sharding.make_mesh(dict(config.mesh.shape), dict(config.mesh.dcn_shape))
@@ -200,6 +203,19 @@ def data_sources(config, workdir: str):
     return dirs, heldout_dirs, load_tokenizer(storage.local_copy(tok_dir))
 
 
+def check_micro_recorded(dirs) -> None:
+    """SDXL trains on each crop's micro-conditioning: every latent cache must have stored it
+    (caches written before it was recorded hold only the crop box, not the source size).
+    Prepared folders need nothing: the pipeline computes it from each crop."""
+    from smartbrush_jax.data.pipeline import latent_cache
+
+    old = [d for d in dirs if not (latent_cache([d]) or {"micro": True}).get("micro")]
+    if old:
+        raise ConfigError(f"the latent cache {old[0]} does not record the crops' original size and offsets "
+                          "(SDXL's micro-conditioning): rebuild it with this version's "
+                          "`python -m smartbrush_jax.cli.latents`")
+
+
 def data_configs(config, dirs, heldout_dirs, tokenizer_dir: str, latent_factor: int):
     """The DataConfigs of training (this host's share of the batch) and of the held-out grids."""
 
@@ -268,8 +284,9 @@ def train_loop(s: Setup, stop) -> dict:
                                               first_profile=start + 10))
     grids = HeldoutGrids(s.models, config, s.empty_tokens, s.heldout_cfg, workdir)
     peak = config.train.peak_tflops * 1e12 or flops.peak_flops_per_device(jax.devices()[0])
+    keys = BATCH_KEYS + (("micro",) if s.models.text2 is not None else ())
     batches = DevicePrefetch(s.data_iter, lambda local: (local["skips"].sum(0), sharding.shard_batch(
-        s.mesh, {k: local[k] for k in BATCH_KEYS if k in local})), config.data.prefetch_to_device)
+        s.mesh, {k: local[k] for k in keys if k in local})), config.data.prefetch_to_device)
     state, step, history, skips, flop_report = s.state, start, [], None, {}
     check_every = max(1, min(config.train.log_every, config.train.max_nonfinite_in_a_row))
     t0 = time.time()

@@ -25,6 +25,7 @@ from smartbrush_jax.interop.families import check_family, family_of
 from smartbrush_jax.interop.loader import StableDiffusion, as_smartbrush, ema_choice, example_inputs, load_model
 from smartbrush_jax.models import CLIPTextConfig, CLIPTextModel, UNet2DConditionModel, UNetConfig, attention
 from smartbrush_jax.models.autoencoder import Identity, make_autoencoder
+from smartbrush_jax.models.conditioning import MICRO, TextEncoders, text_encoders, unet_apply
 from smartbrush_jax.settings import LossConfig, from_section
 from smartbrush_jax.train import sharding
 
@@ -55,16 +56,23 @@ class Models:
     autoencoder: Any  # autoencoder.VAE or autoencoder.Identity (pixel space)
     pretrained: Optional[StableDiffusion]  # SD weights to start from (None: from scratch)
     schedule: NoiseSchedule
+    text2: Optional[CLIPTextModel] = None  # SDXL's second (projected) text encoder
+    token_ids: tuple = (None, None)  # SDXL: the tokenizer's EOS id and the second tokenizer's pad id
 
     @property
     def latent_factor(self) -> int:
         return self.autoencoder.factor
+
+    @property
+    def encoders(self) -> TextEncoders:
+        return TextEncoders(self.text, self.text2, *self.token_ids)
 
     def model_config(self) -> dict:
         """What `inpaint`/`export` need to rebuild the models from a workdir."""
         ae = self.autoencoder
         return {"family": family_of(self.unet.config) if self.pretrained is not None else None,
                 "unet": self.unet.config.to_diffusers(), "text": self.text.config.to_transformers(),
+                **({"text2": self.text2.config.to_transformers()} if self.text2 is not None else {}),
                 "vae": None if ae.config is None else ae.config.to_diffusers(), "autoencoder": ae.kind}
 
 
@@ -89,12 +97,15 @@ def build_models(config, tokenizer_vocab_size: Optional[int] = None, weights: bo
         vocab = tokenizer_vocab_size or CLIP_VOCAB
         unet_cfg = UNetConfig.from_diffusers({**config.model.unet.to_dict(), "in_channels": ae.channels + 1,
                                               "out_channels": ae.channels + 1, "num_class_embeds": levels + 1})
-        text_cfg = CLIPTextConfig.from_transformers({**config.model.text.to_dict(), "vocab_size": vocab,
-                                                     "eos_token_id": vocab - 1, "bos_token_id": vocab - 2,
-                                                     "pad_token_id": vocab - 1})
+        ids = {"vocab_size": vocab, "eos_token_id": vocab - 1, "bos_token_id": vocab - 2, "pad_token_id": vocab - 1}
+        text_cfg = CLIPTextConfig.from_transformers({**config.model.text.to_dict(), **ids})
+        text2 = None
+        if config.model.text2:  # SDXL's second encoder (its tokenizer pads with id 0, "!")
+            text2 = CLIPTextModel(CLIPTextConfig.from_transformers({**config.model.text2.to_dict(), **ids}),
+                                  dtype=dtype, attention_impl=attn)
         return Models(UNet2DConditionModel(unet_cfg, **unet_kw), CLIPTextModel(text_cfg, dtype=dtype,
                                                                                attention_impl=attn),
-                      ae, None, NoiseSchedule())
+                      ae, None, NoiseSchedule(), text2, (vocab - 1, 0) if text2 is not None else (None, None))
     if config.model.init_from:
         path = config.model.init_from
         sd = load_model(path, tokenizer_dir=config.model.tokenizer or None, ema=ema_choice(config.model.init_ema))
@@ -104,9 +115,9 @@ def build_models(config, tokenizer_vocab_size: Optional[int] = None, weights: bo
             raise ConfigError(f"{path}: the U-Net has {sd.unet_config.num_class_embeddings} precision levels, "
                               f"config.model.num_levels={levels} needs {levels + 1}")
         ae = Identity() if config.model.autoencoder == "identity" else make_autoencoder(sd.vae_config, dtype)
-        return Models(UNet2DConditionModel(sd.unet_config, **unet_kw),
-                      CLIPTextModel(sd.text_config, dtype=dtype, attention_impl=attn), ae, sd,
-                      _schedule(sd.scheduler_config, path))
+        enc = text_encoders(sd, path, dtype, attn)
+        return Models(UNet2DConditionModel(sd.unet_config, **unet_kw), enc.text, ae, sd,
+                      _schedule(sd.scheduler_config, path), enc.text2, (enc.eos, enc.pad2))
     ae = Identity()  # from scratch: pixel space
     unet_cfg = UNetConfig.from_diffusers({**config.model.unet.to_dict(), "in_channels": ae.channels + 1,
                                           "out_channels": ae.channels + 1, "num_class_embeds": levels + 1})
@@ -169,6 +180,8 @@ def frozen_init_fn(models: Models, seed: int):
     def init():
         rng = jax.random.PRNGKey(seed + 17)
         out = {"text": models.text.init(rng, *example_inputs(models.text))["params"]}
+        if models.text2 is not None:
+            out["text2"] = models.text2.init(rng, *example_inputs(models.text2))["params"]
         if models.autoencoder.config is not None:
             vae = models.autoencoder.module
             out["vae"] = vae.init(rng, *example_inputs(vae))["params"]
@@ -209,6 +222,8 @@ def abstract_batch(config, models, mesh, cached: bool = False) -> dict:
     b, r, h = config.train.batch_size, config.data.resolution, config.data.resolution // models.latent_factor
     spec = {"image": ((b, r, r, 3), np.uint8), "mask": ((b, r, r), np.uint8), "latent_mask": ((b, h, h), np.float32),
             "tokens": ((b, 77), np.int32)}
+    if models.text2 is not None:
+        spec["micro"] = ((b, MICRO), np.int32)
     if cached:
         del spec["image"]
         c = models.autoencoder.channels
@@ -308,15 +323,16 @@ def make_train_step(models: Models, config, tx, empty_tokens: np.ndarray,
         tokens = jnp.where(drop[:, None], empty[None], tokens)
         if once:
             frozen = gather_frozen(frozen, mesh, compute_dtype)
-        context = jax.lax.stop_gradient(models.text.apply({"params": frozen["text"]}, tokens)[0])
+        context = jax.lax.stop_gradient(models.encoders(frozen, tokens, batch.get("micro")))
         if once:  # split over the batch like everything else (not over the text encoder's features)
-            context = jax.lax.with_sharding_constraint(context, sharding.batch_sharding(mesh))
+            context = jax.tree_util.tree_map(
+                lambda c: jax.lax.with_sharding_constraint(c, sharding.batch_sharding(mesh)), context)
         latents, masks = encode(models, frozen, batch, k_enc)
 
         def loss_fn(params):
             if once:
                 params = gather_once(params, param_shardings, compute_dtype)
-            apply = lambda p, x, t, c, s: models.unet.apply({"params": p}, x, t, c, s)  # noqa: E731
+            apply = lambda p, x, t, c, s: unet_apply(models.unet, p, x, t, c, s)  # noqa: E731
             return smartbrush_loss(apply, params, {"latents": latents, "masks": masks, "context": context},
                                    k_loss, acp, loss_cfg, models.schedule.prediction_type)
 
@@ -368,6 +384,8 @@ def pretrained_frozen(models: Models) -> Optional[Dict[str, Any]]:
     if models.pretrained is None:
         return None
     out = {"text": models.pretrained.text_params}
+    if models.text2 is not None:
+        out["text2"] = models.pretrained.text2_params
     if models.autoencoder.config is not None:
         out["vae"] = models.pretrained.vae_params
     return out
