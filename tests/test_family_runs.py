@@ -182,3 +182,85 @@ def test_sdxl_export_inpaints_with_the_background_untouched(sdxl_run, tmp_path):
     box[4:28, 4:30] = True
     assert result.shape == image.shape and (result[~box] == image[~box]).all()
     assert (result[box] != image[box]).any()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_sdxl_pytorch_pipeline_matches_jax_inpainter(sdxl_run):
+    """The PyTorch pipeline on the SDXL export (both encoders, pooled embedding, micro-
+    conditioning through diffusers' U-Net) inpaints what our Inpainter inpaints."""
+    import jax
+
+    from smartbrush_jax.interop.loader import load_workdir
+    from smartbrush_jax.pytorch import SmartBrushPipeline
+    from smartbrush_jax.sampling.runner import Inpainter
+    from smartbrush_jax.settings import SamplerConfig
+
+    rng = np.random.default_rng(2)
+    image = rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)
+    mask = np.zeros((40, 40), bool)
+    mask[8:30, 12:34] = True
+    cfg = SamplerConfig(num_steps=4, guidance_scale=3.0, sampler="dpm++2m")
+    ours = Inpainter(load_workdir(sdxl_run["work"])[1])(image, mask, "a red circle", precision=5, seed=3,
+                                                         resolution=RES, feather=1.0, sampler=cfg)
+    pipe = SmartBrushPipeline.from_pretrained(sdxl_run["export"])
+    assert pipe.sdxl and pipe.text_encoder_2 is not None
+    noise = np.array(jax.random.normal(jax.random.split(jax.random.PRNGKey(3))[0], (1, RES // 2, RES // 2, 4)))
+    ref = pipe(image, mask, "a red circle", precision=5, resolution=RES, feather=1.0, sampler=cfg,
+               noise=torch.from_numpy(noise).permute(0, 3, 1, 2))
+    assert ref.working_size == ours.working_size == (RES, RES)
+    assert (ref.images[0][~mask] == image[~mask]).all()
+    assert np.abs(ref.images.astype(int) - ours.images.astype(int)).max() <= 1
+    assert ((ref.predicted_masks > 0.5) == (ours.predicted_masks > 0.5)).mean() >= 0.99
+    # without its second encoder the SDXL U-Net is refused, in words
+    from smartbrush_jax.pytorch import PipelineError
+
+    with pytest.raises(PipelineError, match="needs text_encoder_2 and tokenizer_2"):
+        SmartBrushPipeline(pipe.unet, pipe.text_encoder, pipe.tokenizer, pipe.scheduler, pipe.vae, pipe.settings)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_eval_scores_an_sdxl_export(sdxl_run, tmp_path):
+    """eval/fid.py on the SDXL export (through the PyTorch pipeline's two encoders), with
+    random Inception and CLIP weights saved to local files: every score finite, the
+    background of every generation untouched."""
+    import csv
+    import importlib.util
+
+    from metrics_fixtures import random_inception_state, write_tiny_clip
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    spec = importlib.util.spec_from_file_location("eval_fid", os.path.join(root, "eval", "fid.py"))
+    fid = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(fid)
+    inception = str(tmp_path / "pt_inception-2015-12-05-6726825d.pth")
+    torch.save(random_inception_state(), inception)
+    clip = str(tmp_path / "clip")
+    os.makedirs(clip)
+    write_tiny_clip(clip, ["red star", "blue circle"])
+    rng = np.random.default_rng(7)
+    rows, masks = [], {}
+    for i, prompt in enumerate(("a red star", "a blue circle")):
+        img = rng.integers(0, 256, (36, 40, 3), dtype=np.uint8)
+        mask = np.zeros((36, 40), np.uint8)
+        mask[6 + i:26, 8:30 - i] = 255
+        Image.fromarray(img).save(tmp_path / f"{i}.png")
+        Image.fromarray(mask).save(tmp_path / f"{i}_mask.png")
+        rows.append((f"{i}.png", f"{i}_mask.png", prompt))
+        masks[i] = (img, mask > 0)
+    with open(tmp_path / "set.csv", "w", newline="") as f:
+        csv.writer(f).writerows([("image", "mask", "prompt"), *rows])
+    out = str(tmp_path / "eval")
+    assert fid.main(["--model", sdxl_run["export"], "--data", str(tmp_path / "set.csv"), "--inception", inception,
+                     "--clip", clip, "--out", out, "--steps", "2", "--examples", "2"]) == 0
+    results = json.load(open(os.path.join(out, "results.json")))
+    assert results["num_items"] == 2
+    for m in results["metrics"].values():
+        assert np.isfinite([m["fid"], m["local_fid"], m["clip"]]).all()
+    gen_dir = os.path.join(out, "generated", "accurate")
+    for name in sorted(os.listdir(gen_dir)):
+        if not name.endswith("_mask.png"):
+            img, mask = masks[int(name.split(".")[0])]  # items are keyed by their row: 000000, 000001
+            gen = np.asarray(Image.open(os.path.join(gen_dir, name)).convert("RGB"))
+            assert (gen[~mask] == img[~mask]).all()
