@@ -149,7 +149,7 @@ def write_sdxl_folder(path: str, seed: int = 0):
     text2 = perturb(CLIPTextModelWithProjection(CLIPTextConfig(hidden_size=24, projection_dim=16, hidden_act="gelu",
                                                                **common)), seed=seed + 1)
     unet = torch_unet(seed + 2, **TINY_UNET_XL)
-    vae = torch_vae(seed + 3)
+    vae = torch_vae(seed + 3, scaling_factor=0.13025)  # SDXL's VAE latent scale
     sched = EulerDiscreteScheduler(**SD_BETAS, steps_offset=1, timestep_spacing="leading")
     tok = CLIPTokenizer.from_pretrained(tok_dir, local_files_only=True)
     tok2 = CLIPTokenizer.from_pretrained(tok_dir, local_files_only=True, pad_token="!")  # as SDXL's tokenizer_2

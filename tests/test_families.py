@@ -1,11 +1,14 @@
 """Which SD family weights are, read from what the files say; a family asked for that the
 weights are not, and a 9-channel inpainting U-Net, are refused with what to do."""
 
-import pytest
-from sd_fixtures import TINY_UNET, TINY_UNET_V2, TINY_UNET_XL
+import json
+import os
 
-from smartbrush_jax.interop.families import FamilyError, check_family, family_of, refuse_inpainting_unet
-from smartbrush_jax.models import UNetConfig
+import pytest
+from sd_fixtures import TINY_UNET, TINY_UNET_V2, TINY_UNET_XL, write_sdxl_folder
+
+from smartbrush_jax.interop.families import FamilyError, check_family, check_vae, family_of, refuse_inpainting_unet
+from smartbrush_jax.models import UNetConfig, VAEConfig
 
 
 def _cfg(**kw):
@@ -50,7 +53,7 @@ def test_training_from_weights_of_another_family_says_so(sd_folder):
 def test_an_sdxl_folder_written_by_diffusers_loads_with_both_text_encoders(tmp_path):
     import numpy as np
     import torch
-    from sd_fixtures import rel_err, write_sdxl_folder
+    from sd_fixtures import rel_err
 
     from smartbrush_jax.interop.loader import folder_components, load_model
 
@@ -76,3 +79,25 @@ def test_an_sdxl_folder_written_by_diffusers_loads_with_both_text_encoders(tmp_p
     assert rel_err(before, out.hidden_states[-2].numpy()) <= 1e-5
     assert sd.scheduler_config["_class_name"] == "EulerDiscreteScheduler"
     assert np.isfinite(np.asarray(sd.unet_params["add_embedding"]["linear_1"]["kernel"])).all()
+
+
+def test_a_vae_of_another_family_or_width_is_refused(tmp_path):
+    """SDXL's VAE has the SD VAE's architecture and its own latent scale (0.13025): an SDXL
+    folder holding the SD v1/2.x VAE (0.18215), or a VAE of another latent width, is refused
+    where the models are built, naming what is wrong."""
+    from smartbrush_jax.config import base_config
+    from smartbrush_jax.train.step import build_models
+
+    folder = str(tmp_path / "sdxl")
+    write_sdxl_folder(folder)
+    c = base_config()
+    c.model.init_from = folder
+    assert build_models(c).model_config()["family"] == "sdxl"  # its own VAE: fine
+    cfg_path = os.path.join(folder, "vae", "config.json")
+    cfg = json.load(open(cfg_path))
+    json.dump({**cfg, "scaling_factor": 0.18215}, open(cfg_path, "w"))
+    with pytest.raises(FamilyError, match=r"scaling_factor 0.18215 is the sd1/sd2 VAE's, this U-Net is sdxl "
+                                          r"\(0.13025\): put the sdxl VAE in vae/"):
+        build_models(c)
+    with pytest.raises(FamilyError, match="the VAE makes 16-channel latents, the U-Net takes 4 channels"):
+        check_vae("sd1", VAEConfig(latent_channels=16), UNetConfig(), "/m")

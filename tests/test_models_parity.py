@@ -20,6 +20,7 @@ from sd_fixtures import (
     write_tokenizer,
 )
 
+from smartbrush_jax.interop.families import CLIP_L, OPENCLIP_BIGG, OPENCLIP_H, SD21_UNET, SDXL_UNET
 from smartbrush_jax.interop.loader import abstract_params
 from smartbrush_jax.interop.weights import torch_to_flax
 from smartbrush_jax.models import (
@@ -191,24 +192,8 @@ def test_full_sd_v1_unet_architecture():
     assert err <= TOL
 
 
-# Full-size architectures, written from the published SD 2.1 (768, v-prediction) and SDXL
-# base 1.0 component configs; SmartBrush's 5 channels and 11 levels on the U-Nets.
-SD21_UNET = dict(block_out_channels=(320, 640, 1280, 1280), attention_head_dim=(5, 10, 20, 20), layers_per_block=2,
-                 cross_attention_dim=1024, use_linear_projection=True, upcast_attention=True, sample_size=96,
-                 down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-                 up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3)
-SDXL_UNET = dict(block_out_channels=(320, 640, 1280), attention_head_dim=(5, 10, 20), layers_per_block=2,
-                 transformer_layers_per_block=(1, 2, 10), cross_attention_dim=2048, use_linear_projection=True,
-                 down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-                 up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"), sample_size=128,
-                 addition_embed_type="text_time", addition_time_embed_dim=256,
-                 projection_class_embeddings_input_dim=2816)
-OPENCLIP_H = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=23, num_attention_heads=16,
-                  hidden_act="gelu", projection_dim=512)  # as diffusers ships SD 2.x's (one layer dropped)
-CLIP_L = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
-              hidden_act="quick_gelu")
-OPENCLIP_BIGG = dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20,
-                     hidden_act="gelu", projection_dim=1280)
+# Full-size architectures: the published SD 2.1 (768, v-prediction) and SDXL base 1.0
+# component configs (interop/families.py); SmartBrush's 5 channels and 11 levels on the U-Nets.
 
 
 def _shapes_match(torch_model, ours):

@@ -1,5 +1,5 @@
 """`smartbrush-convert` / `python -m smartbrush_jax.cli.convert --ckpt sd-v1-2.ckpt --tokenizer DIR --out DIR`:
-a single-file SD v1 release -> a stock diffusers folder (`smartbrush_jax.interop.convert.convert`,
+a single-file SD v1, 2.x or SDXL release -> a stock diffusers folder (`smartbrush_jax.interop.convert.convert`,
 whose docstring says what is read and written)."""
 
 from __future__ import annotations
@@ -22,6 +22,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--configs-from", default=None,
                    help="a diffusers folder whose unet/vae/text_encoder configs to use instead of SD v1's "
                         "(for a checkpoint of another size)")
+    p.add_argument("--prediction-type", choices=("epsilon", "v_prediction"), default=None,
+                   help="what the checkpoint predicts: required for SD 2.x (2.x 768-v: v_prediction, 2.x base: "
+                        "epsilon); SD v1 and SDXL releases predict epsilon, the default for them")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out that this command wrote")
     return p
 
@@ -33,7 +36,7 @@ def main(argv=None) -> int:
 
 def _main(args) -> int:
     out = convert(args.ckpt, args.tokenizer, args.out, ema=args.ema, configs_from=args.configs_from,
-                  overwrite=args.overwrite)
+                  overwrite=args.overwrite, prediction_type=args.prediction_type)
     print(out)
     return 0
 

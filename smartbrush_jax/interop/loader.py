@@ -276,14 +276,19 @@ def load_diffusers_folder(path: str, components: Sequence[str] = COMPONENTS, var
 
 
 def read_configs(path: str) -> Dict[str, Any]:
-    """The U-Net, VAE and text-encoder configs of a diffusers folder, as `load_single_file`'s
-    keyword arguments (for a single file of another size than SD v1)."""
+    """The U-Net, VAE and text-encoder configs of a diffusers folder (SDXL's second encoder
+    too), as `load_single_file`'s keyword arguments (for a single file of another size than
+    its family's release)."""
     if not os.path.isdir(path):
         raise WeightsError(f"{path}: not a directory (expected a diffusers folder to take the configs from)")
-    return {"unet_config": UNetConfig.from_diffusers(_read_json(os.path.join(path, "unet", "config.json"))),
-            "vae_config": VAEConfig.from_diffusers(_read_json(os.path.join(path, "vae", "config.json"))),
-            "text_config": CLIPTextConfig.from_transformers(_read_json(os.path.join(path, "text_encoder",
-                                                                                   "config.json")))}
+    out = {"unet_config": UNetConfig.from_diffusers(_read_json(os.path.join(path, "unet", "config.json"))),
+           "vae_config": VAEConfig.from_diffusers(_read_json(os.path.join(path, "vae", "config.json"))),
+           "text_config": CLIPTextConfig.from_transformers(_read_json(os.path.join(path, "text_encoder",
+                                                                                  "config.json")))}
+    if os.path.isdir(os.path.join(path, "text_encoder_2")):  # SDXL
+        out["text2_config"] = CLIPTextConfig.from_transformers(_read_json(os.path.join(path, "text_encoder_2",
+                                                                                       "config.json")))
+    return out
 
 
 def _read_json(path: str) -> dict:
@@ -337,23 +342,36 @@ SD_V1_VAE = VAEConfig()
 SD_V1_TEXT = CLIPTextConfig()
 
 
-def load_single_file(path: str, tokenizer_dir: Optional[str] = None, unet_config: UNetConfig = SD_V1_UNET,
-                     vae_config: VAEConfig = SD_V1_VAE, text_config: CLIPTextConfig = SD_V1_TEXT,
-                     param_dtype=jnp.float32, ema="auto") -> StableDiffusion:
-    """Load an original single-file SD v1 checkpoint (`.ckpt` or `.safetensors`, CompVis key
-    names). The file holds no configs (SD v1's are the defaults) and no tokenizer: pass
-    `tokenizer_dir` (a folder with vocab.json and merges.txt) to get one.
+def load_single_file(path: str, tokenizer_dir: Optional[str] = None, unet_config: Optional[UNetConfig] = None,
+                     vae_config: Optional[VAEConfig] = None, text_config: Optional[CLIPTextConfig] = None,
+                     text2_config: Optional[CLIPTextConfig] = None, param_dtype=jnp.float32, ema="auto",
+                     prediction_type: Optional[str] = None) -> StableDiffusion:
+    """Load an original single-file SD v1, SD 2.x or SDXL checkpoint (`.ckpt` or
+    `.safetensors`, CompVis / Stability key names; `ldm_keys` says which layout is which,
+    `ldm_keys.layout_family` tells them apart). The file holds no configs (each family's
+    published ones are the defaults: SD v1's, `families.ARCHITECTURES`) and no tokenizer:
+    pass `tokenizer_dir` (a folder with vocab.json and merges.txt) to get one; the OpenCLIP
+    encoders' tokenizer is that one padding with "!" (as SD 2.x's and SDXL's tokenizer_2 do).
+    SD 2.x's file does not say whether it predicts v (768-v) or epsilon (base):
+    `prediction_type` must.
 
     `ema`: the `-full-ema` releases hold the raw U-Net under `model.diffusion_model.*` and
     its EMA under `model_ema.<the same key without dots>`. "auto" takes the EMA weights when
     the file has them (diffusers' rule: more than 100 `model_ema.*` keys) and says which it
     used; True requires them; False takes the raw weights."""
+    from smartbrush_jax.interop.families import release_scheduler
+
     state = select_unet_weights(read_state_dict(path), path, ema)
     if not any(k.startswith(ldm_keys.UNET_PREFIX) for k in state):
-        openclip = any(k.startswith("cond_stage_model.model.") for k in state)
-        hint = " (an SD 2.x OpenCLIP checkpoint?)" if openclip else ""
-        raise WeightsError(f"{path}: no '{ldm_keys.UNET_PREFIX}*' keys: not a single-file Stable Diffusion v1 "
-                           f"checkpoint{hint}")
+        raise WeightsError(f"{path}: no '{ldm_keys.UNET_PREFIX}*' keys: not a single-file Stable Diffusion checkpoint")
+    family = ldm_keys.layout_family(state)
+    if family == "sd2" and prediction_type not in ("epsilon", "v_prediction"):
+        raise WeightsError(f"{path} is an SD 2.x checkpoint, whose file does not say what it predicts: convert it "
+                           "with `python -m smartbrush_jax.cli.convert --prediction-type v_prediction` (2.x 768-v) "
+                           "or `--prediction-type epsilon` (2.x base), then use the folder")
+    arch = release_configs(family)
+    unet_config, vae_config = unet_config or arch["unet"], vae_config or arch["vae"]
+    text_config, text2_config = text_config or arch["text"], text2_config or arch["text2"]
     sd = StableDiffusion(unet_config=unet_config, vae_config=vae_config, text_config=text_config)
     n_vae = len(vae_config.block_out_channels)
     unet_name = lambda k: ldm_keys.unet_key(k, unet_config.layers_per_block, unet_config.up_block_types)
@@ -361,13 +379,53 @@ def load_single_file(path: str, tokenizer_dir: Optional[str] = None, unet_config
                                   ldm_keys.UNET_PREFIX, path, unet_name)
     sd.vae_params = _convert_ldm(AutoencoderKL(vae_config, param_dtype=param_dtype), state, ldm_keys.VAE_PREFIX, path,
                                  lambda k: ldm_keys.vae_key(k, n_vae))
-    text_prefix = ldm_keys.TEXT_PREFIX if any(k.startswith(ldm_keys.TEXT_PREFIX) for k in state) \
-        else ldm_keys.TEXT_PREFIX_OLD
-    sd.text_params = _convert_ldm(CLIPTextModel(text_config, param_dtype=param_dtype), state, text_prefix, path,
-                                  lambda k: k)
+    if family == "sd2":
+        sd.text_params = _convert_openclip(text_config, state, ldm_keys.SD2_TEXT_PREFIX, path, param_dtype)
+    else:
+        first = {"sdxl": ldm_keys.SDXL_TEXT_PREFIX, "sd1": ldm_keys.TEXT_PREFIX if any(
+            k.startswith(ldm_keys.TEXT_PREFIX) for k in state) else ldm_keys.TEXT_PREFIX_OLD}[family]
+        sd.text_params = _convert_ldm(CLIPTextModel(text_config, param_dtype=param_dtype), state, first, path,
+                                      lambda k: k)
+    if family == "sdxl":
+        sd.text2_config = text2_config
+        sd.text2_params = _convert_openclip(text2_config, state, ldm_keys.SDXL_TEXT2_PREFIX, path, param_dtype)
+    if family != "sd1":
+        sd.scheduler_config = release_scheduler(family, prediction_type or "epsilon")
+    elif prediction_type:  # SD v1's schedule (NoiseSchedule's defaults), in the parameterisation asked for
+        sd.scheduler_config = {"prediction_type": prediction_type}
     if tokenizer_dir is not None:
         sd.tokenizer = load_tokenizer(tokenizer_dir)
+        if family != "sd1":  # OpenCLIP's tokenizer: CLIP's vocabulary, padded with "!"
+            openclip = load_tokenizer(tokenizer_dir)
+            openclip.pad_token = "!"
+            if family == "sd2":
+                sd.tokenizer = openclip
+            else:
+                sd.tokenizer_2 = openclip
     return sd
+
+
+def release_configs(family: str) -> Dict[str, Any]:
+    """The published component configs of a family's release (`families.ARCHITECTURES`)."""
+    from smartbrush_jax.interop.families import ARCHITECTURES, VAE_SCALING
+
+    if family == "sd1":
+        return {"unet": SD_V1_UNET, "vae": SD_V1_VAE, "text": SD_V1_TEXT, "text2": None}
+    arch = ARCHITECTURES[family]
+    return {"unet": UNetConfig.from_diffusers(arch["unet"]),
+            "vae": dataclasses.replace(SD_V1_VAE, scaling_factor=VAE_SCALING[family]),
+            "text": CLIPTextConfig.from_transformers(arch["text"]),
+            "text2": CLIPTextConfig.from_transformers(arch["text2"]) if arch["text2"] else None}
+
+
+def _convert_openclip(config: CLIPTextConfig, state, prefix: str, path: str, param_dtype):
+    """A text encoder out of open_clip's names (SD 2.x's, SDXL's second)."""
+    text, unused = ldm_keys.openclip_to_transformers(state, prefix, config.num_hidden_layers,
+                                                     projection=bool(config.projection_dim))
+    if unused:
+        raise WeightsError(f"{path}: {len(unused)} key(s) the text encoder does not have, e.g. {sorted(unused)[:3]}: "
+                           "the checkpoint is not of the configured architecture")
+    return _convert(CLIPTextModel(config, param_dtype=param_dtype), text, f"{path} ({prefix}*)")
 
 
 EMA_PREFIX = "model_ema."

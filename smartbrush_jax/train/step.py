@@ -21,7 +21,7 @@ from flax.core import meta
 
 from smartbrush_jax.config import ConfigError
 from smartbrush_jax.diffusion import NoiseSchedule, smartbrush_loss
-from smartbrush_jax.interop.families import check_family, family_of
+from smartbrush_jax.interop.families import check_family, check_vae, family_of
 from smartbrush_jax.interop.loader import StableDiffusion, as_smartbrush, ema_choice, example_inputs, load_model
 from smartbrush_jax.models import CLIPTextConfig, CLIPTextModel, UNet2DConditionModel, UNetConfig, attention
 from smartbrush_jax.models.autoencoder import Identity, make_autoencoder
@@ -109,7 +109,10 @@ def build_models(config, tokenizer_vocab_size: Optional[int] = None, weights: bo
     if config.model.init_from:
         path = config.model.init_from
         sd = load_model(path, tokenizer_dir=config.model.tokenizer or None, ema=ema_choice(config.model.init_ema))
-        check_family(config.model.family, family_of(sd.unet_config), path)
+        family = family_of(sd.unet_config)
+        check_family(config.model.family, family, path)
+        if config.model.autoencoder != "identity":
+            check_vae(family, sd.vae_config, sd.unet_config, path)
         sd = as_smartbrush(sd, levels)
         if sd.unet_config.num_class_embeddings != levels + 1:
             raise ConfigError(f"{path}: the U-Net has {sd.unet_config.num_class_embeddings} precision levels, "

@@ -1,0 +1,40 @@
+"""SmartBrush on SDXL base 1.0 at 1024 px on a Cloud TPU v5p-128 slice (64 chips, 95 GiB HBM
+each): both text encoders (CLIP-L + OpenCLIP bigG, projected), each crop's micro-conditioning
+from the data pipeline, the SDXL VAE, AdamW lr 1e-5, EMA:
+
+    python -m smartbrush_jax.cli.latents --prepared /data/coco_openimages --out /data/sdxl_latents \\
+        --vae /models/stable-diffusion-xl-base-1.0 --resolution 1024        # once: the VAE at 1024 px is costly
+    python -m smartbrush_jax.train --config=configs/tpu_v5p_sdxl.py --workdir=gs://bucket/runs/sbxl --distributed \\
+        --config.model.init_from=gs://bucket/models/stable-diffusion-xl-base-1.0 \\
+        --config.data.prepared_dirs='("/mnt/gcs/bucket/data/sdxl_latents",)'
+
+FSDP: the fp32 state of a 2.6B-parameter U-Net (weights, AdamW, EMA: 41 GiB) is split
+over the slice, the weights gathered once a step in bf16. What fits and how fast is
+compiled for v5p-128 on a CPU host (`python -m smartbrush_jax.aot --config=configs/tpu_v5p_sdxl.py
+--topology=v5p-128 --cached-latents`, bench/results/search/v5p-128_sdxl_*.json; the README's
+SDXL section and bench/SCALING.md give the figures).
+"""
+
+import importlib.util
+import os
+
+
+def get_config():
+    spec = importlib.util.spec_from_file_location("tpu_v4", os.path.join(os.path.dirname(__file__), "tpu_v4.py"))
+    v4 = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(v4)
+    from smartbrush_jax.interop.families import ARCHITECTURES
+
+    c = v4.get_config()  # the same run and data mix; the model, its size and the slice differ
+    c.model.family = "sdxl"
+    c.model.init_from = "/models/stable-diffusion-xl-base-1.0"
+    for part, fields in ARCHITECTURES["sdxl"].items():  # the shapes an ahead-of-time compile uses
+        c.model[part] = fields
+    c.data.resolution = 1024
+    c.train.batch_size = 256  # 4 per chip on v5p-128
+    c.train.steps = 100_000
+    c.mesh.shape = {"data": 1, "fsdp": -1, "tensor": 1}
+    c.mesh.fsdp = True
+    c.model.attention = "splash"
+    c.model.remat = "full"
+    return c
