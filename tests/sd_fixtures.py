@@ -118,6 +118,16 @@ def state_dict_numpy(model: torch.nn.Module):
     return {k: v.detach().numpy() for k, v in model.state_dict().items()}
 
 
+def assert_trees_equal(a, b):
+    """Two Flax parameter trees hold the same paths and bit-identical arrays."""
+    from flax import traverse_util
+
+    fa, fb = (traverse_util.flatten_dict(t) for t in (a, b))
+    assert fa.keys() == fb.keys()
+    for k in fa:
+        np.testing.assert_array_equal(np.asarray(fa[k]), np.asarray(fb[k]), err_msg=str(k))
+
+
 def rel_err(ours, ref) -> float:
     """max |ours - ref| / max |ref|: the error measure every parity test states."""
     ours, ref = np.asarray(ours, np.float64), np.asarray(ref, np.float64)

@@ -101,3 +101,28 @@ def test_a_vae_of_another_family_or_width_is_refused(tmp_path):
         build_models(c)
     with pytest.raises(FamilyError, match="the VAE makes 16-channel latents, the U-Net takes 4 channels"):
         check_vae("sd1", VAEConfig(latent_channels=16), UNetConfig(), "/m")
+
+
+def test_an_sdxl_folder_without_its_second_text_encoder_is_refused(tmp_path):
+    """A half-copied SDXL folder: text_encoder_2/ missing (model_index.json still names it),
+    or dropped from model_index.json too; either way refused where the models are built."""
+    import shutil
+
+    from smartbrush_jax.config import base_config
+    from smartbrush_jax.errors import InputError
+    from smartbrush_jax.train.step import build_models
+
+    folder = str(tmp_path / "sdxl")
+    write_sdxl_folder(folder)
+    shutil.rmtree(os.path.join(folder, "text_encoder_2"))
+    c = base_config()
+    c.model.init_from = folder
+    with pytest.raises(InputError, match=r"sdxl: component folder text_encoder_2/ is missing"):
+        build_models(c)
+    index_path = os.path.join(folder, "model_index.json")
+    index = json.load(open(index_path))
+    del index["text_encoder_2"]
+    json.dump(index, open(index_path, "w"))
+    with pytest.raises(InputError, match=r"an SDXL U-Net \(micro-conditioning\) needs both text encoders and "
+                                         r"tokenizers \(.*text_encoder_2/, tokenizer_2/"):
+        build_models(c)

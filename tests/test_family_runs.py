@@ -81,19 +81,25 @@ def test_sd2_v_prediction_trains_resumes_and_exports(sd2_run):
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_sd2_export_inpaints_with_the_background_untouched(sd2_run, tmp_path):
+
+    _inpaint_keeps_the_background(sd2_run["export"], tmp_path, seed=5, shape=(40, 44), box=(8, 6, 36, 30),
+                                  args=("--prompt", "a red star", "--precision", "4", "--sampler", "dpm++2m"))
+
+
+def _inpaint_keeps_the_background(export, tmp_path, seed, shape, box, args):
+    """`inpaint --box` on a random image: pixels outside the box byte-identical, the box painted."""
     from smartbrush_jax.cli.inpaint import main as inpaint
 
-    out = sd2_run["export"]
-    image = np.random.default_rng(5).integers(0, 256, (40, 44, 3), dtype=np.uint8)
+    image = np.random.default_rng(seed).integers(0, 256, (*shape, 3), dtype=np.uint8)
     Image.fromarray(image).save(tmp_path / "in.png")
-    assert inpaint(["--checkpoint", out, "--image", str(tmp_path / "in.png"), "--box", "8,6,36,30",
-                    "--prompt", "a red star", "--precision", "4", "--steps", "2", "--sampler", "dpm++2m",
-                    "--resolution", str(RES), "--out", str(tmp_path / "out")]) == 0
+    assert inpaint(["--checkpoint", export, "--image", str(tmp_path / "in.png"), "--box", ",".join(map(str, box)),
+                    *args, "--steps", "2", "--resolution", str(RES), "--out", str(tmp_path / "out")]) == 0
     result = np.asarray(Image.open(tmp_path / "out" / "result.png"))
-    box = np.zeros(image.shape[:2], bool)
-    box[6:30, 8:36] = True
-    assert result.shape == image.shape and (result[~box] == image[~box]).all()
-    assert (result[box] != image[box]).any()  # and the box was painted
+    inside = np.zeros(shape, bool)
+    x0, y0, x1, y1 = box
+    inside[y0:y1, x0:x1] = True
+    assert result.shape == image.shape and (result[~inside] == image[~inside]).all()
+    assert (result[inside] != image[inside]).any()  # and the box was painted
 
 
 @pytest.fixture(scope="module")
@@ -170,18 +176,9 @@ def test_sdxl_trains_resumes_exports_and_loads_in_stock_diffusers(sdxl_run):
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_sdxl_export_inpaints_with_the_background_untouched(sdxl_run, tmp_path):
-    from smartbrush_jax.cli.inpaint import main as inpaint
 
-    image = np.random.default_rng(6).integers(0, 256, (36, 40, 3), dtype=np.uint8)
-    Image.fromarray(image).save(tmp_path / "in.png")
-    assert inpaint(["--checkpoint", sdxl_run["export"], "--image", str(tmp_path / "in.png"), "--box", "4,4,30,28",
-                    "--prompt", "the cat", "--precision", "2", "--steps", "2", "--sampler", "euler",
-                    "--resolution", str(RES), "--out", str(tmp_path / "out")]) == 0
-    result = np.asarray(Image.open(tmp_path / "out" / "result.png"))
-    box = np.zeros(image.shape[:2], bool)
-    box[4:28, 4:30] = True
-    assert result.shape == image.shape and (result[~box] == image[~box]).all()
-    assert (result[box] != image[box]).any()
+    _inpaint_keeps_the_background(sdxl_run["export"], tmp_path, seed=6, shape=(36, 40), box=(4, 4, 30, 28),
+                                  args=("--prompt", "the cat", "--precision", "2", "--sampler", "euler"))
 
 
 @pytest.mark.slow

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import save_file
-from sd_fixtures import state_dict_numpy, write_sd2_folder, write_sdxl_folder
+from sd_fixtures import assert_trees_equal, state_dict_numpy, write_sd2_folder, write_sdxl_folder
 
 from smartbrush_jax.interop import ldm_keys
 from smartbrush_jax.interop.loader import folder_components, load_diffusers_folder, load_single_file, read_configs
@@ -49,19 +49,6 @@ def release(request, tmp_path_factory):
     return {"family": request.param, "folder": folder, "models": models, "path": path, "state": state}
 
 
-def _flat(tree):
-    from flax import traverse_util
-
-    return {k: np.asarray(v) for k, v in traverse_util.flatten_dict(tree).items()}
-
-
-def _equal(a, b):
-    fa, fb = _flat(a), _flat(b)
-    assert fa.keys() == fb.keys()
-    for k in fa:
-        np.testing.assert_array_equal(fa[k], fb[k], err_msg=str(k))
-
-
 def test_release_names_agree_with_diffusers_converters(release):
     """diffusers' own converters read our file back into the original state dicts: the U-Net
     (SDXL's text_time embedding under label_emb.0), and the open_clip text towers."""
@@ -95,7 +82,7 @@ def test_single_file_equals_the_folder(release):
                               else None, **read_configs(release["folder"]))
     folder = load_diffusers_folder(release["folder"], components=folder_components(release["folder"]))
     for part in ("unet_params", "vae_params", "text_params") + (("text2_params",) if family == "sdxl" else ()):
-        _equal(getattr(single, part), getattr(folder, part))
+        assert_trees_equal(getattr(single, part), getattr(folder, part))
     assert single.scheduler_config["prediction_type"] == folder.scheduler_config["prediction_type"]
     assert single.scheduler_config["steps_offset"] == 1 and single.scheduler_config["timestep_spacing"] == "leading"
     # the OpenCLIP tokenizer is the CLIP one padding with "!", as the folder's

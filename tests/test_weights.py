@@ -11,7 +11,7 @@ import pytest
 import torch
 from flax import traverse_util
 from safetensors.torch import save_file
-from sd_fixtures import nchw, nhwc, state_dict_numpy, torch_unet, write_sd_folder
+from sd_fixtures import assert_trees_equal, nchw, nhwc, state_dict_numpy, torch_unet, write_sd_folder
 
 from smartbrush_jax.interop import ldm_keys
 from smartbrush_jax.interop.loader import abstract_params, load_diffusers_folder, load_single_file, to_smartbrush
@@ -24,17 +24,6 @@ from smartbrush_jax.interop.weights import (
     torch_to_flax,
 )
 from smartbrush_jax.models import UNet2DConditionModel, UNetConfig, VAEConfig
-
-
-def _flat(tree):
-    return {k: np.asarray(v) for k, v in traverse_util.flatten_dict(tree).items()}
-
-
-def _assert_trees_equal(a, b):
-    fa, fb = _flat(a), _flat(b)
-    assert fa.keys() == fb.keys()
-    for k in fa:
-        np.testing.assert_array_equal(fa[k], fb[k], err_msg=str(k))
 
 
 def _write_ldm(path, models, fmt):
@@ -83,9 +72,9 @@ def test_single_file_equals_folder(sd_folder, tmp_path, fmt):
     single = load_single_file(ckpt, tokenizer_dir=os.path.join(path, "tokenizer"),
                               unet_config=from_folder.unet_config, vae_config=from_folder.vae_config,
                               text_config=from_folder.text_config)
-    _assert_trees_equal(single.unet_params, from_folder.unet_params)
-    _assert_trees_equal(single.vae_params, from_folder.vae_params)
-    _assert_trees_equal(single.text_params, from_folder.text_params)
+    assert_trees_equal(single.unet_params, from_folder.unet_params)
+    assert_trees_equal(single.vae_params, from_folder.vae_params)
+    assert_trees_equal(single.text_params, from_folder.text_params)
     assert single.tokenizer is not None
 
 
@@ -137,7 +126,7 @@ def test_flax_torch_flax_round_trip_is_exact(sd_folder):
     sd = load_diffusers_folder(sd_folder[0], components=("unet", "vae"))
     for params, module in ((sd.unet_params, sd.unet()), (sd.vae_params, sd.vae())):
         again = torch_to_flax(flax_to_torch(params), abstract_params(module))
-        _assert_trees_equal(again, params)
+        assert_trees_equal(again, params)
 
 
 def test_channel_surgery_keeps_the_original_noise_prediction():
