@@ -12,7 +12,10 @@ sampler inpaints with the same seed. Per sampler, over all cases:
 - `background_error`: mean |result - input| (0-255) over the pixels inside the user's
   mask but outside the object: background that should survive and was repainted;
 - `outside_changed`: pixels outside the user's mask that differ (0 by construction);
-- `seconds_per_image` on this machine.
+- `seconds_per_image` on this machine;
+- `vs_first`: each metric's mean per-case difference from the first candidate (DDIM x50,
+  the paper's sampler) and its standard error: the cases are paired (same scene, level,
+  seed), so a difference within about two standard errors is noise.
 """
 
 from __future__ import annotations
@@ -80,11 +83,17 @@ def main(argv=None) -> int:
             outside += int((diff[~user] > 0).any(axis=-1).sum())
         row = {"sampler": name, "karras": karras, "steps": steps, "cases": len(cases),
                "mask_iou": float(np.mean(ious)), "background_error": float(np.mean(errors)),
-               "outside_changed": outside, "seconds_per_image": float(np.median(seconds[1:] or seconds))}
+               "outside_changed": outside, "seconds_per_image": float(np.median(seconds[1:] or seconds)),
+               "per_case": {"mask_iou": [float(x) for x in ious], "background_error": [float(x) for x in errors]}}
+        if results:  # paired against the first candidate (the paper's DDIM x50): same scenes, levels, seeds
+            row["vs_first"] = {k: paired(row["per_case"][k], results[0]["per_case"][k]) for k in row["per_case"]}
         results.append(row)
+        vs = row.get("vs_first")
         print(f"{name}{' karras' if karras else ''} x{steps}: mask IoU {row['mask_iou']:.3f}, background error "
-              f"{row['background_error']:.2f}, outside changed {outside}, {row['seconds_per_image']:.2f} s/image",
-              file=sys.stderr)
+              f"{row['background_error']:.2f}, outside changed {outside}, {row['seconds_per_image']:.2f} s/image"
+              + (f"; against the first: IoU {vs['mask_iou']['mean']:+.3f} +- {vs['mask_iou']['se']:.3f}, "
+                 f"background {vs['background_error']['mean']:+.2f} +- {vs['background_error']['se']:.2f} (mean "
+                 "difference +- its standard error over the cases)" if vs else ""), file=sys.stderr)
     out = {"workdir": args.workdir, "step": step, "levels": levels, "scenes": len(scenes), "guidance": guidance,
            "results": results, **_common.environment()}
     if args.json:
@@ -92,6 +101,12 @@ def main(argv=None) -> int:
             json.dump(out, f, indent=2)
     print(json.dumps(results, indent=2))
     return 0
+
+
+def paired(a, b) -> dict:
+    """Mean and standard error of the per-case differences a - b."""
+    d = np.asarray(a, np.float64) - np.asarray(b, np.float64)
+    return {"mean": float(d.mean()), "se": float(d.std(ddof=1) / np.sqrt(len(d))) if len(d) > 1 else float("nan")}
 
 
 if __name__ == "__main__":

@@ -53,6 +53,22 @@ def test_splash_equals_xla_values_and_gradients(head_dim):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=5e-4 * float(jnp.abs(b).max()))
 
 
+def test_splash_blocks_divide_every_level_size():
+    """The kernel's block divides the sequence (it refuses otherwise): 512 where it can,
+    else the largest multiple of 128 that does; and the kernel equals XLA at a length 512
+    does not divide (640 here; SD 2.x at 768 px has 2304)."""
+    for tokens, block in ((4096, 512), (1024, 512), (2304, 384), (9216, 512), (640, 128), (384, 384), (128, 128)):
+        assert attention.splash_block(tokens) == block and tokens % block == 0
+    q, k, v = _qkv(1, 640, 1, 40)
+    with attention.mesh_scope(None, splash_min_tokens=512):
+        assert "pallas_call" in _uses("splash", q, k, v, 1)
+        ref, gref = _value_and_grads("xla", q, k, v, 1)
+        out, g = _value_and_grads("splash", q, k, v, 1)
+    np.testing.assert_allclose(out, ref, rtol=1e-5, atol=2e-5)
+    for a, b in zip(g, gref):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=5e-4 * float(jnp.abs(b).max()))
+
+
 def check_sharded():
     """Run in a 4-device process by the test below."""
     from jax.sharding import Mesh

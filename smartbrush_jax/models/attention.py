@@ -115,11 +115,21 @@ def describe(implementation: Optional[str], platform_name: str, splash_min_token
     return head + {"xla": "XLA (scores materialised)", "chunked": "chunked (query blocks, flash-style backward)"}[impl]
 
 
+def splash_block(tokens: int) -> int:
+    """The kernel's block along a sequence of `tokens` (a multiple of 128): the largest
+    multiple of 128 up to SPLASH_BLOCK that divides it (SD 2.x at 768 px has 48 x 48 = 2304
+    tokens, which 512 does not divide; 384 does)."""
+    block = min(SPLASH_BLOCK, tokens)
+    while tokens % block:
+        block -= 128
+    return block
+
+
 @functools.lru_cache(maxsize=64)
 def _kernel(heads: int, tq: int, tk: int, interpret: bool):
     from jax.experimental.pallas.ops.tpu import splash_attention as sa
 
-    bq, bk = min(SPLASH_BLOCK, tq), min(SPLASH_BLOCK, tk)
+    bq, bk = splash_block(tq), splash_block(tk)
     # the fused backward: one kernel forms dQ, dK and dV from one recomputation of the scores
     # (5 matmuls where separate dQ and dK/dV kernels take 7)
     blocks = sa.BlockSizes(block_q=bq, block_kv=bk, block_kv_compute=bk, block_q_dkv=bq, block_kv_dkv=bk,
