@@ -233,12 +233,17 @@ metadata={op_name="jit(f)/dot_general" source_file="a.py"}
         "collective-permute": {"count": 1, "bytes": 1024 * 64 * 4, "by_dtype": {"f32": 1024 * 64 * 4}}}
 
 
-@pytest.mark.parametrize("name,topology,compiled_file", [
-    ("tpu_v4", "v4-32", "tpu_aot_v4-32_vae.json"), ("tpu_v5p", "v5p-128", "search/v5p-128_splash_none_b16_vae.json")])
-def test_shipped_tpu_configs_are_what_was_compiled(name, topology, compiled_file):
+@pytest.mark.parametrize("name,topology,compiled_file,vae_in_step", [
+    ("tpu_v4", "v4-32", "tpu_aot_v4-32_vae.json", True),
+    ("tpu_v5p", "v5p-128", "search/v5p-128_splash_none_b16_vae.json", True),
+    ("tpu_v5p_sd2", "v5p-128", "search/v5p-128_sd2_splash_none_b16.json", False),
+    ("tpu_v5p_sdxl", "v5p-128", "search/v5p-128_sdxl_splash_full_b16_gather-once.json", False)])
+def test_shipped_tpu_configs_are_what_was_compiled(name, topology, compiled_file, vae_in_step):
     """Each TPU config validates for its slice, and its committed ahead-of-time compile
-    (in bench/results/, with the VAE in the step: the figures its docstring quotes) is of this
-    very step: the same batch per chip, remat, attention, mesh and dtype, and it fits."""
+    (in bench/results/: the figures its docstring quotes; SD v1's with the VAE in the step,
+    SD 2.x's and SDXL's on cached latents, as their docstrings run them) is of this very step:
+    the same config file, resolution, batch per chip, remat, attention, mesh and dtype, and
+    it fits."""
     import importlib.util
     import json
 
@@ -258,7 +263,8 @@ def test_shipped_tpu_configs_are_what_was_compiled(name, topology, compiled_file
     assert compiled["per_chip_batch"] == c.train.batch_size // target.chips
     assert (compiled["remat"], compiled["attention"], compiled["dtype"], compiled["fsdp"]) == \
         (c.model.remat, c.model.attention, c.model.dtype, c.mesh.fsdp)
-    assert compiled["mesh"] == dict(c.mesh.shape) and compiled["vae_in_step"]
+    assert compiled["mesh"] == dict(c.mesh.shape) and compiled["vae_in_step"] == vae_in_step
+    assert compiled["config"] == f"{name}.py" and compiled["resolution"] == c.data.resolution
     if c.mesh.fsdp:  # how the weights reach the layers; files without the field predate "once"
         assert compiled.get("fsdp_gather", "per_use") == c.mesh.fsdp_gather
 

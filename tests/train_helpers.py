@@ -1,5 +1,5 @@
 """Running the trainer on the micro config (tests/configs/tiny_train.py) as a user does, and
-reading what it left: shared by test_train.py and test_faults.py."""
+reading what it left: shared by test_train.py, test_faults.py and the family runs."""
 
 from __future__ import annotations
 
@@ -144,3 +144,21 @@ def losses(s):
 def steps_on_disk(workdir):
     """The names under workdir/checkpoints (finished steps, and anything moved aside)."""
     return sorted(os.listdir(os.path.join(workdir, "checkpoints")))
+
+
+def inpaint_keeps_the_background(export, tmp_path, seed, shape, box, args, resolution):
+    """`inpaint --box` on a random image: pixels outside the box byte-identical, the box painted."""
+    from PIL import Image
+
+    from smartbrush_jax.cli.inpaint import main as inpaint
+
+    image = np.random.default_rng(seed).integers(0, 256, (*shape, 3), dtype=np.uint8)
+    Image.fromarray(image).save(tmp_path / "in.png")
+    assert inpaint(["--checkpoint", export, "--image", str(tmp_path / "in.png"), "--box", ",".join(map(str, box)),
+                    *args, "--steps", "2", "--resolution", str(resolution), "--out", str(tmp_path / "out")]) == 0
+    result = np.asarray(Image.open(tmp_path / "out" / "result.png"))
+    inside = np.zeros(shape, bool)
+    x0, y0, x1, y1 = box
+    inside[y0:y1, x0:x1] = True
+    assert result.shape == image.shape and (result[~inside] == image[~inside]).all()
+    assert (result[inside] != image[inside]).any()  # and the box was painted

@@ -74,6 +74,7 @@ def _settings(cfg: dict, workdir: str, step: int, ema: bool) -> dict:
     return {
         "format_version": SETTINGS_VERSION,
         "num_levels": cfg["num_levels"],
+        "family": cfg.get("family"),  # the base model's (interop/families.py); None for a from-scratch run
         "autoencoder": "identity" if cfg.get("autoencoder") == "identity" else "kl",
         "resolution": cfg.get("resolution", 512),
         "feather": cfg.get("feather", round(4.0 * cfg.get("resolution", 512) / 512, 2)),  # 4 px at 512 px

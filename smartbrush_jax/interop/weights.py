@@ -205,7 +205,7 @@ def channel_surgery(config, params: Params, num_levels: int):
     (zeros), so at step 0 the first four output channels equal the original model's for
     any mask and any level. Returns `(new_config, new_params)`; inputs are not modified.
     """
-    from smartbrush_jax.models.unet import UNetConfig
+    from smartbrush_jax.models.unet_config import UNetConfig
 
     if not isinstance(config, UNetConfig):
         raise TypeError("channel_surgery expects a UNetConfig")

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from typing import Dict, Optional
 
-from smartbrush_jax.models.unet import UNetConfig
+from smartbrush_jax.models.unet_config import UNetConfig
 
 # bf16 dense (no sparsity) peak FLOP/s per device, from the vendors' spec sheets.
 _PEAK_BY_KIND = {  # jax `device.device_kind`, lower-cased, exact
