@@ -13,11 +13,13 @@ over the slice, and the weights are gathered once a step in bf16. Compiled for v
 CPU host (`python -m smartbrush_jax.aot --config=configs/tpu_v5p_sdxl.py --topology=v5p-128
 --cached-latents`; `bash bench/tpu_search.sh sdxl`, bench/results/search/v5p-128_sdxl_*.json):
 at the paper's global batch of 1024 (16 per chip), with splash attention for the 4096- and
-1024-token levels and full remat, the step takes 23.7 GiB per chip (a 71.3 GiB margin).
-Its estimate is 1.52 s a step (XLA's optimal_seconds plus the splash kernels at peak),
-10.5 images/s per chip, MFU 0.47 (search/v5p-128_sdxl_splash_full_b16_gather-once.json).
-At 4 per chip: 11.3 GiB, 8.5 images/s per chip, MFU 0.38. The collectives are 11.1 GiB of
-bf16 all-reduces per chip per step: about twice the bf16 weights (gather and reduce-scatter).
+1024-token levels and remat keeping the dense layers' outputs (recomputing convolutions,
+norms and attention), the step takes 63.9 GiB per chip (a 31.2 GiB margin). Its estimate
+is 1.40 s a step (XLA's optimal_seconds plus the splash kernels at peak), 11.5 images/s per
+chip, MFU 0.51 (search/v5p-128_sdxl_splash_dots_with_no_batch_dims_saveable_b16_gather-once.json).
+Full remat at the same batch: 23.7 GiB, 10.5 images/s per chip, MFU 0.47; at 4 per chip:
+11.3 GiB, 8.5 images/s per chip, MFU 0.38. The collectives are 11.1 GiB of bf16
+all-reduces per chip per step: about twice the bf16 weights (gather and reduce-scatter).
 """
 
 import importlib.util
@@ -41,5 +43,5 @@ def get_config():
     c.mesh.shape = {"data": 1, "fsdp": -1, "tensor": 1}
     c.mesh.fsdp = True
     c.model.attention = "splash"
-    c.model.remat = "full"
+    c.model.remat = "dots_with_no_batch_dims_saveable"
     return c

@@ -237,7 +237,8 @@ metadata={op_name="jit(f)/dot_general" source_file="a.py"}
     ("tpu_v4", "v4-32", "tpu_aot_v4-32_vae.json", True),
     ("tpu_v5p", "v5p-128", "search/v5p-128_splash_none_b16_vae.json", True),
     ("tpu_v5p_sd2", "v5p-128", "search/v5p-128_sd2_splash_none_b16.json", False),
-    ("tpu_v5p_sdxl", "v5p-128", "search/v5p-128_sdxl_splash_full_b16_gather-once.json", False)])
+    ("tpu_v5p_sdxl", "v5p-128", "search/v5p-128_sdxl_splash_dots_with_no_batch_dims_saveable_b16_gather-once.json",
+     False)])
 def test_shipped_tpu_configs_are_what_was_compiled(name, topology, compiled_file, vae_in_step):
     """Each TPU config validates for its slice, and its committed ahead-of-time compile
     (in bench/results/: the figures its docstring quotes; SD v1's with the VAE in the step,
