@@ -126,3 +126,41 @@ def test_an_sdxl_folder_without_its_second_text_encoder_is_refused(tmp_path):
     with pytest.raises(InputError, match=r"an SDXL U-Net \(micro-conditioning\) needs both text encoders and "
                                          r"tokenizers \(.*text_encoder_2/, tokenizer_2/"):
         build_models(c)
+
+
+def test_family_configs_build_and_mismatched_text_fields_are_refused():
+    """The SD 2.x and SDXL configs build their full-size models without weights (what an
+    ahead-of-time compile does) with the published parameter counts; text fields that do not
+    fit the U-Net are a ConfigError naming the fields, not a shape error deep in a compile."""
+    import importlib.util
+
+    import jax
+    import numpy as np
+
+    from smartbrush_jax.config import ConfigError
+    from smartbrush_jax.interop.loader import abstract_params
+    from smartbrush_jax.train.step import build_models
+
+    def config(name):
+        path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", f"{name}.py")
+        spec = importlib.util.spec_from_file_location(name, path)
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        return mod.get_config()
+
+    def millions(module):
+        return sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(abstract_params(module))) / 1e6
+
+    for name, unet, text, text2 in (("tpu_v5p_sd2", 866, 340, None), ("tpu_v5p_sdxl", 2568, 123, 695)):
+        m = build_models(config(name), weights=False)
+        assert abs(millions(m.unet) - unet) < 5 and abs(millions(m.text) - text) < 5
+        assert (m.text2 is None) == (text2 is None) and (text2 is None or abs(millions(m.text2) - text2) < 5)
+    c = config("tpu_v5p_sdxl")
+    c.model.text2 = {}
+    with pytest.raises(ConfigError, match=r"config.model.text \(768 wide\) does not fit config.model.unet "
+                                          r"\(cross_attention_dim 2048, SDXL text_time, pooled 1280\)"):
+        build_models(c, weights=False)
+    c = config("tpu_v5p_sd2")
+    c.model.text.hidden_size = 768
+    with pytest.raises(ConfigError, match=r"\(768 wide\) does not fit .*cross_attention_dim 1024, no text_time"):
+        build_models(c, weights=False)

@@ -103,6 +103,7 @@ def build_models(config, tokenizer_vocab_size: Optional[int] = None, weights: bo
         if config.model.text2:  # SDXL's second encoder (its tokenizer pads with id 0, "!")
             text2 = CLIPTextModel(CLIPTextConfig.from_transformers({**config.model.text2.to_dict(), **ids}),
                                   dtype=dtype, attention_impl=attn)
+        check_text_fits(unet_cfg, text_cfg, text2 and text2.config)
         return Models(UNet2DConditionModel(unet_cfg, **unet_kw), CLIPTextModel(text_cfg, dtype=dtype,
                                                                                attention_impl=attn),
                       ae, None, NoiseSchedule(), text2, (vocab - 1, 0) if text2 is not None else (None, None))
@@ -133,6 +134,22 @@ def build_models(config, tokenizer_vocab_size: Optional[int] = None, weights: bo
                           f"config.model.unet.cross_attention_dim {unet_cfg.cross_attention_dim}")
     return Models(UNet2DConditionModel(unet_cfg, **unet_kw),
                   CLIPTextModel(text_cfg, dtype=dtype, attention_impl=attn), ae, None, NoiseSchedule())
+
+
+def check_text_fits(unet_cfg: UNetConfig, text_cfg: CLIPTextConfig, text2_cfg: Optional[CLIPTextConfig]) -> None:
+    """The architecture fields of a config compiled without weights must fit together: one
+    encoder as wide as the U-Net's context, or (SDXL's `text_time` U-Net) two whose widths sum
+    to it, the second's projection as wide as the pooled embedding the U-Net takes."""
+    width = text_cfg.hidden_size + (text2_cfg.hidden_size if text2_cfg else 0)
+    pooled_ok = text2_cfg is None or text2_cfg.projection_dim == unet_cfg.pooled_text_dim
+    if (text2_cfg is not None) != unet_cfg.micro_conditioning or width != unet_cfg.cross_attention_dim or not pooled_ok:
+        kind = f"SDXL text_time, pooled {unet_cfg.pooled_text_dim}" if unet_cfg.micro_conditioning else "no text_time"
+        raise ConfigError(
+            f"config.model.text{' + text2' if text2_cfg else ''} ({width} wide"
+            f"{f', projection {text2_cfg.projection_dim}' if text2_cfg else ''}) does not fit config.model.unet "
+            f"(cross_attention_dim {unet_cfg.cross_attention_dim}, {kind}): an SDXL U-Net takes two encoders "
+            "whose widths sum to its context (model.text2 set, with architectures [CLIPTextModelWithProjection]), "
+            "any other U-Net one as wide as its context")
 
 
 def text_attention(choice: str) -> str:
