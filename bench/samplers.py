@@ -48,7 +48,7 @@ def main(argv=None) -> int:
 
     from smartbrush_jax.checkpoints import read_model_config
     from smartbrush_jax.data.synthetic import heldout_scenes
-    from smartbrush_jax.interop.loader import load_workdir
+    from smartbrush_jax.interop.loader import load_workdir, trained_resolution
     from smartbrush_jax.masks import degrade_mask
     from smartbrush_jax.sampling.runner import Inpainter
     from smartbrush_jax.settings import DEGRADE, SamplerConfig
@@ -57,7 +57,7 @@ def main(argv=None) -> int:
     step, sd = load_workdir(args.workdir)
     run = read_model_config(args.workdir)
     degrade, guidance = run.get("degrade", DEGRADE), run.get("sampler", {}).get("guidance_scale", 7.5)
-    inpainter = Inpainter(sd)
+    inpainter = Inpainter(sd, resolution=trained_resolution(args.workdir) or 512)  # what its messages quote
     levels = [int(x) for x in args.levels.split(",")]
     cases = []
     for k, (path, exact, prompt) in enumerate(scenes):
