@@ -32,9 +32,10 @@ import numpy as np
 from jax.sharding import PartitionSpec as P
 
 IMPLEMENTATIONS = ("auto", "xla", "chunked", "splash", "cudnn")
-# Self-attention levels of SD at 512 px have 4096, 1024, 256 and 64 tokens. Splash's
-# blocks are 128 tokens or more, so below 1024 tokens there is little for a tiled kernel
-# to save over XLA's fused attention (the 256-token scores of 16 images are 16 MiB a head).
+# Self-attention levels of SD at 512 px have 4096, 1024, 256 and 64 tokens. Chosen from
+# v5p-128 compiles of the tpu_v5p step (16 per chip, remat none; bench/SCALING.md, "Where
+# splash pays"): from 256 tokens 203 ms and 30.4 GiB, from 1024 the same, from 4096 only
+# 210 ms and 33.8 GiB. 1024 is the smallest level where the kernel is not a tie.
 SPLASH_MIN_TOKENS = 1024
 SPLASH_BLOCK = 512  # query and key block; fewer grid steps than the kernel's default 128
 RESIDUALS = "splash_residuals"  # the kernel's saved logsumexp, by name for remat policies
