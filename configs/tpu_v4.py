@@ -1,5 +1,5 @@
 """SmartBrush on a Cloud TPU v4-32 slice (16 chips, 32 GiB HBM each), from SD v1.2 weights at
-512 px, 16 images per chip (global 256), AdamW lr 1e-5 with warm-up, EMA, data 0.8 / 0.2
+512 px, 32 images per chip (global 512), AdamW lr 1e-5 with warm-up, EMA, data 0.8 / 0.2
 with BLIP/label captions:
 
     python -m smartbrush_jax.train --config=configs/tpu_v4.py --workdir=gs://bucket/runs/sb --distributed \\
@@ -12,16 +12,20 @@ the workdir is the gs:// URL itself, which every worker writes through the GCS A
 Parameters are FSDP-sharded over the slice; the batch is split over data x fsdp.
 
 What fits, compiled for v4-32 on a CPU host (`python -m smartbrush_jax.cli.aot
---config=configs/tpu_v4.py --topology=v4-32`, bench/results/tpu_aot_v4-32_vae.json): with
-the VAE encode in the step, 15.0 GiB per chip, a 17.0 GiB margin (10.8 GiB with a latent
-cache, search/v4-32_chunked_full_b16_gather-once.json). That uses remat ("full") and the
-chunked attention: XLA's attention at the 4096-token level takes 28.9 GiB of temporaries
-at the same batch, and splash estimates slower on v4 (bench/SCALING.md). FSDP because data
+--config=configs/tpu_v4.py --topology=v4-32`; search/v4-32_chunked_full_b32_gather-once_vae.json
+in bench/results/): with the VAE encode in the step, 28.6 GiB per chip, a 3.4 GiB (10.5%)
+margin, step >= 0.55 s by the roofline (HBM-bound), 58.6 images/s per chip, MFU 0.51
+(16 per chip: 15.0 GiB, 51.7 images/s, tpu_aot_v4-32_vae.json). With a latent cache:
+28.6 GiB, >= 0.49 s, 65.0 images/s per chip, MFU 0.57. The per-chip batch is the largest
+that leaves 10% of HBM free; if a real v4 runs short of memory,
+--config.train.batch_size=256 halves it. That uses remat ("full") and the chunked
+attention: XLA's attention at the 4096-token level takes 28.9 GiB of temporaries at 16
+per chip, and splash estimates slower on v4 (bench/SCALING.md). FSDP because data
 parallel replicates 13.4 GiB of fp32 state (params, AdamW, EMA) on every chip; the weights
 are gathered once a step (mesh.fsdp_gather="once", the default): 1.9 GiB of all-gathers
-per chip per step, where XLA's own placement moved 40.1. Step time estimate: >= 0.31 s
-(roofline, HBM-bound; 51.7 images/s per chip). The paper's global batch 1024 is 16 per chip on a v4-128:
---config.train.batch_size=1024 there (compiled: 12.1 GiB, >= 0.25 s, 62.9 images/s per chip).
+per chip per step, where XLA's own placement moved 40.1. The paper's global batch 1024
+is 16 per chip on a v4-128: --config.train.batch_size=1024 there (compiled: 12.1 GiB,
+>= 0.25 s, 62.9 images/s per chip).
 """
 
 from smartbrush_jax.config import base_config
@@ -40,8 +44,8 @@ def get_config():
     c.optim.lr = 1e-5
     c.optim.warmup_steps = 1000
     c.optim.ema_decay = 0.9999
-    c.train.batch_size = 256  # 16 per chip on v4-32
-    c.train.steps = 100_000  # the paper's 25k steps at 1024 images, in images seen
+    c.train.batch_size = 512  # 32 per chip on v4-32
+    c.train.steps = 50_000  # the paper's 25k steps at 1024 images, in images seen
     c.mesh.shape = {"data": 1, "fsdp": -1, "tensor": 1}
     c.mesh.fsdp = True
     c.model.remat = "full"
