@@ -108,3 +108,30 @@ def test_chunked_attention_matches_default(mask_kind, chunk):
         flat(ref(q, k, v)), atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError):
         multi_head_attention(flat(q), flat(k), flat(v), n, implementation="nope")
+
+
+@pytest.mark.parametrize("platform", ["cpu", "tpu"])
+def test_chunked_attention_backward_in_each_layout(monkeypatch, platform):
+    """The chunked backward accumulates dK/dV as [B, N, H, Tk] on CPU (XLA:CPU's fast
+    matmul form) and as [B, N, Tk, H] elsewhere (what the committed TPU compiles used).
+    Both give XLA attention's gradients to 1e-5, and each platform gets its own layout."""
+    from smartbrush_jax.models import attention
+    from smartbrush_jax.models.layers import chunked_attention
+
+    monkeypatch.setattr(attention, "platform", lambda: platform)
+    rng = np.random.default_rng(1)
+    b, tq, tk, n, h = 2, 100, 77, 4, 8
+    q, k, v = (jnp.asarray(rng.standard_normal(s), jnp.float32) for s in ((b, tq, n, h), (b, tk, n, h), (b, tk, n, h)))
+    mask = jnp.asarray(rng.random((b, n, tq, tk)) > 0.3)
+
+    def loss(attend):
+        return lambda *a: jnp.sum(jnp.sin(attend(*a)))
+
+    ours = loss(lambda q, k, v: chunked_attention(q, k, v, mask=mask, query_chunk=16))
+    ref = loss(lambda q, k, v: jax.nn.dot_product_attention(q, k, v, mask=mask))
+    for g1, g2 in zip(jax.grad(ours, argnums=(0, 1, 2))(q, k, v), jax.grad(ref, argnums=(0, 1, 2))(q, k, v)):
+        np.testing.assert_allclose(g1, g2, atol=1e-5, rtol=1e-5)
+    program = str(jax.make_jaxpr(jax.grad(ours, argnums=(0, 1, 2)))(q, k, v))
+    keys_minor, keys_major = f"f32[{b},{n},{h},{tk}]", f"f32[{b},{n},{tk},{h}]"
+    assert (keys_minor in program) == (platform == "cpu")
+    assert keys_major in program  # the inputs' own layout, and the accumulator off CPU

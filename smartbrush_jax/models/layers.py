@@ -255,22 +255,36 @@ def _chunked_attention_bwd(n_chunks, mask_chunked, res, dout):
     scale = 1.0 / float(q.shape[-1]) ** 0.5
     delta = jnp.sum(dout.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)
 
+    # dK and dV sum over each block's queries. On CPU they are accumulated as [B, N, H, Tk],
+    # the key axis minor as in the score block: XLA:CPU then runs each as one plain matmul
+    # with the small operand transposed, where [B, N, Tk, H] took a strided path (the tiny
+    # step's attention backward: 399 -> 239 ms at 1024 tokens, bench/CPU_PROFILE.md). Other
+    # platforms keep [B, N, Tk, H]: their layout pass chooses for itself, and their
+    # committed compiles were made with it.
+    keys_minor = attention.platform() == "cpu"
+
+    def grad_kv(x, blk):  # sum over the block's queries of x (a score block) times blk
+        if keys_minor:
+            return jnp.einsum("bnqh,bnqk->bnhk", blk, x, preferred_element_type=jnp.float32)
+        return jnp.einsum("bnqk,bnqh->bnkh", x, blk, preferred_element_type=jnp.float32)
+
     def block(carry, xs):
         dk, dv = carry
         qb, dob, mrow, il, db, mb = xs
         s = _attention_block(qb, k, mb, scale)
         p = jnp.exp(s - mrow[..., None]) * il[..., None]
-        dv = dv + jnp.einsum("bnqk,bnqh->bnkh", p.astype(dob.dtype), dob, preferred_element_type=jnp.float32)
+        dv = dv + grad_kv(p.astype(dob.dtype), dob)
         dp = jnp.einsum("bnqh,bnkh->bnqk", dob, v, preferred_element_type=jnp.float32)
         ds = p * (dp - db[..., None]) * jnp.float32(scale)
         if mb is not None:  # masked logits are constants: no gradient (matters for fully masked rows)
             ds = jnp.where(mb, ds, jnp.float32(0))
         ds = ds.astype(q.dtype)
         dqb = jnp.einsum("bnqk,bnkh->bnqh", ds, k, preferred_element_type=jnp.float32)
-        dk = dk + jnp.einsum("bnqk,bnqh->bnkh", ds, qb, preferred_element_type=jnp.float32)
+        dk = dk + grad_kv(ds, qb)
         return (dk, dv), dqb.astype(q.dtype)
 
-    zeros = (jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32))
+    acc = (lambda x: x.shape[:2] + x.shape[:1:-1]) if keys_minor else (lambda x: x.shape)
+    zeros = (jnp.zeros(acc(k), jnp.float32), jnp.zeros(acc(v), jnp.float32))
     if n_chunks == 1:
         (dk, dv), dq = block(zeros, (q, dout, m, inv_l, delta, mask))
     else:
@@ -280,6 +294,8 @@ def _chunked_attention_bwd(n_chunks, mask_chunked, res, dout):
         else:
             (dk, dv), dq = jax.lax.scan(lambda c, x: block(c, x + (mask,)), zeros, xs)
         dq = _merge_chunks(dq)
+    if keys_minor:
+        dk, dv = jnp.swapaxes(dk, 2, 3), jnp.swapaxes(dv, 2, 3)
     return dq, dk.astype(k.dtype), dv.astype(v.dtype), None
 
 
