@@ -236,6 +236,7 @@ metadata={op_name="jit(f)/dot_general" source_file="a.py"}
 @pytest.mark.parametrize("name,topology,compiled_file,vae_in_step", [
     ("tpu_v4", "v4-32", "search/v4-32_chunked_full_b32_gather-once_vae.json", True),
     ("tpu_v5p", "v5p-128", "search/v5p-128_splash_none_b16_vae.json", True),
+    ("tpu_v5p", "v5p-32", "search/v5p-32_splash_none_b64.json", False),  # the same run, 64 per chip
     ("tpu_v5p_sd2", "v5p-128", "search/v5p-128_sd2_splash_none_b16.json", False),
     ("tpu_v5p_sdxl", "v5p-128", "search/v5p-128_sdxl_splash_dots_with_no_batch_dims_saveable_b16_gather-once.json",
      False)])
