@@ -27,7 +27,8 @@ run v5p-128_cached_no_remat --config=configs/tpu_v5p.py --topology=v5p-128 --cac
 for topo in ${*:-v4-32 v5p-128}; do
   cfg=configs/tpu_v4.py; [[ $topo == *v5p* ]] && cfg=configs/tpu_v5p.py
   run "${topo}_cached" --config=$cfg --topology=$topo --cached_latents --per_chip_batch=16
-  # the paper's setting (VAE encode in the step) at the config's batch, and the largest batch
+  # the paper's setting (VAE encode in the step) at 16 per chip, and the largest batch
+  # (tpu_v4.py runs 32 per chip on v4-32: bench/results/search/v4-32_chunked_full_b32_gather-once_vae.json)
   run "${topo}_vae" --config=$cfg --topology=$topo --per_chip_batch=16 --find_max_batch \
     --max_compiles=${MAX_COMPILES:-1}
 done

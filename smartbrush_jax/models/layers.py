@@ -283,8 +283,9 @@ def _chunked_attention_bwd(n_chunks, mask_chunked, res, dout):
         dk = dk + grad_kv(ds, qb)
         return (dk, dv), dqb.astype(q.dtype)
 
-    acc = (lambda x: x.shape[:2] + x.shape[:1:-1]) if keys_minor else (lambda x: x.shape)
-    zeros = (jnp.zeros(acc(k), jnp.float32), jnp.zeros(acc(v), jnp.float32))
+    zeros = (jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32))
+    if keys_minor:
+        zeros = tuple(jnp.swapaxes(z, 2, 3) for z in zeros)
     if n_chunks == 1:
         (dk, dv), dq = block(zeros, (q, dout, m, inv_l, delta, mask))
     else:
