@@ -39,7 +39,7 @@ import os
 import sys
 import time
 import zlib
-from typing import List, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -90,6 +90,83 @@ def _check(spec: "CacheSpec"):
 
     check_output(spec.out, [spec.prepared, spec.vae], is_latent_cache, spec.overwrite, what="latent cache")
     return meta
+
+
+def folder_family(folder: str, vae_config) -> Optional[str]:
+    """The family (`interop/families.py`) of the SD folder whose VAE encodes a cache: what
+    its U-Net config and model_index.json say; a folder with only vae/ is named by its
+    latent scale where one family owns it (SDXL), else None (SD v1 and 2.x share a VAE)."""
+    from smartbrush_jax.interop.families import VAE_SCALING, family_of
+    from smartbrush_jax.models.unet_config import UNetConfig
+
+    try:
+        with open(os.path.join(folder, "unet", "config.json")) as f:
+            unet = UNetConfig.from_diffusers(json.load(f))
+        index = {}
+        if os.path.isfile(os.path.join(folder, "model_index.json")):
+            with open(os.path.join(folder, "model_index.json")) as f:
+                index = json.load(f)
+        return family_of(unet, index if isinstance(index, dict) else {})
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        owners = [f for f, v in VAE_SCALING.items() if abs(v - vae_config.scaling_factor) <= 1e-6]
+        return owners[0] if len(owners) == 1 else None
+
+
+def _owner(family: Optional[str], scaling: Optional[float]) -> str:
+    """A VAE's name: its recorded family, else the families whose VAE has its latent scale."""
+    from smartbrush_jax.interop.families import VAE_SCALING
+
+    owners = [f for f, v in VAE_SCALING.items() if scaling is not None and abs(v - scaling) <= 1e-6]
+    return family or "/".join(owners) or "an unknown"
+
+
+def check_cache_vae(dirs: Sequence[str], family: Optional[str], scaling_factor: float, shift_factor=None,
+                    channels: Optional[int] = None, vae: str = "<the run's model.init_from>") -> None:
+    """A training run's VAE against the one each latent cache of `dirs` was encoded with
+    (plain prepared folders need nothing): DataError naming both when the latent scale,
+    shift or width differ (an SDXL run on a cache of SD v1's VAE would train on latents its
+    U-Net never saw). A cache written before the family was recorded is checked by the
+    scaling_factor caches always recorded, with one warning that the rest cannot be."""
+    from smartbrush_jax.data.pipeline import DataError, latent_cache
+    from smartbrush_jax.errors import warn
+
+    run = f"{_owner(family, scaling_factor)} ({scaling_factor})"
+    rebuild = f"rebuild the cache with `python -m smartbrush_jax.cli.latents --vae {vae}`"
+    for d in dirs:
+        entry = latent_cache([d])
+        if not entry:
+            continue
+        scale, shift, width = entry.get("scaling_factor"), entry.get("shift_factor"), entry.get("channels")
+        if scale is None:
+            warn(f"the latent cache {d} does not record the VAE that encoded it (written by an older version): it "
+                 f"cannot be checked against this run's VAE, {run}; {rebuild} to be sure")
+            continue
+        made = f"the latent cache {d} was encoded by the {_owner(entry.get('family'), scale)} VAE"
+        if abs(float(scale) - scaling_factor) > 1e-6 or (shift or None) != (shift_factor or None):
+            shifts = f", shift_factor {shift}" if shift or shift_factor else ""
+            theirs = f"{scaling_factor}{f', shift_factor {shift_factor}' if shifts else ''}"
+            raise DataError(f"{made} (scaling_factor {scale}{shifts}), this run's VAE is "
+                            f"{_owner(family, scaling_factor)} ({theirs}): {rebuild}, or train with the VAE it was "
+                            "encoded with")
+        if channels is not None and width is not None and width != channels:
+            raise DataError(f"{made} ({width}-channel latents), this run's VAE makes {channels}-channel latents: "
+                            f"{rebuild}")
+        if "family" not in entry:
+            warn(f"the latent cache {d} was written before caches recorded their VAE's family: only its "
+                 f"scaling_factor {scale} (the same as this run's VAE, {run}) could be checked, not which VAE it "
+                 f"was; {rebuild} to record it")
+
+
+def check_run_vae(dirs: Sequence[str], models, vae: str) -> None:
+    """`check_cache_vae` for the trainer's models (`train/step.py: Models`); a pixel-space
+    run has no VAE to check (the pipeline refuses its latent factor)."""
+    config = getattr(models.autoencoder, "config", None)
+    if config is None or not dirs:
+        return
+    from smartbrush_jax.interop.families import family_of
+
+    check_cache_vae(dirs, family_of(models.unet.config) if models.pretrained is not None else None,
+                    config.scaling_factor, getattr(config, "shift_factor", None), config.latent_channels, vae)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -170,6 +247,7 @@ class _Encoder:
         except WeightsError as e:
             raise InputError(f"--vae {spec.vae}: {e}") from None
         self.config = sd.vae_config
+        self.family = folder_family(spec.vae, sd.vae_config)
         self.channels = sd.vae_config.latent_channels
         vae = AutoencoderKL(sd.vae_config, dtype=jnp.bfloat16 if spec.dtype == "bfloat16" else jnp.float32)
         devices = jax.local_devices()
@@ -311,6 +389,8 @@ def _assemble(out_dir, blocks, summaries, encoder, spec, src_meta) -> dict:
         "latents": {"resolution": spec.resolution, "latent_factor": encoder.factor, "channels": encoder.channels,
                     "crops": spec.crops, "vae": os.path.abspath(spec.vae),
                     "scaling_factor": encoder.config.scaling_factor, "format_version": FORMAT_VERSION,
+                    "family": encoder.family,  # the VAE that encoded it: a run of another VAE is refused
+                    "shift_factor": getattr(encoder.config, "shift_factor", None),
                     "dtype": "float16", "latent_shape": [h, h, encoder.channels], "seed": spec.seed,
                     "crop_context": list(spec.crop_context), "vae_dtype": spec.dtype,
                     "prepared": os.path.abspath(spec.prepared),

@@ -113,6 +113,9 @@ def setup(config, workdir: str, cleanup: contextlib.ExitStack, corrupt_grads=Non
     train_cfg, heldout_cfg = data_configs(config, dirs, heldout_dirs, tokenizer.name_or_path, models.latent_factor)
     if models.text2 is not None:
         check_micro_recorded(dirs)
+    from smartbrush_jax.data.latents import check_run_vae
+
+    check_run_vae(dirs, models, config.model.init_from)  # a latent cache of another VAE: refused by name
     empty_tokens = np.asarray(tokenizer("", padding="max_length", max_length=77, truncation=True).input_ids,
                               np.int32)
     mesh = sharding.make_mesh(dict(config.mesh.shape), dict(config.mesh.dcn_shape))
