@@ -28,6 +28,7 @@ import numpy as np
 from PIL import Image
 
 from smartbrush_jax.box import Box
+from smartbrush_jax.data.coco_entries import sort_entries
 from smartbrush_jax.data.validate import Counter, Skip, check_box, check_caption, check_mask, decode_image
 from smartbrush_jax.errors import InputError
 
@@ -132,12 +133,8 @@ class CocoSource:
         coco = load_coco(annotations) if isinstance(annotations, str) else annotations
         self.image_dir, self.min_mask_area, self.max_pixels, self.source = image_dir, min_mask_area, max_pixels, source
         self.captions = captions or {}
-        self.images = {im["id"]: im for im in coco["images"] if isinstance(im, dict) and "id" in im}
-        self.names = {c["id"]: c["name"] for c in coco.get("categories", []) if isinstance(c, dict) and "id" in c}
-        anns = [a for a in coco["annotations"] if isinstance(a, dict) and {"image_id", "id"} <= set(a)]
-        self.plan_counts = Counter()
-        if len(anns) < len(coco["annotations"]):  # no id / image_id: nothing to key it on
-            self.plan_counts["corrupt_record"] += len(coco["annotations"]) - len(anns)
+        # entries of the wrong type (an id that is a list, `categories` a number) are counted, not a TypeError
+        self.images, self.names, anns, self.plan_counts = sort_entries(coco)
         self.groups = []  # [(image id, [annotations])] in order
         for ann in sorted(anns, key=lambda a: (_sortable(a["image_id"]), _sortable(a["id"]))):
             if not self.groups or self.groups[-1][0] != ann["image_id"]:

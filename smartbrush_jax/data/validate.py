@@ -18,6 +18,10 @@ and, in `prepare` only (a whole sample or source, never seen by the training pip
     oversized_file     a webdataset member over the size bound (not read)
     corrupt_shard      a webdataset shard that cannot be opened or ends early
     unreadable_source  a source that failed mid-way (what was read before is kept)
+    bad_polygon        a COCO polygon or RLE that pycocotools cannot take safely
+    bad_coco_entry     a COCO image, category or annotation with a field of the wrong type
+                       (an id that is a list or an object, `categories` a number, a `bbox`
+                       that is text, an `iscrowd` that is a list: `coco_entries.py`)
 
 Convertible images are kept and counted under `converted_*` (grayscale, CMYK, RGBA,
 16-bit, EXIF-rotated): they are not errors.
@@ -37,7 +41,8 @@ from smartbrush_jax.images import MAX_PIXELS, to_rgb
 
 SKIP_REASONS = ("corrupt_image", "too_many_pixels", "missing_file", "empty_mask", "tiny_mask", "mask_outside",
                 "bad_caption", "corrupt_record")  # the pipeline's per-batch `skips` vector, in this order
-SOURCE_REASONS = ("no_caption", "oversized_file", "corrupt_shard", "unreadable_source", "bad_polygon")
+SOURCE_REASONS = ("no_caption", "oversized_file", "corrupt_shard", "unreadable_source", "bad_polygon",
+                  "bad_coco_entry")
 ALL_REASONS = SKIP_REASONS + SOURCE_REASONS
 DEFAULT_MAX_PIXELS = MAX_PIXELS
 
