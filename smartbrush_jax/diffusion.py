@@ -19,6 +19,8 @@ from smartbrush_jax.masks import degrade_mask, dice_loss, mask_iou
 from smartbrush_jax.settings import PREDICTIONS, SPACINGS, LossConfig
 
 ApplyFn = Callable[..., jax.Array]
+# diffusers' names of the schedules `NoiseSchedule.betas` computes (what DDIM and the solvers take)
+BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
 
 
 # ---------------------------------------------------------------------------- schedule
@@ -44,6 +46,9 @@ class NoiseSchedule:
         if self.timestep_spacing not in (None,) + SPACINGS:
             raise ValueError(f"scheduler: timestep_spacing {self.timestep_spacing!r} is not supported "
                              f"({', '.join(SPACINGS)})")
+        if self.beta_schedule not in BETA_SCHEDULES:
+            raise ValueError(f"scheduler: beta_schedule {self.beta_schedule!r} is not supported "
+                             f"({', '.join(BETA_SCHEDULES)})")
 
     @classmethod
     def from_diffusers(cls, cfg: Optional[dict]) -> "NoiseSchedule":
@@ -58,11 +63,22 @@ class NoiseSchedule:
             return np.linspace(self.beta_start ** 0.5, self.beta_end ** 0.5, n, dtype=np.float64) ** 2
         if self.beta_schedule == "linear":
             return np.linspace(self.beta_start, self.beta_end, n, dtype=np.float64)
-        raise ValueError(f"beta_schedule {self.beta_schedule!r} is not supported (scaled_linear, linear)")
+        if self.beta_schedule == "squaredcos_cap_v2":  # the cosine schedule (Nichol & Dhariwal 2021)
+            return cosine_betas(n)
+        raise ValueError(f"beta_schedule {self.beta_schedule!r} is not supported ({', '.join(BETA_SCHEDULES)})")
 
     def alphas_cumprod(self) -> np.ndarray:
         """[T] float32, computed in float64."""
         return np.cumprod(1.0 - self.betas()).astype(np.float32)
+
+
+def cosine_betas(n: int, max_beta: float = 0.999, offset: float = 0.008) -> np.ndarray:
+    """The "squaredcos_cap_v2" betas: alpha_bar(t) = cos((t + s) / (1 + s) * pi / 2)^2 on t in
+    [0, 1], beta_i = 1 - alpha_bar((i + 1) / n) / alpha_bar(i / n), capped at `max_beta` (the
+    last steps would reach 1); float64."""
+    t = np.arange(n + 1, dtype=np.float64) / n
+    alpha_bar = np.cos((t + offset) / (1.0 + offset) * np.pi / 2) ** 2
+    return np.minimum(1.0 - alpha_bar[1:] / alpha_bar[:-1], max_beta)
 
 
 # ---------------------------------------------------------------------------- forward process

@@ -25,6 +25,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prediction-type", choices=("epsilon", "v_prediction"), default=None,
                    help="what the checkpoint predicts: required for SD 2.x (2.x 768-v: v_prediction, 2.x base: "
                         "epsilon); SD v1 and SDXL releases predict epsilon, the default for them")
+    p.add_argument("--ignore-extra-keys", action="store_true",
+                   help="drop keys that belong to no component (a LoRA's, another model's) and list them, "
+                        "instead of refusing the file")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out that this command wrote")
     return p
 
@@ -36,7 +39,8 @@ def main(argv=None) -> int:
 
 def _main(args) -> int:
     out = convert(args.ckpt, args.tokenizer, args.out, ema=args.ema, configs_from=args.configs_from,
-                  overwrite=args.overwrite, prediction_type=args.prediction_type)
+                  overwrite=args.overwrite, prediction_type=args.prediction_type,
+                  ignore_extra_keys=args.ignore_extra_keys)
     print(out)
     return 0
 

@@ -20,6 +20,12 @@ is a folder with vocab.json and merges.txt (CLIP ViT-L/14's; the OpenCLIP encode
 rules: new, or with `--overwrite` a folder this command wrote (it holds
 `converted_from.json`), never the checkpoint's own folder; written beside it and renamed
 when complete.
+
+The file is refused, naming the key, when a tensor is NaN/inf or not floating point (CLIP's
+int64 `position_ids` aside), when it holds two families' text encoders, or keys of no
+component (a LoRA's: `lora_unet_...`); `--ignore-extra-keys` drops the latter and lists them.
+The tensors a release carries beside its components (the LDM trainer's schedule buffers,
+`model_ema.decay`) are not components and are left out without a word.
 """
 
 from __future__ import annotations
@@ -37,7 +43,7 @@ def is_converted(folder: str) -> bool:
 
 
 def convert(ckpt: str, tokenizer: str, out: str, ema: str = "auto", configs_from: str | None = None,
-            overwrite: bool = False, prediction_type: str | None = None) -> str:
+            overwrite: bool = False, prediction_type: str | None = None, ignore_extra_keys: bool = False) -> str:
     """Write the diffusers folder for `ckpt` at `out`; returns `out`."""
     from smartbrush_jax.interop.diffusers_writer import write_diffusers_folder, write_json
     from smartbrush_jax.interop.loader import ema_choice, load_single_file, read_configs
@@ -54,7 +60,8 @@ def convert(ckpt: str, tokenizer: str, out: str, ema: str = "auto", configs_from
     configs = read_configs(configs_from) if configs_from else {}
     check_output(out, [ckpt, tokenizer, configs_from], is_converted, overwrite, what="converted SD folder")
     print(f"reading {ckpt}", file=sys.stderr)
-    sd = load_single_file(ckpt, tokenizer_dir=tokenizer, ema=choice, prediction_type=prediction_type, **configs)
+    sd = load_single_file(ckpt, tokenizer_dir=tokenizer, ema=choice, prediction_type=prediction_type,
+                          ignore_extra_keys=ignore_extra_keys, **configs)
     with building(out) as tmp:
         write_diffusers_folder(sd, tmp, pipeline="StableDiffusionPipeline")
         write_json(os.path.join(tmp, MARKER), {"checkpoint": os.path.abspath(ckpt), "ema": ema,

@@ -9,7 +9,8 @@
       text_encoder/  CLIPTextModel
       tokenizer/     CLIPTokenizer
       scheduler/     DDIMScheduler (leading spacing, no clipping: our sampler's schedule)
-      model_index.json, smartbrush.json (levels, mask degradation, sampler defaults)
+      model_index.json, smartbrush.json (levels, mask degradation, sampler defaults, and the
+                     sha256 of every other file: `file_hashes`, checked by every loader)
 
 Weights are written as safetensors only, through the mapping in `weights.py`. The folder
 is written under a temporary name and renamed when complete, so a stopped export never
@@ -60,9 +61,11 @@ def export_workdir(workdir: str, out: str, step: Optional[int] = None, ema: bool
 
 def write_export(sd, out: str, settings: dict) -> None:
     """`sd` (a `pretrained.StableDiffusion` with a SmartBrush U-Net) as a diffusers folder
-    plus `smartbrush.json`."""
+    plus `smartbrush.json`, which records the sha256 of every file written before it."""
+    from smartbrush_jax.interop.file_hashes import KEY, SETTINGS_FILE, folder_checksums
+
     write_diffusers_folder(sd, out, pipeline="SmartBrushPipeline")
-    write_json(os.path.join(out, "smartbrush.json"), settings)
+    write_json(os.path.join(out, SETTINGS_FILE), {**settings, KEY: folder_checksums(out)})
 
 
 def _settings(cfg: dict, workdir: str, step: int, ema: bool) -> dict:

@@ -22,7 +22,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from smartbrush_jax.compositing import downsampling_factor
-from smartbrush_jax.interop import ldm_keys
+from smartbrush_jax.interop import checks, ldm_keys
+from smartbrush_jax.interop.file_hashes import verify_export
 from smartbrush_jax.interop.weights import WeightsError, channel_surgery, read_state_dict, torch_key, torch_to_flax
 from smartbrush_jax.models import (
     AutoencoderKL,
@@ -118,7 +119,7 @@ def example_inputs(module, batch: int = 1):
 
 # ---------------------------------------------------------------------------- any model path
 def load_model(path: str, *, tokenizer_dir: Optional[str] = None, ema="auto",
-               components: Optional[Sequence[str]] = None) -> StableDiffusion:
+               components: Optional[Sequence[str]] = None, ignore_extra_keys: bool = False) -> StableDiffusion:
     """The one place that decides what kind of model `path` is:
 
     - a training workdir (model.json + checkpoints/): its newest checkpoint that restores,
@@ -127,7 +128,7 @@ def load_model(path: str, *, tokenizer_dir: Optional[str] = None, ema="auto",
       converted release; the `components` asked for, by default those its
       model_index.json names (an export of a pixel-space run has no vae/);
     - a single file (.ckpt / .safetensors, CompVis key names; `tokenizer_dir` for a
-      tokenizer, `ema` for the U-Net of a -full-ema release).
+      tokenizer, `ema` for a -full-ema release, `ignore_extra_keys`: see `load_single_file`).
 
     Each may be a `gs://` URL (a folder or file is read from a local copy).
     """
@@ -141,7 +142,7 @@ def load_model(path: str, *, tokenizer_dir: Optional[str] = None, ema="auto",
     if os.path.isdir(path):
         return load_diffusers_folder(path, components=components or folder_components(path))
     if os.path.isfile(path):
-        return load_single_file(path, tokenizer_dir=tokenizer_dir, ema=ema)
+        return load_single_file(path, tokenizer_dir=tokenizer_dir, ema=ema, ignore_extra_keys=ignore_extra_keys)
     raise WeightsError(f"{path}: no such file or folder")
 
 
@@ -204,7 +205,6 @@ def _as_jax(tree):
     return jax.tree_util.tree_map(jnp.asarray, tree)
 
 
-
 def folder_components(path: str) -> tuple:
     """The components a diffusers folder holds, from its model_index.json."""
     index = os.path.join(path, "model_index.json")
@@ -234,7 +234,8 @@ def load_diffusers_folder(path: str, components: Sequence[str] = COMPONENTS, var
     `text_encoder/`, `tokenizer/`; SDXL's `text_encoder_2/`, `tokenizer_2/` too), each
     with its config and `.safetensors` (preferred) or
     `.bin` weights; `variant="fp16"` picks `*.fp16.*` files. Raises `WeightsError` naming
-    the missing file or the offending key.
+    the missing file or the offending key, field or tensor (`checks`), or an export's file whose
+    sha256 differs from its smartbrush.json's (`file_hashes`); FamilyError for another family's VAE.
     """
     unknown = set(components) - set(COMPONENTS + SDXL_COMPONENTS)
     if unknown:
@@ -243,6 +244,7 @@ def load_diffusers_folder(path: str, components: Sequence[str] = COMPONENTS, var
         raise WeightsError(f"{path}: not a directory (expected a diffusers Stable Diffusion folder)")
     if not os.path.isfile(os.path.join(path, "model_index.json")):
         raise WeightsError(f"{path}: no model_index.json: not a diffusers pipeline folder")
+    verify_export(path, components, WeightsError)
     sd = StableDiffusion()
     for name in components:
         sub = os.path.join(path, name)
@@ -251,18 +253,20 @@ def load_diffusers_folder(path: str, components: Sequence[str] = COMPONENTS, var
         if name in ("tokenizer", "tokenizer_2"):
             setattr(sd, name, load_tokenizer(sub))
             continue
-        config = _read_json(os.path.join(sub, "config.json"))
+        config_path = os.path.join(sub, "config.json")
+        config = _read_json(config_path)
         state = _read_component_weights(sub, _WEIGHT_FILES[name], variant)
         source = f"{sub}/"
+        checks.check_tensors(state, source)
         if name == "unet":
-            sd.unet_config = UNetConfig.from_diffusers(config)
+            sd.unet_config = checks.parse_config(UNetConfig.from_diffusers, config, config_path, checks.UNET_FIELDS)
             sd.unet_params = _convert(UNet2DConditionModel(sd.unet_config, param_dtype=param_dtype), state, source)
         elif name == "vae":
-            sd.vae_config = VAEConfig.from_diffusers(config)
+            sd.vae_config = checks.parse_config(VAEConfig.from_diffusers, config, config_path, checks.VAE_FIELDS)
             state = _legacy_vae_keys(state)
             sd.vae_params = _convert(AutoencoderKL(sd.vae_config, param_dtype=param_dtype), state, source)
         else:
-            cfg = CLIPTextConfig.from_transformers(config)
+            cfg = checks.parse_config(CLIPTextConfig.from_transformers, config, config_path, checks.TEXT_FIELDS)
             state = {k.removeprefix("text_model."): v for k, v in state.items()}
             params = _convert(CLIPTextModel(cfg, param_dtype=param_dtype), state, source)
             if name == "text_encoder":
@@ -272,6 +276,8 @@ def load_diffusers_folder(path: str, components: Sequence[str] = COMPONENTS, var
     sched = os.path.join(path, "scheduler", "scheduler_config.json")
     if os.path.isfile(sched):
         sd.scheduler_config = _read_json(sched)
+        checks.check_schedule(sd.scheduler_config, sched)
+    checks.check_folder_vae(sd, path, _read_json(os.path.join(path, "model_index.json")))
     return sd
 
 
@@ -281,14 +287,14 @@ def read_configs(path: str) -> Dict[str, Any]:
     its family's release)."""
     if not os.path.isdir(path):
         raise WeightsError(f"{path}: not a directory (expected a diffusers folder to take the configs from)")
-    out = {"unet_config": UNetConfig.from_diffusers(_read_json(os.path.join(path, "unet", "config.json"))),
-           "vae_config": VAEConfig.from_diffusers(_read_json(os.path.join(path, "vae", "config.json"))),
-           "text_config": CLIPTextConfig.from_transformers(_read_json(os.path.join(path, "text_encoder",
-                                                                                  "config.json")))}
+    parts = {"unet_config": ("unet", UNetConfig.from_diffusers, checks.UNET_FIELDS),
+             "vae_config": ("vae", VAEConfig.from_diffusers, checks.VAE_FIELDS),
+             "text_config": ("text_encoder", CLIPTextConfig.from_transformers, checks.TEXT_FIELDS)}
     if os.path.isdir(os.path.join(path, "text_encoder_2")):  # SDXL
-        out["text2_config"] = CLIPTextConfig.from_transformers(_read_json(os.path.join(path, "text_encoder_2",
-                                                                                       "config.json")))
-    return out
+        parts["text2_config"] = ("text_encoder_2", CLIPTextConfig.from_transformers, checks.TEXT_FIELDS)
+    return {key: checks.parse_config(parse, _read_json(os.path.join(path, sub, "config.json")),
+                                     os.path.join(path, sub, "config.json"), fields)
+            for key, (sub, parse, fields) in parts.items()}
 
 
 def _read_json(path: str) -> dict:
@@ -345,7 +351,7 @@ SD_V1_TEXT = CLIPTextConfig()
 def load_single_file(path: str, tokenizer_dir: Optional[str] = None, unet_config: Optional[UNetConfig] = None,
                      vae_config: Optional[VAEConfig] = None, text_config: Optional[CLIPTextConfig] = None,
                      text2_config: Optional[CLIPTextConfig] = None, param_dtype=jnp.float32, ema="auto",
-                     prediction_type: Optional[str] = None) -> StableDiffusion:
+                     prediction_type: Optional[str] = None, ignore_extra_keys: bool = False) -> StableDiffusion:
     """Load an original single-file SD v1, SD 2.x or SDXL checkpoint (`.ckpt` or
     `.safetensors`, CompVis / Stability key names; `ldm_keys` says which layout is which,
     `ldm_keys.layout_family` tells them apart). The file holds no configs (each family's
@@ -358,12 +364,18 @@ def load_single_file(path: str, tokenizer_dir: Optional[str] = None, unet_config
     `ema`: the `-full-ema` releases hold the raw U-Net under `model.diffusion_model.*` and
     its EMA under `model_ema.<the same key without dots>`. "auto" takes the EMA weights when
     the file has them (diffusers' rule: more than 100 `model_ema.*` keys) and says which it
-    used; True requires them; False takes the raw weights."""
+    used; True requires them; False takes the raw weights.
+
+    Refused (`checks`): keys of two families, keys of no component (a LoRA's: dropped, and said,
+    with `ignore_extra_keys`), tensors that are not float or not finite."""
     from smartbrush_jax.interop.families import release_scheduler
 
-    state = select_unet_weights(read_state_dict(path), path, ema)
+    state = read_state_dict(path)
     if not any(k.startswith(ldm_keys.UNET_PREFIX) for k in state):
         raise WeightsError(f"{path}: no '{ldm_keys.UNET_PREFIX}*' keys: not a single-file Stable Diffusion checkpoint")
+    state = checks.single_file_components(state, path, ignore_extra_keys)
+    checks.check_tensors(state, path)
+    state = select_unet_weights(state, path, ema)
     family = ldm_keys.layout_family(state)
     if family == "sd2" and prediction_type not in ("epsilon", "v_prediction"):
         raise WeightsError(f"{path} is an SD 2.x checkpoint, whose file does not say what it predicts: convert it "

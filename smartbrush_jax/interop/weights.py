@@ -141,7 +141,7 @@ def read_state_dict(path: str) -> Dict[str, np.ndarray]:
     dropped. Returns numpy float32/16 arrays (bf16 becomes float32)."""
     if not os.path.isfile(path):
         raise WeightsError(f"{path}: no such file")
-    if path.endswith(".safetensors"):
+    if path.lower().endswith(".safetensors"):  # X.SAFETENSORS too: the name's case says nothing
         from safetensors import safe_open
 
         try:

@@ -34,6 +34,7 @@ from smartbrush_jax.compositing import (
 )
 from smartbrush_jax.errors import InputError
 from smartbrush_jax.interop.diffusers_writer import SETTINGS_VERSION  # the writer owns the format
+from smartbrush_jax.interop.file_hashes import verify_export
 from smartbrush_jax.settings import SamplerConfig
 
 SETTINGS_FILE = "smartbrush.json"
@@ -84,7 +85,8 @@ class SmartBrushPipeline:
     @classmethod
     def from_pretrained(cls, folder: str, torch_dtype=torch.float32, device: str = "cpu") -> "SmartBrushPipeline":
         """Load a folder written by `smartbrush-export` (or any diffusers SD folder whose
-        U-Net is a SmartBrush U-Net, plus a `smartbrush.json`)."""
+        U-Net is a SmartBrush U-Net, plus a `smartbrush.json`). Files whose sha256 differs
+        from the one its smartbrush.json records are refused (`interop.file_hashes`)."""
         from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
         from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
@@ -92,6 +94,7 @@ class SmartBrushPipeline:
         for sub in ("unet", "text_encoder", "tokenizer", "scheduler"):
             if not os.path.isdir(os.path.join(folder, sub)):
                 raise PipelineError(f"{folder}: no {sub}/ folder: not a SmartBrush export")
+        verify_export(folder, None, PipelineError)
         kw = dict(torch_dtype=torch_dtype, local_files_only=True, use_safetensors=True)
         try:
             unet = UNet2DConditionModel.from_pretrained(os.path.join(folder, "unet"), low_cpu_mem_usage=False, **kw)
