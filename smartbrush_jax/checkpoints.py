@@ -4,6 +4,7 @@ folder or a `gs://` URL (`storage.py`; Orbax writes a bucket through TensorStore
 a finished step with its commit file, never by a rename).
 
     workdir/checkpoints/<step>/{state,data}   async, keep-last-N plus keep-every-K
+    workdir/checkpoints/<step>/checksums      every array's checksum (`checksums.py`), checked on every read
     workdir/checkpoints/<step>.corrupt/       a step shown damaged (`damage`), moved aside
     workdir/model.json                        U-Net/text/VAE configs, autoencoder kind
     workdir/tokenizer/                        the tokenizer the run used
@@ -21,8 +22,10 @@ import grain
 import orbax.checkpoint as ocp
 from absl import logging
 
-from smartbrush_jax import storage
+from smartbrush_jax import checksums, storage
 from smartbrush_jax.errors import Failure, InputError
+
+ITEMS = ("state", "data", "checksums")  # the items of every step (a step saved before checksums lacks the last)
 
 
 class CheckpointError(InputError):
@@ -120,7 +123,8 @@ def manager(workdir: str, keep_last: int, keep_every: int, async_save: bool = Tr
     options = ocp.CheckpointManagerOptions(
         max_to_keep=max(keep_last, 1), keep_period=keep_every or None, create=True,
         enable_async_checkpointing=async_save, cleanup_tmp_directories=True, atomicity_options=atomicity(workdir))
-    return ocp.CheckpointManager(storage.join(workdir, "checkpoints"), options=options, item_names=("state", "data"))
+    return ocp.CheckpointManager(storage.join(workdir, "checkpoints"), options=options, item_names=ITEMS)
+
 
 
 def atomicity(workdir: str):
@@ -143,16 +147,40 @@ _said = set()  # say the gcsfuse line once per process
 
 
 def save(mngr: ocp.CheckpointManager, step: int, state: Any, data_iter: Any, force: bool = False) -> bool:
+    """Save `state`, the iterator and every array's checksum as one step (the checksums are
+    computed on the devices first, a collective: every process calls save)."""
     return mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                                   data=grain.checkpoint.CheckpointSave(data_iter)), force=force)
+                                                   data=grain.checkpoint.CheckpointSave(data_iter),
+                                                   checksums=ocp.args.JsonSave(checksums.compute(state))), force=force)
 
 
 def restore(mngr: ocp.CheckpointManager, step: int, abstract_state: Any, data_iter: Optional[Any] = None):
-    """Restore `state` into the shardings of `abstract_state` (and the iterator in place)."""
+    """Restore `state` into the shardings of `abstract_state` (and the iterator in place),
+    checked against the checksums saved with it (`checksums.ChecksumMismatch`: damage)."""
     items = {"state": ocp.args.StandardRestore(abstract_state)}
     if data_iter is not None:
         items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
-    return mngr.restore(step, args=ocp.args.Composite(**items))["state"]
+    state = mngr.restore(step, args=ocp.args.Composite(**items))["state"]
+    verify(mngr, step, state)
+    return state
+
+
+def verify(mngr: ocp.CheckpointManager, step: int, state: Any) -> Optional[int]:
+    """Check a restored step's arrays against its `checksums` item: the number checked, or
+    None for a step saved before checksums were written (said once per run directory)."""
+    if not storage.exists(storage.join(str(mngr.directory), str(step), "checksums")):
+        message = (f"{mngr.directory}/{step} was saved without checksums (before they were written): "
+                   "its arrays cannot be verified")
+        if message not in _said:
+            _said.add(message)
+            logging.warning(message)
+            print(f"warning: {message}", file=sys.stderr)
+        return None
+    try:
+        saved = mngr.restore(step, args=ocp.args.Composite(checksums=ocp.args.JsonRestore()))["checksums"]
+    except Exception as e:  # noqa: BLE001  an unreadable record is damage to the step like any other file
+        raise checksums.ChecksumMismatch("(the checksum record)", step, _first_line(e)) from e
+    return checksums.verify(state, saved, step)
 
 
 # TensorStore's status codes for files that are missing, short or fail their checks (a
@@ -180,6 +208,8 @@ def damage(exc: BaseException) -> Optional[str]:
     or credentials error, a version change, an import that failed. Only damage moves a
     step aside; anything else could demote every good step in turn."""
     for x in _chain(exc):
+        if isinstance(x, checksums.ChecksumMismatch):
+            return str(x)
         if isinstance(x, (FileNotFoundError, json.JSONDecodeError)) or _DAMAGE_CODES.match(str(x)):
             return _first_line(x)
     return None
@@ -256,8 +286,9 @@ def restore_state(workdir: str, step: Optional[int] = None, like: Any = None):
         raise CheckpointError(f"{workdir}: no checkpoints/ folder: not a training workdir, or nothing saved yet")
     import jax
 
-    mngr = ocp.CheckpointManager(ckpt_dir, item_names=("state", "data"),
-                                 item_handlers={"state": ocp.StandardCheckpointHandler()},
+    mngr = ocp.CheckpointManager(ckpt_dir, item_names=ITEMS,
+                                 item_handlers={"state": ocp.StandardCheckpointHandler(),
+                                                "checksums": ocp.JsonCheckpointHandler()},
                                  options=ocp.CheckpointManagerOptions(read_only=True))
     steps = sorted(mngr.all_steps(), reverse=True) if step is None else [step]
     if not steps:
@@ -268,8 +299,16 @@ def restore_state(workdir: str, step: Optional[int] = None, like: Any = None):
         try:
             meta = mngr.item_metadata(s)["state"] if like is None else like
             target = jax.tree_util.tree_map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), meta)
-            state = mngr.restore(s, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))["state"]
+            state = restore(mngr, s, target)
         except Exception as e:  # noqa: BLE001  a damaged step: try the next older one
+            mismatch = next((x for x in _chain(e) if isinstance(x, checksums.ChecksumMismatch)), None)
+            if mismatch is not None:  # bytes that changed without a trace: never used, never skipped quietly
+                older = [o for o in mngr.all_steps() if o < s]
+                raise CheckpointError(
+                    f"checkpoint step {s} in {ckpt_dir} is damaged: {mismatch}. Nothing was used or changed; "
+                    "the trainer moves such a step aside when it resumes (readers then take the newest good step)"
+                    + (f"; `smartbrush-export --step {max(older)}` reads the newest older one" if older else "")
+                ) from None
             if step is not None:
                 raise CheckpointError(f"{ckpt_dir}/{s} cannot be restored: {_first_line(e)}") from None
             why = damage(e)
