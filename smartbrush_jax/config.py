@@ -6,10 +6,13 @@ Unknown fields are refused (by ml_collections, also for `--config.x.y=...` overr
 
 from __future__ import annotations
 
+import json
+import math
+
 import ml_collections
 
 from smartbrush_jax.errors import InputError
-from smartbrush_jax.settings import SAMPLERS
+from smartbrush_jax.settings import SAMPLERS, TRAIN_TIMESTEPS, VAE_FACTOR
 
 DTYPES = ("float32", "bfloat16")
 # `models.unet.REMAT_POLICIES` (kept here too so that reading a config imports no JAX)
@@ -18,6 +21,9 @@ REMAT = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable", "a
 # `models.attention.IMPLEMENTATIONS`, likewise
 ATTENTION = ("auto", "xla", "chunked", "splash", "cudnn")
 FSDP_GATHER = ("once", "per_use")
+# `models.unet_config`'s block types, likewise
+DOWN_BLOCKS = ("CrossAttnDownBlock2D", "DownBlock2D")
+UP_BLOCKS = ("CrossAttnUpBlock2D", "UpBlock2D")
 
 
 class ConfigError(InputError, ValueError):
@@ -72,11 +78,14 @@ def validate(c: ml_collections.ConfigDict, num_devices: int | None = None, proce
     need(c.optim.schedule in ("constant", "cosine"), "optim.schedule", "must be 'constant' or 'cosine'")
     need(0.0 <= c.optim.ema_decay < 1.0, "optim.ema_decay", "must be in [0, 1)")
     need(c.train.steps > 0, "train.steps", "must be > 0")
+    _check_periodic(c, need)
     need(c.train.sample_sampler in SAMPLERS, "train.sample_sampler",
          f"must be one of {SAMPLERS}, got {c.train.sample_sampler!r}")
     need(c.train.batch_size > 0, "train.batch_size", "must be > 0")
     need(c.train.max_nonfinite_in_a_row >= 1, "train.max_nonfinite_in_a_row", "must be >= 1")
     need(c.train.peak_tflops >= 0, "train.peak_tflops", f"must be >= 0 (0: from the device), got {c.train.peak_tflops}")
+    unet = _check_architecture(c, need)
+    _check_resolution(c, unet, need)
     need(not data or c.data.prepared_dirs or c.data.synthetic_scenes > 0, "data.prepared_dirs",
          "give prepared data folders (python -m smartbrush_jax.cli.prepare) or data.synthetic_scenes > 0")
     need(c.train.batch_size % process_count == 0, "train.batch_size",
@@ -90,3 +99,102 @@ def validate(c: ml_collections.ConfigDict, num_devices: int | None = None, proce
             raise ConfigError(f"config.mesh.shape: {e}") from None
         need(c.train.batch_size % (data * fsdp) == 0, "train.batch_size",
              f"{c.train.batch_size} is not divisible by the data-parallel size {data * fsdp} (mesh data x fsdp)")
+
+
+def _check_periodic(c, need) -> None:
+    """Every `*_every` setting and the held-out grids' sampler: a period of 0 divided by
+    zero at the first step that checked it (0 keeps its documented meaning where it has
+    one: `sample_every` none, `keep_every` only the last ones)."""
+    t = c.train
+    need(t.log_every >= 1, "train.log_every", f"must be >= 1 (metrics every N steps), got {t.log_every}")
+    need(t.checkpoint_every >= 1, "train.checkpoint_every",
+         f"must be >= 1 (a checkpoint every N steps; the last step is always saved), got {t.checkpoint_every}")
+    need(t.sample_every >= 0, "train.sample_every", f"must be >= 0 (0: no held-out grids), got {t.sample_every}")
+    need(t.keep_every >= 0, "train.keep_every", f"must be >= 0 (0: keep only the last ones), got {t.keep_every}")
+    need(t.profile_steps >= 0, "train.profile_steps", f"must be >= 0 (0: no profile), got {t.profile_steps}")
+    need(t.num_sample_examples >= 1 or not t.sample_every, "train.num_sample_examples",
+         f"must be >= 1 while train.sample_every > 0, got {t.num_sample_examples}")
+    steps = train_timesteps(c.model.init_from)
+    need(1 <= t.sample_steps <= steps, "train.sample_steps",
+         f"must be in [1, {steps}] (the noise schedule's num_train_timesteps), got {t.sample_steps}")
+    need(math.isfinite(t.sample_guidance) and t.sample_guidance >= 0, "train.sample_guidance",
+         f"must be finite and >= 0, got {t.sample_guidance}")
+
+
+def train_timesteps(init_from: str) -> int:
+    """The noise schedule's num_train_timesteps: the diffusers folder's
+    `scheduler/scheduler_config.json` when it says, else `TRAIN_TIMESTEPS` (from scratch, a
+    single file, every SD release)."""
+    n = _weights_json(init_from, "scheduler", "scheduler_config.json").get("num_train_timesteps")
+    return int(n) if isinstance(n, int) and n > 0 else TRAIN_TIMESTEPS
+
+
+def _weights_json(init_from: str, *parts: str) -> dict:
+    """A JSON file of a local diffusers folder `init_from` ({} when there is none: a single
+    file, a URL, no weights). The loader reads and checks it again."""
+    if not init_from or "://" in init_from:
+        return {}
+    import os
+
+    try:
+        with open(os.path.join(init_from, *parts)) as f:
+            value = json.load(f)
+    except (OSError, ValueError):
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def _check_architecture(c, need) -> dict:
+    """`config.model.unet` (the U-Net built without weights: from scratch, or an ahead-of-time
+    compile) and `model.text`/`model.text2`: the widths that must divide, checked here rather
+    than as a ValueError where the model is built. Returns the U-Net fields the run uses
+    (the weights' own when `init_from` is a diffusers folder)."""
+    u = dict(c.model.unet)
+    boc = u.get("block_out_channels", ())
+    down, up = tuple(u.get("down_block_types", ())), tuple(u.get("up_block_types", ()))
+    need(isinstance(boc, (list, tuple)) and len(boc) >= 1 and all(isinstance(v, int) and v > 0 for v in boc),
+         "model.unet.block_out_channels", f"must be a tuple of positive channel counts, got {boc!r}")
+    need(len(down) == len(boc) and len(up) == len(boc), "model.unet.block_out_channels",
+         f"{len(boc)} blocks, but {len(down)} down_block_types and {len(up)} up_block_types (one per block)")
+    for field, types, known in (("down_block_types", down, DOWN_BLOCKS), ("up_block_types", up, UP_BLOCKS)):
+        bad = [t for t in types if t not in known]
+        need(not bad, f"model.unet.{field}", f"{bad[0] if bad else ''!r} is not one of {known}")
+    layers = u.get("layers_per_block", 2)
+    need(isinstance(layers, int) and layers >= 1, "model.unet.layers_per_block", f"must be >= 1, got {layers!r}")
+    groups = u.get("norm_num_groups", 32)
+    need(isinstance(groups, int) and groups >= 1, "model.unet.norm_num_groups", f"must be >= 1, got {groups!r}")
+    for ch in boc:
+        need(ch % groups == 0, "model.unet.block_out_channels",
+             f"{ch} channels are not divisible by model.unet.norm_num_groups={groups} (GroupNorm's groups), "
+             f"got {tuple(boc)}")
+    # diffusers' quirk: attention_head_dim is the number of heads unless num_attention_heads is given
+    head_field = "num_attention_heads" if u.get("num_attention_heads") else "attention_head_dim"
+    heads = u.get(head_field, 8)
+    per_block = tuple(heads) if isinstance(heads, (list, tuple)) else (heads,) * len(boc)
+    need(len(per_block) == len(boc) and all(isinstance(h, int) and h >= 1 for h in per_block),
+         f"model.unet.{head_field}", f"must be a number of heads >= 1, or one per block, got {heads!r}")
+    for ch, h in zip(boc, per_block):
+        need(ch % h == 0, "model.unet.block_out_channels",
+             f"{ch} channels do not split into model.unet.{head_field}={h} attention heads, got {tuple(boc)}")
+    for name in ("text", "text2"):
+        t = dict(c.model.get(name) or {})
+        if not t:
+            continue
+        width, n = t.get("hidden_size"), t.get("num_attention_heads")
+        need(isinstance(n, int) and n >= 1, f"model.{name}.num_attention_heads", f"must be >= 1, got {n!r}")
+        need(isinstance(width, int) and width >= 1 and width % n == 0, f"model.{name}.hidden_size",
+             f"{width} is not divisible by model.{name}.num_attention_heads={n}")
+    return _weights_json(c.model.init_from, "unet", "config.json") or u
+
+
+def _check_resolution(c, unet: dict, need) -> None:
+    """The crop's side must go through the autoencoder (SD's VAE: 1/8) and every U-Net
+    downsampling (one per block but the last) to whole, even cells, or the up path's skip
+    connections do not line up."""
+    res = c.data.resolution
+    blocks = len(unet.get("block_out_channels") or c.model.unet.block_out_channels)
+    vae = VAE_FACTOR if c.model.autoencoder == "vae" else 1
+    factor = vae * 2 ** (blocks - 1)
+    how = (f"{vae} for the VAE x " if vae > 1 else "") + f"2**{blocks - 1} for the U-Net's {blocks} blocks"
+    need(isinstance(res, int) and res > 0 and res % factor == 0, "data.resolution",
+         f"must be a positive multiple of {factor} ({how}), got {res}")

@@ -25,6 +25,9 @@ SAMPLERS = ("ddim", "dpm++2m", "euler", "euler_a")
 KARRAS = ("dpm++2m", "euler")  # the samplers with a Karras-sigmas option
 SPACINGS = ("leading", "linspace", "trailing")
 PREDICTIONS = ("epsilon", "v_prediction")
+# the schedule's length when the weights do not say (`diffusion.NoiseSchedule`'s default, every SD release's)
+TRAIN_TIMESTEPS = 1000
+VAE_FACTOR = 8  # SD's VAE (every family's) halves the image 3 times: the latents are 1/8 of the pixels
 
 
 class SettingsError(InputError, ValueError):
@@ -102,13 +105,13 @@ class TrainConfig:
     steps: int = 25_000
     batch_size: int = 1024  # global (split over processes and the data-parallel devices)
     seed: int = 0
-    log_every: int = 50
+    log_every: int = 50  # metrics every N steps (>= 1)
     sample_every: int = 1000  # held-out inpainting grids (0: none)
     sample_sampler: str = "ddim"  # sampler of the held-out grids, and the run's default for inpaint and the app
-    sample_steps: int = 25  # sampler steps of the held-out grids
+    sample_steps: int = 25  # sampler steps of the held-out grids (1 to the schedule's num_train_timesteps)
     sample_guidance: float = 3.0  # guidance scale of the held-out grids
     num_sample_examples: int = 4
-    checkpoint_every: int = 1000
+    checkpoint_every: int = 1000  # a checkpoint every N steps (>= 1), and at the last step
     keep_last: int = 3
     keep_every: int = 5000  # also keep every K-th step (0: only the last ones)
     max_nonfinite_in_a_row: int = 20  # this many skipped (non-finite) updates in a row stop the run
@@ -162,7 +165,8 @@ class DataConfig:
     prepared_dirs: Sequence[str] = ()  # folders written by `prepare` (or latent caches); components concatenated
     tokenizer_dir: str = ""  # derived: the run's tokenizer
     weights: Dict[str, float] = dataclasses.field(default_factory=lambda: {"seg": 0.8, "t2i": 0.2})  # mixture
-    resolution: int = 512  # the square crop's side in pixels
+    resolution: int = 512  # the square crop's side in pixels (> 0; config.validate: a multiple of the
+    #   autoencoder's and the U-Net's downsampling)
     latent_factor: int = 1  # derived: the autoencoder's downsampling (8 for SD's VAE, 1 in pixel space)
     caption_mix: float = 0.5  # probability of the caption (when there is one) over the class label
     crop_context: tuple = (1.2, 3.0)  # crop side / object size, sampled uniformly
@@ -185,6 +189,7 @@ class DataConfig:
     RUNTIME = ("tokenizer_dir", "latent_factor", "batch_size", "shuffle")
 
     def __post_init__(self):
+        _check(self.resolution > 0, f"data.resolution must be > 0, got {self.resolution}")
         _check(self.resolution % self.latent_factor == 0,
                f"data.resolution {self.resolution} is not a multiple of latent_factor {self.latent_factor}")
         _check(0.0 <= self.caption_mix <= 1.0, f"data.caption_mix must be in [0, 1], got {self.caption_mix}")
