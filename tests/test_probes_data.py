@@ -24,6 +24,134 @@ LABELBOX = os.path.join(os.path.dirname(ROOT), "shared", "fixtures", "real", "co
 real_coco = pytest.mark.skipif(not os.path.isdir(LABELBOX), reason=f"third-party COCO files not found at {LABELBOX}")
 
 
+# ------------------------------------------------------------------ 1. a latent cache's VAE
+
+R = 16  # crop size; both tiny VAEs halve it
+
+
+@pytest.fixture(scope="module")
+def caches(tmp_path_factory, sd_folder):
+    """A prepared folder cached by `smartbrush-latents` twice: with the tiny SD v1 folder's VAE
+    and with the tiny SDXL folder's (the same architecture, SDXL's latent scale 0.13025)."""
+    from absl import flags
+    from sd_fixtures import write_sdxl_folder
+
+    from smartbrush_jax.cli.latents import main as latents
+    from smartbrush_jax.cli.prepare import main as prepare
+    from smartbrush_jax.data.synthetic import write_dataset
+
+    flags.FLAGS.mark_as_parsed()  # grain reads absl flags; tests run outside an absl app
+    root = tmp_path_factory.mktemp("caches")
+    raw = write_dataset(str(root / "raw"), num_scenes=3, size=24, seed=3, num_text_pairs=2)
+    prepared = str(root / "prepared")
+    assert prepare(["--out", prepared, "--coco-annotations", raw["annotations"], "--coco-images", raw["images"],
+                    "--webdataset", raw["image_text"], "--workers", "1", "--quiet"]) == 0
+    sdxl = str(root / "sdxl-base")
+    write_sdxl_folder(sdxl)
+    out = {"sd": sd_folder[0], "sdxl": sdxl, "root": root}
+    for name, vae in (("sd1", sd_folder[0]), ("sdxl", sdxl)):
+        out[name + "_cache"] = str(root / f"cache_{name}")
+        assert latents(["--prepared", prepared, "--out", out[name + "_cache"], "--vae", vae, "--resolution", str(R),
+                        "--batch", "4"]) == 0
+    return out
+
+
+def _latents_meta(cache):
+    return json.loads(open(os.path.join(cache, "metadata.json")).read())["latents"]
+
+
+def test_a_latent_cache_records_the_vae_that_encoded_it(caches):
+    """metadata.json's `latents` names the VAE's family (what the folder's U-Net and
+    model_index.json say), its scaling_factor and its shift_factor (none: SD's VAEs have none)."""
+    sd1, sdxl = _latents_meta(caches["sd1_cache"]), _latents_meta(caches["sdxl_cache"])
+    assert (sd1["family"], sd1["scaling_factor"], sd1["shift_factor"]) == ("sd1", 0.18215, None)
+    assert (sdxl["family"], sdxl["scaling_factor"], sdxl["shift_factor"]) == ("sdxl", 0.13025, None)
+
+
+def test_a_cache_of_another_vae_is_refused_by_name(caches):
+    """Row: an SDXL run (its VAE's scaling_factor 0.13025) on a cache encoded by SD v1's VAE
+    (0.18215), and the other way: refused with both named. The same VAE passes in silence;
+    SD 2.x shares SD v1's VAE, so its run takes an sd1 cache."""
+    from smartbrush_jax.data.latents import check_cache_vae
+    from smartbrush_jax.data.pipeline import DataError
+
+    cache, other = caches["sd1_cache"], caches["sdxl_cache"]
+    with pytest.raises(DataError) as e:
+        check_cache_vae([cache], "sdxl", 0.13025, None, 4, vae="/models/sdxl")
+    assert str(e.value) == (f"the latent cache {cache} was encoded by the sd1 VAE (scaling_factor 0.18215), this "
+                            "run's VAE is sdxl (0.13025): rebuild the cache with `python -m smartbrush_jax.cli.latents "
+                            "--vae /models/sdxl`, or train with the VAE it was encoded with")
+    with pytest.raises(DataError, match=r"encoded by the sdxl VAE \(scaling_factor 0.13025\), this run's VAE is sd1 "):
+        check_cache_vae([other], "sd1", 0.18215, None, 4)
+    check_cache_vae([cache], "sd1", 0.18215, None, 4)
+    check_cache_vae([cache], "sd2", 0.18215, None, 4)
+    check_cache_vae([other], "sdxl", 0.13025, None, 4)
+
+
+def _old_cache(caches, name, drop):
+    """A copy of the sd1 cache whose metadata lacks `drop` (as caches before this record)."""
+    import shutil
+
+    old = str(caches["root"] / name)
+    if not os.path.isdir(old):
+        shutil.copytree(caches["sd1_cache"], old)
+        meta = json.loads(open(os.path.join(old, "metadata.json")).read())
+        for key in drop:
+            del meta["latents"][key]
+        with open(os.path.join(old, "metadata.json"), "w") as f:
+            json.dump(meta, f)
+    return old
+
+
+def test_a_cache_from_before_the_record_warns_once_and_is_still_checked_by_its_scale(caches, capsys):
+    """Row: a cache written before the VAE was recorded (no `family`, no `shift_factor`) is
+    still trained on, with one warning line that its VAE cannot be fully checked; its
+    scaling_factor (recorded from the first version on) still refuses another family's run.
+    One without even that warns that it cannot be checked at all."""
+    from smartbrush_jax.data.latents import check_cache_vae
+    from smartbrush_jax.data.pipeline import DataError
+
+    old = _old_cache(caches, "old_cache", ["family", "shift_factor"])
+    capsys.readouterr()
+    check_cache_vae([old], "sd1", 0.18215, None, 4)
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and err[0].startswith(f"warning: the latent cache {old} was written before caches "
+                                               "recorded their VAE's family: only its scaling_factor 0.18215")
+    with pytest.raises(DataError, match=r"encoded by the sd1/sd2 VAE \(scaling_factor 0.18215\), this run's VAE "
+                                        r"is sdxl \(0.13025\)"):
+        check_cache_vae([old], "sdxl", 0.13025, None, 4)
+    older = _old_cache(caches, "older_cache", ["family", "shift_factor", "scaling_factor"])
+    capsys.readouterr()
+    check_cache_vae([older], "sdxl", 0.13025, None, 4)
+    err = capsys.readouterr().err.splitlines()
+    assert err == [f"warning: the latent cache {older} does not record the VAE that encoded it (written by an older "
+                   "version): it cannot be checked against this run's VAE, sdxl (0.13025); rebuild the cache with "
+                   "`python -m smartbrush_jax.cli.latents --vae <the run's model.init_from>` to be sure"]
+
+
+def _train(work, *overrides):
+    from train_helpers import train
+
+    return train(work, "--config.model.autoencoder=vae", "--config.data.synthetic_scenes=0",
+                 f"--config.data.resolution={R}", "--config.train.batch_size=2", "--config.train.steps=1",
+                 *overrides, timeout=420)
+
+
+@pytest.mark.slow  # a trainer start-up (JAX, the tiny SDXL weights): ~30 s on 2 shared cores
+def test_an_sdxl_run_on_a_cache_of_sd_v1s_vae_is_refused_at_start_up(caches, tmp_path):
+    """Row, end to end: `train` with the tiny SDXL folder as init_from and the cache SD v1's
+    VAE encoded in data.prepared_dirs exits 2 with the one line, before any step."""
+    cache = caches["sd1_cache"]
+    proc = _train(str(tmp_path / "run"), f"--config.model.init_from={caches['sdxl']}", "--config.model.family=sdxl",
+                  f"--config.data.prepared_dirs=('{cache}',)")
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
+    assert errors == [f"error: the latent cache {cache} was encoded by the sd1 VAE (scaling_factor 0.18215), this "
+                      f"run's VAE is sdxl (0.13025): rebuild the cache with `python -m smartbrush_jax.cli.latents "
+                      f"--vae {caches['sdxl']}`, or train with the VAE it was encoded with"], proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr and not os.path.isdir(tmp_path / "run" / "checkpoints" / "1")
+
+
 # ------------------------------------------------------------------ 2. COCO entries of the wrong type
 
 def _records(out):
