@@ -24,8 +24,10 @@ from smartbrush_jax.errors import InputError
 from smartbrush_jax.interop.loader import StableDiffusion
 from smartbrush_jax.models.autoencoder import downsampling_factor, make_autoencoder
 from smartbrush_jax.models.conditioning import plain_micro, text_encoders, unet_apply
-from smartbrush_jax.sampling.sampler import sample
+from smartbrush_jax.sampling.sampler import plan_for, sample
 from smartbrush_jax.settings import SamplerConfig
+
+MAX_SEED = 2**32 - 1  # seeds are 32-bit: jax.random.PRNGKey overflows past 2**63
 
 
 class MemoryNeeded(InputError):
@@ -147,24 +149,42 @@ class Inpainter:
             self._samplers[cfg] = jax.jit(run)
         return self._samplers[cfg]
 
-    def _compiled(self, cfg: SamplerConfig, args: tuple, size: tuple):
-        """The sampler compiled for these shapes (kept: a server answers many requests of one
-        size), after checking that what XLA says it needs fits in the memory this machine has
-        free: asked for more, the process would be killed (a photo at the wrong size once took
-        a pixel-space demo model past 7 GB) instead of saying so."""
+    def _compiled(self, cfg: SamplerConfig, args: tuple, size: tuple, host_bytes: int = 0):
+        """The sampler compiled for these shapes (`args`: arrays or `jax.ShapeDtypeStruct`s;
+        kept: a server answers many requests of one size), after checking that it fits in the
+        memory this machine has free: asked for more, the process would be killed (a photo at
+        the wrong size once took a pixel-space demo model past 7 GB) or XLA would fail to
+        allocate (a million samples' text context is 20 GB) instead of saying so. Nothing of a
+        request is allocated before this: first its inputs (the latents, masks and text
+        context of every sample, and the `host_bytes` of results) are counted, then what XLA's
+        memory analysis of the compiled program says it needs."""
+        n = args[1].shape[0]
+        inputs = sum(int(np.prod(a.shape)) * np.dtype(a.dtype).itemsize
+                     for a in jax.tree_util.tree_leaves(args[1:]))
+        self._check_memory(inputs, host_bytes, n, size)
         key = (cfg, tuple((tuple(a.shape), str(a.dtype)) for a in jax.tree_util.tree_leaves(args[1:])))
         if key not in self._programs:
             compiled = self._sampler(cfg).lower(*args).compile()
             need = program_bytes(compiled)
-            free = free_memory(jax.devices()[0])
-            # headroom: the process itself, the decode and the composite at the input's size
-            if need is not None and free is not None and need * 1.15 + 2**30 > free:
-                raise MemoryNeeded(
-                    f"sampling {args[1].shape[0]} image(s) at {size[1]}x{size[0]} needs about {need / 2**30:.1f} "
-                    f"GiB, and {jax.devices()[0].platform} has {free / 2**30:.1f} GiB free: use a smaller "
-                    f"resolution (this model was trained at {self.resolution}) or fewer samples")
+            if need is not None:
+                self._check_memory(need, host_bytes, n, size)
             self._programs[key] = compiled
         return self._programs[key]
+
+    def _check_memory(self, device_bytes: int, host_bytes: int, n: int, size: tuple) -> None:
+        """MemoryNeeded when `device_bytes` (on the accelerator) and `host_bytes` (results in
+        this process) do not fit in what is free; on the CPU both come out of one memory."""
+        device = jax.devices()[0]
+        checks = [(device_bytes + host_bytes, free_memory(device), device.platform)] if device.platform == "cpu" \
+            else [(device_bytes, free_memory(device), device.platform),
+                  (host_bytes, free_memory(jax.devices("cpu")[0]), "this host")]
+        for need, free, where in checks:
+            # headroom: the process itself, the decode and the composite at the input's size
+            if free is not None and need * 1.15 + 2**30 > free:
+                raise MemoryNeeded(
+                    f"sampling {n} image(s) at {size[1]}x{size[0]} needs about {need / 2**30:.1f} GiB, and "
+                    f"{where} has {free / 2**30:.1f} GiB free: use a smaller resolution (this model was trained "
+                    f"at {self.resolution}) or fewer samples")
 
     def _on_step(self, i) -> None:
         if self._progress is not None:
@@ -177,6 +197,9 @@ class Inpainter:
                  progress: Optional[Callable[[int], None]] = None) -> InpaintResult:
         """image [H,W,3] uint8; mask [H,W] bool (True = region to fill). Returns `InpaintResult`."""
         image, mask = check_inputs(image, mask, precision, self.num_levels, num_samples)
+        if not 0 <= seed <= MAX_SEED:
+            raise InputError(f"seed must be in [0, {MAX_SEED}], got {seed}")
+        self.check_sampler(sampler)
         size = working_size(*mask.shape, resolution, self.size_multiple)
         pixels, latent_mask = model_inputs(image, mask, size, self.vae_factor)
 
@@ -187,13 +210,43 @@ class Inpainter:
         n = num_samples
         rep = lambda a: jnp.repeat(a, n, axis=0)  # noqa: E731
         pick = lambda i: jax.tree_util.tree_map(lambda c: rep(c[i:i + 1]), context)  # noqa: E731
-        args = (self.sd.unet_params, rep(x0), rep(jnp.asarray(latent_mask)[None]),
-                jnp.full((n,), precision, jnp.int32), pick(0), pick(1), jax.random.PRNGKey(seed))
-        program = self._compiled(sampler, args, size)
+        make = lambda: (self.sd.unet_params, rep(x0), rep(jnp.asarray(latent_mask)[None]),  # noqa: E731
+                        jnp.full((n,), precision, jnp.int32), pick(0), pick(1), jax.random.PRNGKey(seed))
+        # the shapes first: the memory check runs before the n copies are made
+        abstract = (self.sd.unet_params,) + tuple(jax.eval_shape(lambda: make()[1:]))
+        h, w = mask.shape
+        # the decoded latents (float32 at the working size) and the results at the input's size
+        host_bytes = n * (size[0] * size[1] * 3 * 4 + 2 * h * w * 4)
+        program = self._compiled(sampler, abstract, size, host_bytes)
+        args = make()
         self._progress = progress
         try:
             latents, pred = jax.block_until_ready(program(*args))
         finally:
             self._progress = None
-        decoded = np.asarray(self._decode(self.sd.vae_params, latents))
+        del args
+        # one sample at a time: the decoder's memory does not grow with the number of samples
+        decoded = np.stack([np.asarray(self._decode(self.sd.vae_params, latents[i:i + 1]))[0] for i in range(n)])
         return finish(image, mask, decoded, np.asarray(pred), feather, size)
+
+    @property
+    def num_train_timesteps(self) -> int:
+        """The length of the model's noise schedule: no sampler takes more steps."""
+        return self.schedule.num_train_timesteps
+
+    def check_sampler(self, cfg: SamplerConfig, flag: str = "steps") -> None:
+        """InputError when `cfg` cannot run on this model's schedule (more steps than it has
+        training timesteps); `flag` names the setting in the message."""
+        n_train = self.num_train_timesteps
+        if not 1 <= cfg.num_steps <= n_train:
+            raise InputError(f"{flag} must be in [1, {n_train}] for this model: its scheduler has "
+                             f"num_train_timesteps={n_train}, got {cfg.num_steps}")
+        try:
+            plan_for(self.schedule, cfg)
+        except ValueError as e:
+            raise InputError(f"the sampler settings do not fit this model's scheduler: {e}") from None
+
+    def latent_size(self, shape: tuple, resolution: int) -> tuple[int, int]:
+        """(h, w) of the latent grid an image of `shape` [H, W] is sampled on at `resolution`."""
+        h, w = working_size(shape[0], shape[1], resolution, self.size_multiple)
+        return h // self.vae_factor, w // self.vae_factor

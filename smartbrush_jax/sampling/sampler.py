@@ -79,8 +79,10 @@ def sample(apply_fn: ApplyFn, params: Any, x0: jax.Array, mask: jax.Array, level
 
 def predicted_region(mask_logit: jax.Array, user_mask: jax.Array, cfg: SamplerConfig) -> jax.Array:
     """Binarise, dilate and clip the predicted object mask to the user's mask ([B,h,w]);
-    fall back to the user mask where the prediction is (nearly) empty."""
+    fall back to the user mask where the prediction is (nearly) empty. A dilation past the
+    grid's longest side reaches every cell from any cell, so it is that side: the same mask
+    (a radius of 10**9 was a window XLA would take for ever over)."""
     pred = (jax.nn.sigmoid(mask_logit.astype(jnp.float32)) > cfg.mask_threshold).astype(user_mask.dtype)
-    pred = dilate(pred, cfg.mask_dilate) * user_mask
+    pred = dilate(pred, min(cfg.mask_dilate, max(user_mask.shape[1:]))) * user_mask
     share = pred.sum(axis=(1, 2)) / jnp.maximum(user_mask.sum(axis=(1, 2)), 1.0)
     return jnp.where((share < cfg.min_predicted_fraction)[:, None, None], user_mask, pred)
