@@ -115,8 +115,13 @@ class InpaintService:
         if not 0 <= precision <= self.num_levels:
             raise InputError(f"precision must be between 0 (exact shape) and {self.num_levels} (box only) for "
                              f"this model, got {precision}")
-        if not 1 <= steps <= 1000 or not 1 <= n <= 8:
-            raise InputError(f"steps must be in [1, 1000] and samples in [1, 8], got {steps} and {n}")
+        from smartbrush_jax.sampling.runner import MAX_SEED
+
+        if not 0 <= seed <= MAX_SEED:
+            raise InputError(f"seed must be in [0, {MAX_SEED}], got {seed}")
+        top = getattr(self.inpainter, "num_train_timesteps", 1000)  # the model's schedule has that many
+        if not 1 <= steps <= top or not 1 <= n <= 8:
+            raise InputError(f"steps must be in [1, {top}] and samples in [1, 8], got {steps} and {n}")
         try:
             sampler = dataclasses.replace(self.sampler, num_steps=steps,
                                           guidance_scale=float(guidance or self.sampler.guidance_scale))
@@ -169,6 +174,7 @@ def _checked(preprocess):
                 for f in files:
                     if _path(f):
                         _header(_path(f), "image").close()
+                        images.check_complete(_path(f), "the image")  # Gradio's decoder fills what is missing
             except InputError as e:
                 raise gr.Error(str(e), print_exception=False) from None
         try:
@@ -176,6 +182,21 @@ def _checked(preprocess):
         except Exception as e:  # noqa: BLE001 - anything the decoder raises is a bad upload
             raise gr.Error(f"cannot read the image ({type(e).__name__}): upload a PNG, JPEG or WEBP image",
                            print_exception=False) from None
+
+    return run
+
+
+def _number(preprocess, name: str):
+    """A Number's preprocessing with a message for what it cannot round: its API takes the
+    JSON tokens NaN and Infinity, on which Gradio's own rounding raised a bare ValueError
+    (the client got `{"error": null}`)."""
+    import gradio as gr
+
+    def run(payload):
+        try:
+            return preprocess(payload)
+        except (ValueError, TypeError, OverflowError):
+            raise gr.Error(f"{name} must be a whole number, got {payload!r}", print_exception=False) from None
 
     return run
 
@@ -229,6 +250,7 @@ def build_page(service: InpaintService, title: str = "SmartBrush inpainting"):
                     shown = gr.Image(label="your region (red outline)", format="png", elem_id="region_view",
                                      height=240)
         editor.preprocess = _checked(editor.preprocess)
+        seed.preprocess = _number(seed.preprocess, "seed")
         inputs = [editor, prompt, negative, precision, region, steps, guidance, seed, samples]
         run.click(handle, inputs, [results, predicted, shown], api_name="inpaint")
         if service.examples:

@@ -71,6 +71,8 @@ def load_service(args):
         raise InputError("a single-file checkpoint holds no tokenizer: pass --tokenizer DIR")
     if (args.resolution is not None and args.resolution < 8) or args.levels < 1:
         raise InputError("--resolution must be >= 8 and --levels >= 1")
+    if args.steps is not None and args.steps < 1:  # the page refuses such steps: every request would fail
+        raise InputError(f"--steps must be >= 1, got {args.steps}")
     inpainter = Inpainter.load(path, args.tokenizer, args.levels, ema_choice(args.ema), warn=warn)
     run = {}
     if storage.isfile(storage.join(path, "model.json")):  # a training run: its own sampler settings
@@ -78,10 +80,11 @@ def load_service(args):
     d = SamplerConfig()
     try:
         sampler = SamplerConfig(sampler=args.sampler or run.get("sampler", d.sampler), karras=args.karras,
-                                num_steps=args.steps or run.get("num_steps", d.num_steps),
+                                num_steps=args.steps if args.steps is not None else run.get("num_steps", d.num_steps),
                                 guidance_scale=run.get("guidance_scale", d.guidance_scale))
     except ValueError as e:
         raise InputError(f"--sampler/--karras/--steps: {e}") from None
+    inpainter.check_sampler(sampler, "--steps")  # no more steps than the model's schedule has
     examples = heldout_examples(path, args.examples, inpainter.num_levels)
     return InpaintService(inpainter, sampler, args.resolution, examples)
 

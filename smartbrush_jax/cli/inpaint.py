@@ -18,9 +18,11 @@ loads where it can be told then.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
+import re
 import sys
 import time
 
@@ -75,8 +77,23 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    hint = negative_box_hint(argv)
+    if hint:
+        print(f"error: {hint}", file=sys.stderr)
+        return 2
     args = build_parser().parse_args(argv)
     return run_command(lambda: run(args))
+
+
+def negative_box_hint(argv: list) -> str | None:
+    """What to write instead when `--box` is followed by a value that starts with a minus
+    (`--box -5,-5,10,10`): argparse takes it for a flag and says only "expected one argument"."""
+    for flag, value in zip(argv, argv[1:]):
+        if flag == "--box" and re.match(r"-\d", value):
+            return (f"--box {value}: a value that starts with '-' is read as a flag: write --box={value} "
+                    "(with '=')")
+    return None
 
 
 GRID_MAX = 2048  # grid.png is scaled down to this many pixels per panel side
@@ -112,7 +129,10 @@ def run(args) -> int:
     check_output(args.out, [args.image, args.mask, args.checkpoint], is_inpaint_output, args.overwrite,
                  what="folder of inpaint results", need_bytes=h * w * 3 * (2 * args.num_samples + 3))  # PNGs <= raw
 
-    from smartbrush_jax.sampling.runner import Inpainter
+    from smartbrush_jax.sampling.runner import MAX_SEED, Inpainter
+
+    if not 0 <= args.seed <= MAX_SEED:
+        raise InputError(f"--seed must be in [0, {MAX_SEED}] (a 32-bit seed), got {args.seed}")
 
     if storage.isfile(args.checkpoint) and args.tokenizer is None:
         raise InputError("a single-file checkpoint holds no tokenizer: pass --tokenizer DIR "
@@ -128,6 +148,12 @@ def run(args) -> int:
     if inpainter.tokenize(args.negative_prompt)[1]:
         warn(f"the negative prompt is longer than {inpainter.max_tokens} tokens and was truncated")
     resolution = args.resolution or inpainter.resolution
+    inpainter.check_sampler(sampler, "--steps")
+    side = max(inpainter.latent_size((h, w), resolution))
+    if sampler.mask_dilate > side:  # past the latent's longest side: every cell already
+        warn(f"--mask-dilate {sampler.mask_dilate} is more than the latent's longest side ({side} cells at this "
+             f"resolution), which already reaches the whole region: using {side}")
+        sampler = dataclasses.replace(sampler, mask_dilate=side)
 
     from smartbrush_jax.compositing import make_grid
     from smartbrush_jax.outputs import building
