@@ -11,6 +11,7 @@ import glob
 import os
 import socket
 import subprocess
+import sys
 import time
 
 import numpy as np
@@ -182,3 +183,43 @@ def test_a_latent_cache_can_be_written_to_a_bucket(gcs, tmp_path, sd_folder, tin
     assert all(storage.isfile(storage.join(out, f)) for c in meta["components"].values() for f in c["files"])
     assert latents(["--prepared", os.path.join(tiny_run, "data", "prepared"), "--out", out, "--vae", sd_folder[0],
                     "--resolution", "16"]) == 2  # exists: refused without --overwrite
+
+
+@pytest.mark.timeout(900)
+def test_flipped_bytes_in_a_bucket_step_are_caught_by_resume_and_inpaint(gcs, tiny_run, tmp_path):
+    """Issue 36 on gs://: bytes of the newest step's data object changed in the bucket (its
+    size unchanged; another tool's copy, a bad disk under the server): inpaint from the
+    bucket refuses naming the step and the array; the trainer moves the step aside there
+    and resumes from the step before."""
+    from test_checkpoint_checksums import flip_bytes
+
+    workdir = f"gs://{BUCKET}/runs/flipped"
+    on_disk = os.path.join(gcs["root"], BUCKET, "runs", "flipped")
+    args = [*_local_data(tiny_run), "--config.train.checkpoint_every=2", "--config.train.log_every=1"]
+    e = {**env(), **gcs["env"]}
+
+    def trainer(steps):
+        return subprocess.run(cmd(workdir, *args, f"--config.train.steps={steps}"), env=e, cwd=ROOT,
+                              capture_output=True, text=True, timeout=600)
+
+    proc = trainer(4)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    flip_bytes(os.path.join(on_disk, "checkpoints", "4"))
+
+    from PIL import Image
+
+    Image.fromarray(np.full((24, 24, 3), 90, np.uint8)).save(tmp_path / "in.png")
+    proc = subprocess.run([sys.executable, "-m", "smartbrush_jax.inpaint", "--checkpoint", workdir, "--image",
+                           str(tmp_path / "in.png"), "--box", "4,4,16,16", "--prompt", "a red circle", "--steps", "2",
+                           "--out", str(tmp_path / "inpainted")], env=e, cwd=ROOT, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: checkpoint step 4 in gs://") and "does not match the checksum" in last, last
+
+    proc = trainer(6)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "checkpoint step 4 cannot be restored (array " in proc.stderr, proc.stderr[-3000:]
+    assert "resumed from step 2" in proc.stderr
+    names = sorted(os.listdir(os.path.join(on_disk, "checkpoints")))
+    assert "4.corrupt" in names and "6" in names, names
