@@ -21,7 +21,9 @@ AutoencoderKL (jitted, `--batch` crops at a time) and writes one record per crop
 Records that fail to decode are skipped and counted by reason, as in `prepare`. The output
 has the layout of a prepared folder (`metadata.json` naming the seg and t2i shards) plus a
 `latents` entry in the metadata, and is a TFDS dataset too (`tfds_info.py`); point
-`config.data.prepared_dirs` at it and train at the same resolution with the same VAE. The
+`config.data.prepared_dirs` at it and train at the same resolution with the same VAE (the
+entry records the VAE's family, scaling_factor and shift_factor, and the trainer refuses a
+run whose VAE differs: `check_cache_vae`). The
 trade-off: augmentation is fixed to the K crops, and the cache takes about
 2 * (R/f)^2 * C * 2 bytes per crop (64 KiB at 512 px, SD's VAE).
 
