@@ -33,8 +33,17 @@ def main(argv) -> None:
     del argv
     if FLAGS.config is None or FLAGS.workdir is None:
         raise app.UsageError("--config and --workdir are required")
-    from smartbrush_jax.checkpoints import DiskFull
+    from smartbrush_jax.config import validate
     from smartbrush_jax.errors import Failure, InputError
+    from smartbrush_jax.train.workdir_lock import check_workdir
+
+    try:  # what can be told from the config and the workdir alone, before JAX starts (the run checks again)
+        validate(FLAGS.config)
+        check_workdir(FLAGS.workdir)
+    except InputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    from smartbrush_jax.checkpoints import DiskFull
     from smartbrush_jax.train.loop import Distributed, TrainingError, run
 
     distributed = Distributed(auto=FLAGS.distributed, coordinator_address=FLAGS.coordinator_address,

@@ -2,12 +2,18 @@
 
 Two trainers on one workdir resume from the same step and collide on the next save (both
 fail, the work since the last save is lost), so the second is refused at start with who
-holds the workdir. A lock does not outlive its process for ever: it is taken over when its
-holder is on this host and no longer running, or when its heartbeat (rewritten every
-`HEARTBEAT_S` while the run lives) is older than `STALE_S` (a holder on another host that
-died). On a local disk the lock file is created with O_EXCL; an object store (gs://) has
-no such call, so the taker writes its token, waits, and reads it back: of two that raced,
-the one whose token is there holds the lock. Only process 0 of a multi-process run locks.
+holds the workdir, and how to take it over by hand. A lock does not outlive its process for
+ever: it is taken over when its heartbeat (rewritten every `HEARTBEAT_S` while the run lives)
+is older than `STALE_S`, wherever its holder ran, or at once when its holder was on this host
+and is no longer running. A pid alone does not say that: in a new container, or after a
+reboot, the same pid is another process (often pid 1, or this very trainer), so the lock
+records the holder's start time (`/proc/<pid>/stat`) and the machine's boot id, and a live
+pid whose start time or boot id differ is another process: the lock is taken over at once.
+A lock written without them (by an older version) is held while its pid lives and its
+heartbeat is fresh. On a local disk the lock file is created with O_EXCL; an object store
+(gs://) has no such call, so the taker writes its token, waits, and reads it back: of two
+that raced, the one whose token is there holds the lock. Only process 0 of a multi-process
+run locks.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ import json
 import os
 import socket
 import sys
+import tempfile
 import threading
 import time
 import uuid
@@ -33,6 +40,44 @@ SETTLE_S = 2.0  # gs://: the wait between writing a token and reading it back
 
 class WorkdirBusy(InputError):
     """Another training run holds the workdir; the message says which and since when."""
+
+
+class WorkdirUnusable(InputError):
+    """The workdir cannot hold a run: not writable, a file, or its lock a folder."""
+
+
+def check_workdir(workdir: str) -> None:
+    """WorkdirUnusable unless the trainer can write the local `workdir` (existing or not) and
+    its `train.lock` is not a folder: said before JAX starts instead of as an OSError from
+    the first file the run writes. A gs:// workdir is checked by its first write."""
+    if storage.is_remote(workdir):
+        return
+    path = os.path.abspath(workdir)
+    if os.path.lexists(path) and not os.path.isdir(path):
+        raise WorkdirUnusable(f"--workdir {workdir} is a file, not a folder: give a folder for the run")
+    _check_lock_path(workdir, os.path.join(workdir, NAME))
+    parent = path
+    while not os.path.lexists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise WorkdirUnusable(f"--workdir {workdir} lies under {parent}, which is a file, not a folder")
+    try:  # a probe file: permissions, a read-only mount, /proc, root or not
+        fd, probe = tempfile.mkstemp(prefix=".smartbrush-probe-", dir=parent)
+        os.close(fd)
+        os.remove(probe)
+    except OSError as e:
+        raise _not_writable(workdir, parent, e) from None
+
+
+def _not_writable(workdir: str, where: str, e: OSError) -> WorkdirUnusable:
+    return WorkdirUnusable(f"--workdir {workdir} is not writable (cannot write in {where}: {e.strerror or e}): "
+                           "give a folder this user can write")
+
+
+def _check_lock_path(workdir: str, path: str) -> None:
+    if not storage.is_remote(path) and os.path.isdir(path):
+        raise WorkdirUnusable(f"{path} is a folder, not a lock file: no training run made it; if none uses "
+                              f"--workdir {workdir}, remove the folder by hand (rm -r {path}) and run again")
 
 
 class WorkdirLock:
@@ -55,6 +100,7 @@ class WorkdirLock:
         self.release()
 
     def acquire(self) -> None:
+        _check_lock_path(self.workdir, self.path)
         holder = read_holder(self.path)
         if holder is not None:
             why = self._stale(holder)
@@ -76,7 +122,8 @@ class WorkdirLock:
     # ---------------------------------------------------------------- the file
     def _record(self) -> dict:
         return {"host": socket.gethostname(), "pid": os.getpid(), "token": self.token,
-                "started": self.started, "heartbeat": time.time()}
+                "started": self.started, "heartbeat": time.time(),
+                "pid_start": process_start(os.getpid()), "boot_id": boot_id()}
 
     def _write_new(self) -> None:
         data = json.dumps(self._record()).encode()
@@ -87,11 +134,14 @@ class WorkdirLock:
             if holder is None or holder.get("token") != self.token:
                 raise WorkdirBusy(_busy_message(self.workdir, holder or {}))
             return
-        storage.makedirs(self.workdir)
         try:
+            storage.makedirs(self.workdir)
             fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-        except FileExistsError:  # another taker got there first
+        except FileExistsError:  # another taker got there first (or a folder was made since)
+            _check_lock_path(self.workdir, self.path)
             raise WorkdirBusy(_busy_message(self.workdir, read_holder(self.path) or {})) from None
+        except OSError as e:  # a read-only mount, a folder of another user
+            raise _not_writable(self.workdir, self.workdir, e) from None
         with os.fdopen(fd, "wb") as f:
             f.write(data)
 
@@ -115,11 +165,18 @@ class WorkdirLock:
 
     def _stale(self, holder: dict) -> Optional[str]:
         """Why the holder is gone, or None while it may be alive."""
-        age = time.time() - float(holder.get("heartbeat", 0) or 0)
-        if holder.get("host") == socket.gethostname() and isinstance(holder.get("pid"), int):
-            if not _alive(holder["pid"]):
-                return f"process {holder['pid']} is no longer running"
-            return None
+        beat = holder.get("heartbeat")
+        age = time.time() - float(beat) if isinstance(beat, (int, float)) else float("inf")
+        pid = holder.get("pid")
+        if holder.get("host") == socket.gethostname() and isinstance(pid, int) and not isinstance(pid, bool):
+            if not _alive(pid):
+                return f"process {pid} is no longer running"
+            boot, now_boot = holder.get("boot_id"), boot_id()
+            if boot and now_boot and boot != now_boot:
+                return f"this machine has restarted since (process {pid} now is another process)"
+            started, now_started = holder.get("pid_start"), process_start(pid)
+            if started is not None and now_started is not None and started != now_started:
+                return f"process {pid} now is another process (started after the lock was written)"
         if age > self.stale_s:
             return f"no heartbeat for {age:.0f} s"
         return None
@@ -135,6 +192,27 @@ def read_holder(path: str) -> Optional[dict]:
     except (OSError, StorageError, ValueError):
         return {}
     return value if isinstance(value, dict) else {}
+
+
+def process_start(pid: int) -> Optional[int]:
+    """When process `pid` started, in clock ticks after boot (`/proc/<pid>/stat`'s field 22),
+    or None where there is no /proc: with the boot id, what tells the holder from another
+    process that got its pid."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read().decode("ascii", "replace")
+        return int(stat[stat.rindex(")") + 2:].split()[19])  # fields from 3 on, after the command's ")"
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def boot_id() -> Optional[str]:
+    """This machine's boot id (a new one at each boot), or None where there is none."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            return f.read().strip() or None
+    except OSError:
+        return None
 
 
 def _alive(pid: int) -> bool:
@@ -157,5 +235,6 @@ def _busy_message(workdir: str, holder: dict) -> str:
     beat = holder.get("heartbeat")
     alive = f", last heartbeat {time.time() - beat:.0f} s ago" if isinstance(beat, (int, float)) else ""
     return (f"--workdir {workdir} is in use by another training run ({_who(holder)}, started {since}{alive}): "
-            f"wait for it to end or stop it; the lock ({NAME}) is taken over by itself once that process has ended "
-            f"(after {STALE_S / 60:.0f} minutes without a heartbeat when it ran on another host)")
+            f"wait for it to end or stop it; the lock is taken over by itself once that process has ended, or after "
+            f"{STALE_S / 60:.0f} minutes without a heartbeat; if no run is using it, delete "
+            f"{storage.join(workdir, NAME)} by hand")
