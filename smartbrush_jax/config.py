@@ -188,12 +188,15 @@ def _check_architecture(c, need) -> dict:
 
 
 def _check_resolution(c, unet: dict, need) -> None:
-    """The crop's side must go through the autoencoder (SD's VAE: 1/8) and every U-Net
-    downsampling (one per block but the last) to whole, even cells, or the up path's skip
-    connections do not line up."""
+    """The crop's side must go through the autoencoder (SD's VAE: 1/8; the weights' own VAE
+    when `init_from` is a diffusers folder) and every U-Net downsampling (one per block but
+    the last) to whole, even cells, or the up path's skip connections do not line up."""
     res = c.data.resolution
     blocks = len(unet.get("block_out_channels") or c.model.unet.block_out_channels)
-    vae = VAE_FACTOR if c.model.autoencoder == "vae" else 1
+    vae = 1
+    if c.model.autoencoder == "vae":  # each VAE block after the first halves the grid; SD's 4: 8
+        vae_blocks = _weights_json(c.model.init_from, "vae", "config.json").get("block_out_channels")
+        vae = 2 ** (len(vae_blocks) - 1) if isinstance(vae_blocks, list) and vae_blocks else VAE_FACTOR
     factor = vae * 2 ** (blocks - 1)
     how = (f"{vae} for the VAE x " if vae > 1 else "") + f"2**{blocks - 1} for the U-Net's {blocks} blocks"
     need(isinstance(res, int) and res > 0 and res % factor == 0, "data.resolution",

@@ -160,6 +160,21 @@ def test_resolution_is_checked_against_the_vae_and_the_unet():
             validate(c)
 
 
+@pytest.mark.timeout(60)
+def test_resolution_is_checked_against_the_weights_own_vae_and_unet(tmp_path):
+    """A run from a diffusers folder is checked against its own VAE and U-Net (the tests'
+    tiny ones halve the image once and have 3 levels), not the config's model.unet."""
+    for part, blocks in (("vae", [32, 64]), ("unet", [32, 64, 64])):
+        (tmp_path / part).mkdir()
+        (tmp_path / part / "config.json").write_text(json.dumps({"block_out_channels": blocks}))
+    c = tiny_config()
+    c.model.init_from, c.model.autoencoder, c.data.resolution = str(tmp_path), "vae", 16
+    validate(c)
+    c.data.resolution = 12
+    with pytest.raises(ConfigError, match=r"multiple of 8 \(2 for the VAE x 2\*\*2 for the U-Net's 3 blocks\)"):
+        validate(c)
+
+
 # ------------------------------------------------------------------------------ 5. U-Net widths
 @pytest.mark.timeout(300)
 def test_unet_block_out_channels_not_divisible_is_one_line_exit_2(tmp_path):
