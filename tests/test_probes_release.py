@@ -279,15 +279,16 @@ def test_folder_with_an_unknown_beta_schedule_is_one_line(sd_folder, tmp_path, c
 # ---------------------------------------------------------------------------- 10: export checksums
 @pytest.fixture(scope="module")
 def tiny_export(sd_folder, tmp_path_factory):
-    """A latent-space SmartBrush from the tiny SD, exported by the writer smartbrush-export uses
-    (as tests/test_export.py's latent_export)."""
+    """A latent-space SmartBrush from the tiny SD (as tests/test_export.py's latent_export),
+    exported as `smartbrush-export` writes (`export_workdir`: `building` then `write_export`)."""
     from smartbrush_jax.interop.export import _settings, write_export
     from smartbrush_jax.interop.loader import load_diffusers_folder, to_smartbrush
+    from smartbrush_jax.outputs import building
 
     sd = to_smartbrush(load_diffusers_folder(sd_folder[0]), 10)
     path = str(tmp_path_factory.mktemp("export") / "model")
-    os.makedirs(path)
-    write_export(sd, path, _settings({"num_levels": 10, "autoencoder": "vae"}, path, 0, True))
+    with building(path) as tmp:
+        write_export(sd, tmp, _settings({"num_levels": 10, "autoencoder": "vae"}, path, 0, True))
     return path
 
 

@@ -1,5 +1,7 @@
 """`smartbrush-export` / `python -m smartbrush_jax.cli.export`: a training run -> a diffusers
-folder (`smartbrush_jax.interop.export.export_workdir`); `--verify` compares diffusers' U-Net with ours."""
+folder (`smartbrush_jax.interop.export.export_workdir`); `--verify` compares diffusers' U-Net with ours.
+The export's smartbrush.json records the sha256 of every file written (`interop.file_hashes`):
+`inpaint`, `eval` and the PyTorch pipeline refuse a file whose bytes changed since."""
 
 from __future__ import annotations
 

@@ -63,9 +63,11 @@ def write_export(sd, out: str, settings: dict) -> None:
     """`sd` (a `pretrained.StableDiffusion` with a SmartBrush U-Net) as a diffusers folder
     plus `smartbrush.json`, which records the sha256 of every file written before it."""
     from smartbrush_jax.interop.file_hashes import KEY, SETTINGS_FILE, folder_checksums
+    from smartbrush_jax.outputs import PARTIAL_MARKER
 
     write_diffusers_folder(sd, out, pipeline="SmartBrushPipeline")
-    write_json(os.path.join(out, SETTINGS_FILE), {**settings, KEY: folder_checksums(out)})
+    sums = folder_checksums(out, skip=(PARTIAL_MARKER,))  # the marker `building` removes when done
+    write_json(os.path.join(out, SETTINGS_FILE), {**settings, KEY: sums})
 
 
 def _settings(cfg: dict, workdir: str, step: int, ema: bool) -> dict:

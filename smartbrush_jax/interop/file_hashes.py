@@ -32,14 +32,16 @@ def file_digest(path: str) -> str:
     return f"{ALGORITHM}:{h.hexdigest()}"
 
 
-def folder_checksums(folder: str) -> Dict[str, str]:
-    """The digest of every file under `folder` but its smartbrush.json, by relative path."""
+def folder_checksums(folder: str, skip: Iterable[str] = ()) -> Dict[str, str]:
+    """The digest of every file under `folder` but its smartbrush.json and the relative
+    paths in `skip` (a writer's in-progress marker), by relative path."""
+    skip = {SETTINGS_FILE, *skip}
     out = {}
     for root, dirs, files in os.walk(folder):
         dirs.sort()
         for name in sorted(files):
             rel = os.path.relpath(os.path.join(root, name), folder).replace(os.sep, "/")
-            if rel != SETTINGS_FILE:
+            if rel not in skip:
                 out[rel] = file_digest(os.path.join(root, name))
     return out
 
