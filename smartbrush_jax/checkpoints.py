@@ -4,7 +4,7 @@ folder or a `gs://` URL (`storage.py`; Orbax writes a bucket through TensorStore
 a finished step with its commit file, never by a rename).
 
     workdir/checkpoints/<step>/{state,data}   async, keep-last-N plus keep-every-K
-    workdir/checkpoints/<step>/checksums      every array's checksum (`checksums.py`), checked on every read
+    workdir/checkpoints/<step>/checksums      every array's checksum (`array_checksums.py`), checked on every read
     workdir/checkpoints/<step>.corrupt/       a step shown damaged (`damage`), moved aside
     workdir/model.json                        U-Net/text/VAE configs, autoencoder kind
     workdir/tokenizer/                        the tokenizer the run used
@@ -22,7 +22,8 @@ import grain
 import orbax.checkpoint as ocp
 from absl import logging
 
-from smartbrush_jax import checksums, storage
+from smartbrush_jax import array_checksums as checksums
+from smartbrush_jax import storage
 from smartbrush_jax.errors import Failure, InputError
 
 ITEMS = ("state", "data", "checksums")  # the items of every step (a step saved before checksums lacks the last)

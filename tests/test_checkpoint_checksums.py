@@ -1,5 +1,5 @@
 """Checkpoints that cannot silently lie (issue 36): every saved step carries a checksum of
-each array (`smartbrush_jax/checksums.py`), checked whenever a step is read.
+each array (`smartbrush_jax/array_checksums.py`), checked whenever a step is read.
 
 - The checksum against a NumPy closed form, for every dtype a train state holds, and the
   same value whatever the sharding (8 simulated devices).
@@ -22,7 +22,7 @@ from train_helpers import ROOT, assert_trees_equal, copy_run, env, state, steps_
 
 
 def _reference_sums(x: np.ndarray):
-    """(a, b) of checksums.py's docstring in NumPy uint64 arithmetic, reduced mod 2**32."""
+    """(a, b) of array_checksums.py's docstring in NumPy uint64 arithmetic, reduced mod 2**32."""
     bits = {1: np.uint8, 2: np.uint16, 4: np.uint32}[x.dtype.itemsize]
     u = np.ascontiguousarray(x).reshape(-1).view(bits).astype(np.uint64)
     i = np.arange(u.size, dtype=np.uint64)
@@ -43,7 +43,7 @@ def test_checksums_equal_the_numpy_closed_form_and_see_one_changed_element():
     import jax.numpy as jnp
     import ml_dtypes
 
-    from smartbrush_jax import checksums
+    from smartbrush_jax import array_checksums as checksums
 
     rng = np.random.default_rng(0)
     tree = {"f32": rng.normal(size=(37, 5)).astype(np.float32),
@@ -73,7 +73,7 @@ def test_checksums_equal_the_numpy_closed_form_and_see_one_changed_element():
 SHARDED = """
 import jax, jax.numpy as jnp, numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-from smartbrush_jax import checksums
+from smartbrush_jax import array_checksums as checksums
 x = np.random.default_rng(1).normal(size=(64, 24)).astype(np.float32)
 mesh = Mesh(np.array(jax.devices()).reshape(4, 2), ("data", "model"))
 spread = jax.device_put(x, NamedSharding(mesh, P("data", "model")))
