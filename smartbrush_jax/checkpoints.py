@@ -98,15 +98,25 @@ def _closed_loop(unraisable) -> bool:
     return isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed"
 
 
+def _abandoned_damaged_read(unraisable) -> bool:
+    """A read of a damaged step's other arrays, abandoned when the first one failed: its
+    coroutine is collected later and reports the same damage ("Exception ignored in
+    coroutine ... Traceback") although the step was already reported and skipped."""
+    exc = unraisable.exc_value
+    return exc is not None and damage(exc) is not None
+
+
 def _quiet_aborted_writes() -> None:
     """Drop the closed-loop reports of `_closed_loop` (the save's failure is said once, by
-    `DiskFull`); every other unraisable exception still goes to the hook that was there."""
+    `DiskFull`) and the abandoned reads of `_abandoned_damaged_read` (the damage is said
+    once, by the restore that met it); every other unraisable exception still goes to the
+    hook that was there."""
     previous = sys.unraisablehook
     if getattr(previous, "_smartbrush", False):
         return
 
     def hook(unraisable):
-        if not _closed_loop(unraisable):
+        if not (_closed_loop(unraisable) or _abandoned_damaged_read(unraisable)):
             previous(unraisable)
 
     hook._smartbrush = True
@@ -287,6 +297,7 @@ def restore_state(workdir: str, step: Optional[int] = None, like: Any = None):
         raise CheckpointError(f"{workdir}: no checkpoints/ folder: not a training workdir, or nothing saved yet")
     import jax
 
+    _quiet_aborted_writes()
     mngr = ocp.CheckpointManager(ckpt_dir, item_names=ITEMS,
                                  item_handlers={"state": ocp.StandardCheckpointHandler(),
                                                 "checksums": ocp.JsonCheckpointHandler()},

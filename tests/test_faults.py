@@ -357,3 +357,23 @@ def test_damage_is_told_from_other_restore_errors(tmp_path, how):
     assert checkpoints.damage(e.value) is None
     assert checkpoints.damage(ValueError("Relative import statements not supported (core).")) is None
     assert checkpoints.damage(ValueError('UNAVAILABLE: Error reading "w/0": connection reset')) is None
+
+
+def test_abandoned_reads_of_a_damaged_step_are_not_printed_as_tracebacks(monkeypatch):
+    """Row: during a correct recovery from a truncated chunk, Orbax's abandoned reads of the
+    step's other arrays printed "Exception ignored in coroutine ... Traceback" blocks (the
+    damage was already said once). Those are dropped; any other unraisable still reaches
+    the hook that was there."""
+    import types
+
+    from smartbrush_jax import checkpoints
+
+    seen = []
+    monkeypatch.setattr(sys, "unraisablehook", lambda u: seen.append(str(u.exc_value)))
+    checkpoints._quiet_aborted_writes()
+    damaged = ValueError('OUT_OF_RANGE: Error reading "w/0" in OCDBT database at local file "/r/checkpoints/4/state/": '
+                         "Requested byte range [0, 10) is not valid for value of size 5")
+    for exc in (damaged, RuntimeError("a bug of ours")):
+        sys.unraisablehook(types.SimpleNamespace(exc_type=type(exc), exc_value=exc, exc_traceback=None,
+                                                 err_msg="Exception ignored in", object="<coroutine _read_array>"))
+    assert seen == ["a bug of ours"]
