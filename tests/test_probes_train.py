@@ -284,3 +284,35 @@ def test_train_lock_that_is_a_folder_is_one_line_exit_2(tmp_path):
     with pytest.raises(WorkdirUnusable, match="is a folder, not a lock file"):
         WorkdirLock(str(w)).acquire()
     assert (w / NAME).is_dir()  # left alone
+
+
+@pytest.mark.timeout(120)
+def test_a_new_lock_file_never_exists_empty_or_half_written(tmp_path):
+    """The lock file was created empty and then written: a rival reading it in between took
+    the empty file for garbage (stale), removed it and took the lock too (two threads racing
+    400 times: 1 to 6 double holders). Checked at every line the lock's code runs while
+    taking the lock: whenever the file exists, it holds a whole record."""
+    workdir = str(tmp_path / "w")
+    path = os.path.join(workdir, NAME)
+    seen = []
+
+    def check(frame, event, arg):
+        if os.path.exists(path):
+            with open(path, "rb") as f:
+                seen.append(f.read())
+        return check
+
+    def tracer(frame, event, arg):
+        return check if frame.f_code.co_filename == workdir_lock.__file__ else None
+
+    lock = WorkdirLock(workdir, heartbeat_s=3600)
+    sys.settrace(tracer)
+    try:
+        lock.acquire()
+    finally:
+        sys.settrace(None)
+        lock.release()
+    assert seen, "the lock was never seen"
+    partial = [raw for raw in seen if not raw or json.loads(raw).get("token") != lock.token]
+    assert partial == []
+    assert not [n for n in os.listdir(workdir) if n != NAME]  # nothing left beside it
