@@ -173,7 +173,7 @@ class FIDInceptionV3(nn.Module):
 
 
 def _read_state_dict(path: str) -> dict:
-    if path.endswith(".safetensors"):
+    if path.lower().endswith(".safetensors"):
         from safetensors.torch import load_file
 
         try:
