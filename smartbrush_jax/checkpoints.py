@@ -147,14 +147,18 @@ def atomicity(workdir: str):
         return None
     message = (f"{workdir} is on a gcsfuse mount: checkpoints are written in place and marked finished by "
                "their commit file, not renamed (better: give the gs:// URL itself as --workdir)")
+    _say_once(message)
+    return ocp.options.AtomicityOptions(mode=ocp.options.AtomicityMode.COMMIT_FILE)
+
+
+_said = set()  # the warnings said once per process
+
+
+def _say_once(message: str) -> None:
     if message not in _said:
         _said.add(message)
         logging.warning(message)
         print(f"warning: {message}", file=sys.stderr)
-    return ocp.options.AtomicityOptions(mode=ocp.options.AtomicityMode.COMMIT_FILE)
-
-
-_said = set()  # say the gcsfuse line once per process
 
 
 def save(mngr: ocp.CheckpointManager, step: int, state: Any, data_iter: Any, force: bool = False) -> bool:
@@ -178,14 +182,10 @@ def restore(mngr: ocp.CheckpointManager, step: int, abstract_state: Any, data_it
 
 def verify(mngr: ocp.CheckpointManager, step: int, state: Any) -> Optional[int]:
     """Check a restored step's arrays against its `checksums` item: the number checked, or
-    None for a step saved before checksums were written (said once per run directory)."""
+    None for a step saved before checksums were written (said once per step and process)."""
     if not storage.exists(storage.join(str(mngr.directory), str(step), "checksums")):
-        message = (f"{mngr.directory}/{step} was saved without checksums (before they were written): "
-                   "its arrays cannot be verified")
-        if message not in _said:
-            _said.add(message)
-            logging.warning(message)
-            print(f"warning: {message}", file=sys.stderr)
+        _say_once(f"{mngr.directory}/{step} was saved without checksums (before they were written): "
+                  "its arrays cannot be verified")
         return None
     try:
         saved = mngr.restore(step, args=ocp.args.Composite(checksums=ocp.args.JsonRestore()))["checksums"]

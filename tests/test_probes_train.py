@@ -13,7 +13,7 @@ import sys
 import time
 
 import pytest
-from train_helpers import ROOT, cmd, env, tiny_config, wait_for
+from train_helpers import ROOT, cmd, env, tiny_config, tmpfs, wait_for
 
 from smartbrush_jax.config import ConfigError, validate
 from smartbrush_jax.settings import TRAIN_TIMESTEPS, TrainConfig
@@ -49,16 +49,8 @@ def refused(argv, says, timeout=240, before_jax=True):
 def read_only_dir(tmp_path):
     """A read-only tmpfs (tests run as root, whom chmod does not stop; skipped, with why,
     where mounting is not allowed)."""
-    mount = tmp_path / "ro"
-    mount.mkdir()
-    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(mount)], capture_output=True,
-                          text=True)
-    if proc.returncode != 0:
-        pytest.skip(f"cannot mount a read-only tmpfs here ({proc.stderr.strip()[:200]})")
-    try:
+    with tmpfs(tmp_path / "ro", "ro,size=1m", "a read-only tmpfs") as mount:
         yield mount
-    finally:
-        subprocess.run(["umount", "-l", str(mount)], capture_output=True)
 
 
 @pytest.mark.timeout(300)

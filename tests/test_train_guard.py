@@ -11,7 +11,7 @@ import sys
 import time
 
 import pytest
-from train_helpers import ROOT, cmd, copy_run, env, read, start, steps_on_disk, wait_for
+from train_helpers import ROOT, cmd, copy_run, env, read, start, steps_on_disk, tmpfs, wait_for
 
 from smartbrush_jax.train import workdir_lock
 from smartbrush_jax.train.workdir_lock import NAME, WorkdirBusy, WorkdirLock, read_holder
@@ -109,16 +109,8 @@ def test_train_config_lr_abc_and_train_bogus_are_one_line_exit_2(tmp_path, overr
 @pytest.fixture
 def small_disk(tmp_path):
     """An 8 MiB tmpfs (root only: skipped, and said why, where mounting is not allowed)."""
-    mount = tmp_path / "disk"
-    mount.mkdir()
-    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(mount)], capture_output=True,
-                          text=True)
-    if proc.returncode != 0:
-        pytest.skip(f"cannot mount a small tmpfs here ({proc.stderr.strip()[:200]})")
-    try:
+    with tmpfs(tmp_path / "disk", "size=8m", "a small tmpfs") as mount:
         yield mount
-    finally:
-        subprocess.run(["umount", "-l", str(mount)], capture_output=True)
 
 
 def test_train_on_a_disk_that_fills_mid_save_says_so_in_one_line(small_disk, tiny_run):

@@ -59,6 +59,22 @@ def start(workdir, *overrides, log=None, devices=1, extra_args=(), extra_env=Non
             p.wait()
 
 
+@contextlib.contextmanager
+def tmpfs(mount, options, what):
+    """A tmpfs mounted at the new folder `mount` with `options` for the block (root only:
+    the test is skipped, saying why, where mounting is not allowed)."""
+    mount.mkdir()
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(mount)], capture_output=True, text=True)
+    if proc.returncode != 0:
+        import pytest
+
+        pytest.skip(f"cannot mount {what} here ({proc.stderr.strip()[:200]})")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], capture_output=True)
+
+
 def kill_group(pgid):
     try:
         os.killpg(pgid, signal.SIGKILL)
