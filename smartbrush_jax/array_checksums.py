@@ -2,18 +2,19 @@
 saved (a flipped bit on a disk, a bucket copied by another tool, gcsfuse) is told from a
 good one instead of being trained on or sampled from without a word.
 
-The checksum is computed on the devices that hold the state, by one jitted reduction, so
-it needs no gather to a host and gives the same value whatever the sharding or topology
+The checksum is computed on the devices that hold the state, a jitted reduction of each
+shard where it lies, whose parts add up on the host, so it needs no gather of the arrays
+and no collective program, and gives the same value whatever the sharding or topology
 that saved or restores the array (a pod saves, a laptop reads). For an array with `n`
 elements whose raw bits, widened to uint32, are `u[i]` (i the row-major flat index):
 
     a = sum_i u[i] * (2 i + 1)                      mod 2**32
     b = sum_i mix(u[i] + i * 0x9E3779B9)            mod 2**32
 
-Sums of uint32 wrap and are exact in any order, so XLA may reduce across devices as it
-likes. `a` catches any change of one element for certain (the weight 2i+1 is odd, hence
-invertible mod 2**32); `b`, through a nonlinear mixer (murmur3's finaliser), catches what
-could cancel in `a`. Two changed elements escape both only by chance (about 2**-64).
+Sums of uint32 wrap and are exact in any order, so the shards' parts add up to the sum
+of the whole array. `a` catches any change of one element for certain (the weight 2i+1 is
+odd, hence invertible mod 2**32); `b`, through a nonlinear mixer (murmur3's finaliser),
+catches what could cancel in `a`. Two changed elements escape both only by chance (about 2**-64).
 
 Saved as the step's `checksums` item (JSON: array path -> "aaaaaaaa-bbbbbbbb", with shape
 and dtype), written by Orbax with the step itself, so it is finished exactly when the step
@@ -57,8 +58,7 @@ def path_name(path) -> str:
 
 
 def _as_uint32(x: jax.Array) -> jax.Array:
-    if jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
-        x = jax.random.key_data(x)
+    """The raw bits of every element widened to uint32, the shape unchanged."""
     if x.dtype == jnp.bool_:
         x = x.astype(jnp.uint8)
     width = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32}.get(x.dtype.itemsize)
@@ -66,16 +66,6 @@ def _as_uint32(x: jax.Array) -> jax.Array:
         halves = jax.lax.bitcast_convert_type(x, jnp.uint32)  # [..., 2]
         return halves[..., 0] ^ (halves[..., 1] * jnp.uint32(0x85EBCA6B))
     return jax.lax.bitcast_convert_type(x, width).astype(jnp.uint32)
-
-
-def _flat_index(shape) -> jax.Array:
-    """The row-major flat index of every element, uint32 (wrapping past 2**32 elements)."""
-    index = jnp.zeros(shape, jnp.uint32)
-    stride = 1
-    for dim in reversed(range(len(shape))):
-        index = index + jax.lax.broadcasted_iota(jnp.uint32, shape, dim) * jnp.uint32(stride % 2**32)
-        stride *= shape[dim]
-    return index
 
 
 def _mix(h: jax.Array) -> jax.Array:
@@ -86,28 +76,60 @@ def _mix(h: jax.Array) -> jax.Array:
     return h ^ (h >> 16)
 
 
-def _array_sums(x: jax.Array) -> jax.Array:
-    """uint32 [2]: (a, b) above."""
+@jax.jit
+def _shard_sums(x: jax.Array, start: jax.Array, strides: jax.Array) -> jax.Array:
+    """uint32 [2]: the part of (a, b) above that one shard holds. `x` [n0, n1, ...] is the
+    shard (at least 1-d), `start` uint32 [ndim] where it begins in the whole array,
+    `strides` uint32 [ndim] the whole array's row-major strides (mod 2**32): the flat
+    index of each element is the whole array's. Traced, so one program per shard shape."""
     u = _as_uint32(x)
-    if u.ndim == 0:
-        u = u[None]
-    i = _flat_index(u.shape)
+    i = jnp.zeros(u.shape, jnp.uint32)
+    for dim in range(u.ndim):
+        i = i + (jax.lax.broadcasted_iota(jnp.uint32, u.shape, dim) + start[dim]) * strides[dim]
     a = jnp.sum(u * (i * jnp.uint32(2) + jnp.uint32(1)), dtype=jnp.uint32)
     b = jnp.sum(_mix(u + i * _GOLDEN), dtype=jnp.uint32)
     return jnp.stack([a, b])
 
 
-# one small program per distinct (shape, dtype), not one for the whole tree: the demo's
-# state (994 arrays, 31 shapes) compiled in 5.4 s this way and in 21 s as one program
-_sums = jax.jit(_array_sums)
+def _parts(x: jax.Array):
+    """The (a, b) parts of `x`'s shards on this process's devices: one per distinct piece
+    (replica 0 of each), each computed on the device that holds it. No collective: on
+    XLA:CPU with 8 simulated devices, a program per array with an all-reduce each, all in
+    flight at once, hung in the all-reduce (XLA aborted the trainer)."""
+    if jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
+        x = jax.random.key_data(x)
+    if not isinstance(x, jax.Array):
+        x = jnp.asarray(x)
+    shape = x.shape or (1,)
+    strides, step = [], 1
+    for n in reversed(shape):
+        strides.append(step % 2**32)
+        step *= n
+    strides = np.array(strides[::-1], np.uint32)
+    parts = []
+    for shard in x.addressable_shards:
+        if shard.replica_id != 0:
+            continue
+        data = shard.data if x.ndim else shard.data.reshape(1)
+        first = np.array([(sl.start or 0) for sl in shard.index] or [0], np.uint32)
+        parts.append(_shard_sums(data, first, strides))  # runs where `data` lies
+    return parts
 
 
 def compute(tree: Any) -> Dict[str, Any]:
-    """The checksum record of every array in `tree` (JSON-ready). A collective when the
-    arrays span processes: every process calls it, as every process calls save."""
+    """The checksum record of every array in `tree` (JSON-ready). Each process sums the
+    pieces its devices hold; with several processes the per-array sums are added over
+    processes (one small all-gather), so every process calls it, as every process saves."""
     flat, _ = jax.tree_util.tree_flatten_with_path(tree)
     arrays = [(path_name(p), x) for p, x in flat if hasattr(x, "shape") and hasattr(x, "dtype")]
-    sums = jax.device_get([_sums(x) for _, x in arrays])  # dispatched together, read once
+    parts = jax.device_get([_parts(x) for _, x in arrays])  # every piece dispatched, then read once
+    sums = np.array([np.sum(np.array(p, np.uint64).reshape(-1, 2), axis=0) if p else [0, 0] for p in parts],
+                    np.uint64).reshape(-1, 2)
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        sums = np.sum(np.asarray(multihost_utils.process_allgather(sums), np.uint64), axis=0)
+    sums = sums % np.uint64(2**32)
     record = {}
     for (name, x), s in zip(arrays, sums):
         record[name] = {"sum": f"{int(s[0]):08x}-{int(s[1]):08x}", "shape": list(x.shape), "dtype": _dtype_name(x)}
