@@ -39,12 +39,17 @@ def _reference_sums(x: np.ndarray):
 
 
 @pytest.mark.timeout(120)
-def test_checksums_equal_the_numpy_closed_form_and_see_one_changed_element():
+@pytest.mark.parametrize("on_host", [True, False], ids=["numpy", "xla"])
+def test_checksums_equal_the_numpy_closed_form_and_see_one_changed_element(on_host, monkeypatch):
+    """Both ways of summing (NumPy for shards in host memory, a jitted program on the
+    device for TPUs and GPUs) against the closed form."""
     import jax.numpy as jnp
     import ml_dtypes
 
     from smartbrush_jax import array_checksums as checksums
 
+    real = checksums.compute
+    monkeypatch.setattr(checksums, "compute", lambda tree, on_host_=on_host: real(tree, on_host=on_host_))
     rng = np.random.default_rng(0)
     tree = {"f32": rng.normal(size=(37, 5)).astype(np.float32),
             "bf16": rng.normal(size=(300,)).astype(ml_dtypes.bfloat16), "i32": np.array(7, np.int32),
@@ -80,7 +85,8 @@ sums = [checksums.compute({"x": jnp.asarray(x)})["arrays"]["x"]["sum"]]
 for spec in (P("data", "model"), P("data", None), P(None, "model"), P()):  # split, partly and wholly replicated
     spread = jax.device_put(x, NamedSharding(mesh, spec))
     assert len(spread.addressable_shards) == 8
-    sums.append(checksums.compute({"x": spread})["arrays"]["x"]["sum"])
+    for on_host in (True, False):
+        sums.append(checksums.compute({"x": spread}, on_host=on_host)["arrays"]["x"]["sum"])
 print(" ".join(sums))
 """
 
@@ -95,7 +101,7 @@ def test_checksum_is_the_same_whatever_the_sharding():
                           env=env(devices=8), cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     x = np.random.default_rng(1).normal(size=(64, 24)).astype(np.float32)
-    assert proc.stdout.split() == [_reference_sums(x)] * 5
+    assert proc.stdout.split() == [_reference_sums(x)] * 9
 
 
 def flip_bytes(step_dir, count=4):
