@@ -221,7 +221,9 @@ def damage(exc: BaseException) -> Optional[str]:
     for x in _chain(exc):
         if isinstance(x, checksums.ChecksumMismatch):
             return str(x)
-        if isinstance(x, (FileNotFoundError, json.JSONDecodeError)) or _DAMAGE_CODES.match(str(x)):
+        # a metadata file with bytes that are not UTF-8 (flipped, its size unchanged) fails
+        # before it is parsed: UnicodeDecodeError, as much damage as JSON that does not parse
+        if isinstance(x, (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError)) or _DAMAGE_CODES.match(str(x)):
             return _first_line(x)
     return None
 

@@ -326,7 +326,8 @@ def test_a_restore_error_that_is_not_damage_moves_nothing(tmp_path, monkeypatch)
     assert sorted(os.listdir(tmp_path / "run" / "checkpoints")) == ["1", "2.corrupt"]
 
 
-@pytest.mark.parametrize("how", ["truncate", "delete", "garble manifest", "garble metadata json"])
+@pytest.mark.parametrize("how", ["truncate", "delete", "garble manifest", "garble metadata json",
+                                 "flip bytes in metadata"])
 def test_damage_is_told_from_other_restore_errors(tmp_path, how):
     """What a damaged step raises, from each kind of damage, is classified as damage; a
     shape that does not fit and an import error are not."""
@@ -346,8 +347,12 @@ def test_damage_is_told_from_other_restore_errors(tmp_path, how):
         os.remove(files[-1])
     elif how == "garble manifest":
         open(os.path.join(step_dir, "state", "manifest.ocdbt"), "r+b").truncate(10)
-    else:
+    elif how == "garble metadata json":
         open(os.path.join(step_dir, "state", "_METADATA"), "w").write("{not json")
+    else:  # bytes that are not UTF-8 in the middle of a JSON file, its size unchanged (a UnicodeDecodeError)
+        with open(os.path.join(step_dir, "state", "_METADATA"), "r+b") as f:
+            f.seek(os.path.getsize(f.name) // 2)
+            f.write(b"\xa4\xff\xfe\xa4")
     with pytest.raises(Exception) as e:
         checkpoints.restore(mngr, 2, abstract)
     assert checkpoints.damage(e.value) is not None, repr(e.value)
