@@ -137,7 +137,6 @@ def manager(workdir: str, keep_last: int, keep_every: int, async_save: bool = Tr
     return ocp.CheckpointManager(storage.join(workdir, "checkpoints"), options=options, item_names=ITEMS)
 
 
-
 def atomicity(workdir: str):
     """Commit-file atomicity on a gcsfuse mount: Orbax would otherwise finalize a step by
     renaming its temporary folder, which gcsfuse does as a copy and delete of every object
@@ -162,8 +161,8 @@ def _say_once(message: str) -> None:
 
 
 def save(mngr: ocp.CheckpointManager, step: int, state: Any, data_iter: Any, force: bool = False) -> bool:
-    """Save `state`, the iterator and every array's checksum as one step (the checksums are
-    computed on the devices first, a collective: every process calls save)."""
+    """Save `state`, the iterator and every array's checksum as one step (each process sums
+    the shards it holds, then the processes add their sums: every process calls save)."""
     return mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                                    data=grain.checkpoint.CheckpointSave(data_iter),
                                                    checksums=ocp.args.JsonSave(checksums.compute(state))), force=force)
