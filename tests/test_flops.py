@@ -172,11 +172,14 @@ def test_compiled_flops_forms():
     assert xla.costs(SimpleNamespace(cost_analysis=unsupported)) == \
         {"flops": None, "bytes_accessed": None, "optimal_seconds": None}
 
+    from smartbrush_jax.planning.estimate import Spec
+
     fake = lambda cost: SimpleNamespace(cost_analysis=cost, memory_analysis=lambda: None)  # noqa: E731
-    report = xla.step_report(fake(lambda: {"flops": 3e12}), analytic_flops=10e12 / 4, peak_flops=989e12, devices=4)
+    report = xla.step_report(fake(lambda: {"flops": 3e12}), analytic_flops=10e12 / 4,
+                             spec=Spec("h100", 989e12, None, None), devices=4)
     assert report["flops"]["xla_flops_per_step"] == 12e12 and report["flops"]["xla_over_model"] == pytest.approx(1.2)
     assert "XLA cost analysis 12 TFLOP (4 x 3)" in xla.format_report(report)
-    none = xla.step_report(fake(lambda: {}), analytic_flops=1, peak_flops=None)
+    none = xla.step_report(fake(lambda: {}), analytic_flops=1, spec=Spec("cpu", None, None, None))
     assert "XLA cost analysis unavailable" in xla.format_report(none) and "no MFU" in xla.format_report(none)
 
 

@@ -6,6 +6,8 @@ what it needs (the library: `smartbrush_jax.train.aot`).
     --target h100 | h200  an 8-GPU node instead (`planning/gpus.py`: needs the jax CUDA
                           plugin, `make .venv-gpu-aot`; exit 2 with the reason without it)
     --cached-latents      the step reads a latent cache (no VAE encode in the step)
+    --cached-text         the step reads text states, not tokens (no text encoder in the
+                          step, as MLPerf's SD runs pre-encode text; SD v1/2.x)
     --per-chip-batch B    the global batch becomes B x chips
     --find-max-batch      the largest per-chip batch that fits, by compiling
     --json FILE           the report as JSON (with jax/libtpu versions and the date)
@@ -34,6 +36,8 @@ config_flags.DEFINE_config_file("config", None, "config file (configs/*.py)", lo
 flags.DEFINE_string("topology", None, "TPU slice: v4-32, v5p-128, v5litepod-256, v6e-256, 2xv5p-128, ...")
 flags.DEFINE_string("target", None, "GPU node instead of a TPU slice: h100 or h200 (8 GPUs; h100x16: two nodes)")
 flags.DEFINE_bool("cached_latents", False, "compile the step of a run on a latent cache (no VAE in the step)")
+flags.DEFINE_bool("cached_text", False, "compile the step of a run on cached text states (no text encoder in the "
+                  "step, as MLPerf's SD runs)")
 flags.DEFINE_integer("per_chip_batch", None, "images per chip (the global batch is this x chips)")
 flags.DEFINE_bool("find_max_batch", False, "search the largest per-chip batch that fits")
 flags.DEFINE_integer("max_compiles", 5, "compiles the search may spend")
@@ -77,7 +81,8 @@ def main(argv) -> None:
     if FLAGS.find_max_batch:
         partial = (lambda s: _write_json({**out, **s}, FLAGS.json)) if FLAGS.json else None
         search = aot.find_max_batch(config, target, FLAGS.cached_latents, max_compiles=FLAGS.max_compiles,
-                                    devices=devices, log=lambda s: print(s, file=sys.stderr), on_compile=partial)
+                                    devices=devices, cached_text=FLAGS.cached_text,
+                                    log=lambda s: print(s, file=sys.stderr), on_compile=partial)
         out.update(search)
         best = search["report"]
         note = "exact" if search["exact"] else f"search stopped after {search['compiles']} compiles"
@@ -88,7 +93,7 @@ def main(argv) -> None:
             print("\n".join(aot.summary_lines(best)))
         code = 0
     else:
-        r = aot.report(config, target, FLAGS.cached_latents, devices)
+        r = aot.report(config, target, FLAGS.cached_latents, devices, FLAGS.cached_text)
         out.update(r)
         print("\n".join(aot.summary_lines(r)))
         code = 0 if r["fits"] else 1

@@ -55,6 +55,11 @@ class Gpu:
     def hbm_gib(self) -> float:
         return self.memory_bytes / 2**30
 
+    @property
+    def nvlink_gbps(self) -> float:
+        """GB/s a GPU sends over NVLink 4 (25 GB/s per link and direction)."""
+        return 25.0 * self.nvlinks
+
 
 # NVIDIA's data sheets (H100 SXM5 80 GB, H200 SXM 141 GB); memory as CUDA reports it.
 GPUS: Dict[str, Gpu] = {
@@ -111,7 +116,7 @@ class GpuTarget:
         (`mem_fraction()` of the card's)."""
         g = self.gpu
         return Chip(g.name, "cuda", g.device_kind, g.hbm_gib * mem_fraction(), g.bf16_tflops, g.hbm_gbps,
-                    False, 1, f"mem_fraction {mem_fraction():g} of {g.hbm_gib:.1f} GiB")
+                    False, 1, f"mem_fraction {mem_fraction():g} of {g.hbm_gib:.1f} GiB", g.nvlink_gbps)
 
     def devices(self):
         """The node's GPUs as devices of a deviceless CUDA topology; TargetError (exit 2)

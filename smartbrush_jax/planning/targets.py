@@ -27,14 +27,17 @@ class Chip:
     cores_in_name: bool  # the slice name counts TensorCores (2 per chip: v4, v5p) or chips (v5e, v6e)
     dims: int  # 3D torus (v4, v5p) or 2D (v5e, v6e)
     chip_config: str  # "megacore": one device per chip (both TensorCores)
+    ici_gbps: float = 0.0  # inter-chip links, GB/s a chip sends (all links, one direction)
 
 
 # Spec sheets (cloud.google.com/tpu/docs/system-architecture-tpu-vm and per-version pages).
+# ICI: the pages' "interchip interconnect BW" in Gbps / 8 (v5p: 4800 Gbps = 600 GB/s, which
+# the newer page writes as 1200 GB/s bidirectional).
 CHIPS: Dict[str, Chip] = {
-    "v4": Chip("v4", "v4", "TPU v4", 32, 275, 1228, True, 3, "megacore"),
-    "v5p": Chip("v5p", "v5p", "TPU v5", 95, 459, 2765, True, 3, "megacore"),
-    "v5e": Chip("v5e", "v5e", "TPU v5 lite", 16, 197, 819, False, 2, "default"),
-    "v6e": Chip("v6e", "v6e", "TPU v6 lite", 32, 918, 1640, False, 2, "default"),
+    "v4": Chip("v4", "v4", "TPU v4", 32, 275, 1228, True, 3, "megacore", 300),
+    "v5p": Chip("v5p", "v5p", "TPU v5", 95, 459, 2765, True, 3, "megacore", 600),
+    "v5e": Chip("v5e", "v5e", "TPU v5 lite", 16, 197, 819, False, 2, "default", 200),
+    "v6e": Chip("v6e", "v6e", "TPU v6 lite", 32, 918, 1640, False, 2, "default", 448),
 }
 ALIASES = {"v5litepod": "v5e", "v5lite": "v5e", "v6": "v6e", "v5": "v5p"}
 

@@ -14,6 +14,8 @@ from __future__ import annotations
 import re
 from typing import Dict, Optional
 
+from smartbrush_jax.planning.estimate import Spec, calibrate, describe, step_estimate, wire_factor
+
 GIB = 2**30
 _DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2, "s32": 4, "u32": 4, "f32": 4,
                 "s64": 8, "u64": 8, "f64": 8, "c64": 8, "c128": 16, "f8e4m3fn": 1, "f8e5m2": 1, "s4": 0.5, "u4": 0.5}
@@ -23,6 +25,8 @@ _INSTR = re.compile(r"=\s*(\(.*?\)|[a-z0-9]+\[[^\]]*\](?:\{[^}]*\})?)\s+(" + "|"
                     r")(-start)?\(")
 _ARRAY = re.compile(r"([a-z][a-z0-9]*)\[([0-9,]*)\]")
 _OP_NAME = re.compile(r'op_name="([^"]*)"')
+# replica groups as XLA prints them: explicit `{{0,1,2,3},{4,...}}` or iota `[groups,size]<=[n]`
+_GROUPS = re.compile(r"replica_groups=(?:\{\{([0-9,]*)\}|\[(\d+),(\d+)\]<=)")
 TOP_SOURCES, SOURCE_CHARS = 8, 160  # per kind: the JAX ops (metadata op_name, its tail) that moved the most
 
 
@@ -42,7 +46,18 @@ def memory(compiled, hbm_bytes: Optional[float] = None) -> Dict[str, object]:
     return out
 
 
-def collectives(program) -> Dict[str, Dict[str, int]]:
+def group_size(line: str, devices: Optional[int]) -> Optional[int]:
+    """Chips in one replica group of a collective's HLO line (`devices` when the line gives
+    none: XLA prints `replica_groups={}` for all of them)."""
+    m = _GROUPS.search(line)
+    if m and m.group(1) is not None and m.group(1):
+        return len(m.group(1).split(","))
+    if m and m.group(3):
+        return int(m.group(3))
+    return devices
+
+
+def collectives(program, devices: Optional[int] = None) -> Dict[str, Dict[str, int]]:
     """{kind: {"count", "bytes", "by_dtype"}} of the collectives in an optimized program: the bytes of
     each instruction's result (an all-gather's gathered array, a reduce-scatter's shard, an
     all-reduce's reduced array), once per execution of the program (a collective inside a
@@ -53,8 +68,13 @@ def collectives(program) -> Dict[str, Dict[str, int]]:
 
     `program`: a compiled executable, whose HLO modules are walked instruction by
     instruction (only the collectives are printed, one line each: the whole module as text
-    costs seconds for SD), or optimized HLO text as XLA prints it."""
-    out = {k: {"count": 0, "bytes": 0, "by_dtype": {}} for k in COLLECTIVES}
+    costs seconds for SD), or optimized HLO text as XLA prints it.
+
+    Each kind also has `wire_bytes`: what each chip sends over its links for them
+    (`wire_factor` x bytes, with each instruction's replica group size, `devices` where the
+    HLO gives none), and `groups` ({size: count}); `wire_bytes` is None where a group size
+    is unknown."""
+    out = {k: {"count": 0, "bytes": 0, "by_dtype": {}, "wire_bytes": 0.0, "groups": {}} for k in COLLECTIVES}
     sources: Dict[str, Dict[str, list]] = {}
     lines = _text_instructions(program) if isinstance(program, str) else _module_instructions(program)
     for comp, comp_result, line in lines:
@@ -68,6 +88,13 @@ def collectives(program) -> Dict[str, Dict[str, int]]:
                 total += n
                 out[kind]["by_dtype"][dtype] = out[kind]["by_dtype"].get(dtype, 0) + n
             out[kind]["bytes"] += total
+            n = group_size(line, devices)
+            groups = out[kind]["groups"]
+            groups[str(n)] = groups.get(str(n), 0) + 1
+            if n is None or out[kind]["wire_bytes"] is None:
+                out[kind]["wire_bytes"] = None
+            else:
+                out[kind]["wire_bytes"] += wire_factor(kind, n) * total
             op = _OP_NAME.search(line)
             src = sources.setdefault(kind, {}).setdefault(op.group(1)[-SOURCE_CHARS:] if op else "?", [0, 0])
             src[0], src[1] = src[0] + 1, src[1] + total
@@ -166,54 +193,6 @@ def _num(v) -> Optional[float]:
     return None if v is None else float(v)
 
 
-def estimate(xla: Dict[str, Optional[float]], peak_flops: Optional[float], hbm_bytes_per_s: Optional[float],
-             analytic_flops: Optional[float] = None) -> dict:
-    """A step time only where it is sound: XLA's `optimal_seconds` when it is positive and
-    within a factor of 10 of the roofline; otherwise the roofline itself (the larger of
-    FLOPs / peak and bytes / HBM bandwidth: a lower bound that ignores collectives and
-    overheads), each labelled. The FLOPs are the larger of XLA's count and
-    `analytic_flops` (ours): XLA:TPU's count of the SD step with remat comes out below
-    the U-Net's own forward + backward, which the step certainly runs."""
-    flops, bytes_, opt = xla.get("flops"), xla.get("bytes_accessed"), xla.get("optimal_seconds")
-    counted = "XLA's FLOPs"
-    if analytic_flops and (not flops or analytic_flops > flops):
-        flops, counted = analytic_flops, "our FLOP count (above XLA's)"
-    if not (flops and peak_flops):
-        return {"seconds": None, "method": "none: no FLOP count or no peak for this device"}
-    if not (xla.get("flops") or bytes_ or opt):
-        return {"seconds": None, "peak_seconds": flops / peak_flops,
-                "method": f"none: XLA gave no cost analysis for this target (a deviceless GPU compile); "
-                          f"{counted} at the device's peak would take {flops / peak_flops * 1e3:.1f} ms, a bound, "
-                          "not an estimate"}
-    compute = flops / peak_flops
-    memory_s = bytes_ / hbm_bytes_per_s if bytes_ and hbm_bytes_per_s else 0.0
-    roof = max(compute, memory_s)
-    bound = "compute" if compute >= memory_s else "HBM bandwidth"
-    if opt is not None and opt > 0 and roof / 10 <= opt <= roof * 10:
-        return {"seconds": opt, "method": "XLA optimal_seconds", "roofline_seconds": roof,
-                "optimal_seconds": opt}
-    note = "" if opt is None else f" (XLA's optimal_seconds {opt:.4g} was not plausible)"
-    return {"seconds": roof, "method": f"roofline, {bound}-bound: max({counted} / peak, XLA's bytes / HBM "
-                                       f"bandwidth){note}; a lower bound: collectives and overheads not counted",
-            "roofline_seconds": roof, "optimal_seconds": opt, "compute_seconds": compute,
-            "hbm_seconds": memory_s}
-
-
-def add_kernel_time(est: dict, kernel_flops: float, peak_flops: float, note: str) -> dict:
-    """`est` with the time of custom-call kernels XLA's cost analysis does not count (a
-    Pallas kernel is a custom call: no FLOPs, no time in `optimal_seconds`), at the chip's
-    peak: a lower bound for them, labelled."""
-    if not est.get("seconds") or not kernel_flops:
-        return est
-    extra = kernel_flops / peak_flops
-    out = dict(est, seconds=est["seconds"] + extra, kernel_seconds=extra, xla_seconds=est["seconds"])
-    for key in ("optimal_seconds", "roofline_seconds"):
-        if out.get(key):
-            out[key + "_with_kernels"] = out[key] + extra
-    out["method"] = f"{est['method']} + {extra * 1e3:.1f} ms of {note}"
-    return out
-
-
 def format_report(r: dict) -> str:
     """The few lines a user reads: memory and margin, FLOPs, collectives, the estimate."""
     lines = []
@@ -235,17 +214,13 @@ def format_report(r: dict) -> str:
     else:
         lines.append("collectives per step: none")
     e = r.get("estimate") or {}
-    if not e.get("seconds") and e.get("method"):
-        lines.append(f"step time estimate: {e['method']}")
+    if e.get("method"):
+        lines.append(describe(e, r.get("calibrated")))
     if e.get("seconds"):
-        extra = f", MFU {r['mfu']:.2f}" if r.get("mfu") else ""
-        lines.append(f"step time estimate: {e['seconds'] * 1e3:.1f} ms ({e['method']}){extra}")
-        side = [f"{name} {e[key] * 1e3:.1f} ms" for key, name in (("optimal_seconds", "XLA optimal_seconds"),
-                                                                   ("roofline_seconds", "roofline"))
-                if e.get(key) and e[key] > 0]
-        if side:
-            kern = f" (+{e['kernel_seconds'] * 1e3:.1f} ms of kernels each)" if e.get("kernel_seconds") else ""
-            lines.append("side by side: " + ", ".join(side) + kern)
+        lines += [f"  {name}: {e['terms'][name] * 1e3:.1f} ms, {e['how'][name]}" for name in e["terms"]]
+        lines += [f"  {name}: {words}" for name, words in e["how"].items() if name not in e["terms"]]
+        if r.get("mfu"):
+            lines.append(f"  MFU {r['mfu']:.2f} of our U-Net FLOPs at the raw estimate")
     return "\n".join(lines)
 
 
@@ -266,26 +241,56 @@ def _size(n: float) -> str:
     return f"{n:.0f} B"
 
 
-def step_report(compiled, *, analytic_flops: Optional[float], peak_flops: Optional[float], devices: int = 1,
-                hbm_bytes: Optional[float] = None, hbm_bytes_per_s: Optional[float] = None) -> dict:
-    """Everything above for one compiled step, each read from XLA once. `analytic_flops`:
+def step_report(compiled, *, analytic_flops: Optional[float], spec: Spec, devices: int = 1,
+                hbm_bytes: Optional[float] = None, kernel: Optional[dict] = None,
+                per_chip_batch: Optional[int] = None) -> dict:
+    """Everything above for one compiled step, each read from XLA once, and the package's
+    one step-time estimate (`estimate.step_estimate`) with its calibration. `analytic_flops`:
     our model FLOPs per device per step (the U-Net's forward and backward), which the MFU
-    counts; `devices`: how many run the program (a global step is `devices` x the
-    per-device counts). `flops` also says XLA's count of the global step against ours:
-    XLA's holds the frozen text encoder and VAE encoder, the optimizer and elementwise work,
-    and skips padded conv taps, so the ratio is not 1 (~1.04 for the pixel-space test
-    model; ~1.44 expected for SD v1 at 512 px with the VAE in the step)."""
+    counts; `devices`: how many run the program (a global step is `devices` x the per-device
+    counts); `kernel`: the FLOPs per device of kernels XLA does not count. `flops` also says
+    XLA's count of the global step against ours: XLA's holds the frozen text encoder and VAE
+    encoder, the optimizer and elementwise work, and skips padded conv taps, so the ratio
+    is not 1 (~1.04 for the pixel-space test model; ~1.44 expected for SD v1 at 512 px with
+    the VAE in the step)."""
     xla = costs(compiled)
-    est = estimate(xla, peak_flops, hbm_bytes_per_s, analytic_flops)
-    mfu = analytic_flops / (est["seconds"] * peak_flops) if est.get("seconds") and analytic_flops and peak_flops \
-        else None
+    coll = collectives(compiled, devices)
+    calls = custom_calls(compiled)
+    est = step_estimate(xla, spec, analytic_flops=analytic_flops, kernel=kernel, collectives=coll,
+                        custom_calls=calls, devices=devices)
+    peak = spec.peak_flops
+    mfu = analytic_flops / (est["seconds"] * peak) if est.get("seconds") and analytic_flops and peak else None
     model = analytic_flops * devices if analytic_flops else None
     xla_step = xla["flops"] * devices if xla["flops"] else None
     flops = {"xla": xla["flops"], "analytic": analytic_flops, "devices": devices, "model_flops_per_step": model,
              "xla_flops_per_step": xla_step, "xla_over_model": xla_step / model if xla_step and model else None,
-             "peak_flops_per_device": peak_flops}
-    return {"memory": memory(compiled, hbm_bytes), "flops": flops, "xla_costs": xla,
-            "collectives": collectives(compiled), "estimate": est, "mfu": mfu}
+             "peak_flops_per_device": peak}
+    out = {"memory": memory(compiled, hbm_bytes), "flops": flops, "xla_costs": xla, "collectives": coll,
+           "custom_calls": calls, "estimate": est, "estimate_ms": est["seconds"] * 1e3 if est.get("seconds") else None,
+           "mfu": mfu}
+    if kernel:
+        out["kernel_flops"] = kernel
+    if est.get("seconds") and per_chip_batch:
+        out["images_per_s_per_chip"] = per_chip_batch / est["seconds"]
+        cal = calibrate(est["seconds"], spec.kind, per_chip_batch)
+        out["calibrated"] = cal
+        out["calibration"] = cal.get("calibration")
+        out["calibrated_images_per_s_per_chip"] = cal.get("calibrated_images_per_s_per_chip")
+    return out
+
+
+def custom_calls(compiled) -> dict:
+    """Custom-call targets of the optimized program and how many of each: the evidence of
+    which kernels ran (`tpu_custom_call` is a Pallas/Mosaic kernel, `__cudnn$fmha...` cuDNN's
+    attention), and libtpu's `ConcatBitcast`s, which its v4 cost model counts as -1 s each."""
+    try:
+        text = compiled.as_text()
+    except Exception:  # a backend without HLO text
+        return {}
+    out: dict = {}
+    for name in re.findall(r'custom_call_target="([^"]+)"', text):
+        out[name] = out.get(name, 0) + 1
+    return out
 
 
 def device_hbm_bytes(device) -> Optional[int]:

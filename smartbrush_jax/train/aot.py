@@ -18,13 +18,14 @@ shapes (`train_state.build_models(weights=False)`).
 from __future__ import annotations
 
 import dataclasses
+import os
 import time
 from typing import Callable, List, Optional
 
 import jax
 import numpy as np
 
-from smartbrush_jax.planning import search, targets, xla
+from smartbrush_jax.planning import estimate, search, targets, xla
 
 GIB = 2**30
 
@@ -49,7 +50,7 @@ class Compiled:
     seconds: float  # to compile
 
 
-def compile_step(config, devices, cached: bool = False) -> Compiled:
+def compile_step(config, devices, cached: bool = False, cached_text: bool = False) -> Compiled:
     """The train step compiled for `devices` (a slice's, or real ones)."""
     from smartbrush_jax.train import sharding
     from smartbrush_jax.train.step import abstract_batch, build_models, build_step
@@ -58,17 +59,16 @@ def compile_step(config, devices, cached: bool = False) -> Compiled:
     mesh = sharding.make_mesh(dict(config.mesh.shape), dict(config.mesh.dcn_shape), devices=devices)
     empty_tokens = np.zeros(77, np.int32)  # a constant of the step: its value does not change the program
     state, frozen, step_fn = build_step(config, models, mesh, empty_tokens, materialize=False)
-    batch = abstract_batch(config, models, mesh, cached=cached)
+    batch = abstract_batch(config, models, mesh, cached=cached, cached_text=cached_text)
     start = time.time()
     compiled = step_fn.lower(state, frozen, batch).compile()
     n_params = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(state.params))
     return Compiled(compiled, mesh, models, n_params, time.time() - start)
 
 
-def report(config, target: targets.Target, cached: bool = False, devices=None) -> dict:
+def report(config, target: targets.Target, cached: bool = False, devices=None, cached_text: bool = False) -> dict:
     """Compile and report (see the module docstring); a compile that runs out of the chip's
     memory is a report with `"fits": False` and XLA's message."""
-    from smartbrush_jax.planning import flops
 
     devices = devices if devices is not None else target.devices()
     n = len(devices)
@@ -76,37 +76,39 @@ def report(config, target: targets.Target, cached: bool = False, devices=None) -
             "chip": dataclasses.asdict(target.chip), "per_chip_batch": per_chip_batch(config, n),
             "global_batch": config.train.batch_size, "resolution": config.data.resolution,
             "vae_in_step": not cached and config.model.autoencoder != "identity", "cached_latents": cached,
-            "remat": config.model.remat, "attention": config.model.attention,
+            "text_in_step": not cached_text, "remat": config.model.remat, "attention": config.model.attention,
             "attention_resolved": attention_line(config, target), "splash_min_tokens": config.model.splash_min_tokens,
             "dtype": config.model.dtype, "mesh": dict(config.mesh.shape), "dcn": dict(config.mesh.dcn_shape),
-            "fsdp": bool(config.mesh.fsdp), "fsdp_gather": config.mesh.fsdp_gather if config.mesh.fsdp else None}
+            "fsdp": bool(config.mesh.fsdp), "fsdp_gather": config.mesh.fsdp_gather if config.mesh.fsdp else None,
+            "libtpu_init_args": os.environ.get("LIBTPU_INIT_ARGS", "")}
     try:
-        c = compile_step(config, devices, cached)
+        c = compile_step(config, devices, cached, cached_text)
     except Exception as e:  # XLA: RESOURCE_EXHAUSTED (out of HBM) is the answer "does not fit"
         if search.is_oom(e):
             return {**head, "fits": False, "compile_error": _first_lines(str(e), 6)}
         raise
-    latent = config.data.resolution // c.models.latent_factor
-    analytic = flops.train_step_flops(flops.unet_forward_flops(c.models.unet.config, head["per_chip_batch"], latent,
-                                                              latent, 77))
     chip = target.chip
-    r = xla.step_report(c.compiled, analytic_flops=analytic, peak_flops=chip.bf16_tflops * 1e12,
-                                   devices=n, hbm_bytes=chip.hbm_gib * GIB, hbm_bytes_per_s=chip.hbm_gbps * 1e9)
-    r["flops"]["analytic_note"] = "our count: the U-Net forward + backward (3x forward) only"
-    kernel = splash_flops(config, c.models, head["per_chip_batch"], latent) if platform(target) == "tpu" else None
-    if kernel:
-        r["kernel_flops"] = kernel
-        r["estimate"] = xla.add_kernel_time(r["estimate"], kernel["step_padded"], chip.bf16_tflops * 1e12,
-                                            f"splash kernels ({kernel['calls']} self-attention calls of >= "
-                                            f"{kernel['min_tokens']} tokens, {kernel['passes']:g} passes, head "
-                                            "dim padded to 128 lanes) at bf16 peak, ours: XLA counts none")
-        if r["estimate"].get("seconds") and analytic:
-            r["mfu"] = analytic / (r["estimate"]["seconds"] * chip.bf16_tflops * 1e12)
-    if r.get("estimate", {}).get("seconds"):
-        r["images_per_s_per_chip"] = head["per_chip_batch"] / r["estimate"]["seconds"]
+    r = compiled_report(c.compiled, config, c.models, estimate.spec_of_chip(chip), n, platform(target),
+                        hbm_bytes=chip.hbm_gib * GIB)
     return {**head, **r, "fits": r["memory"].get("fits"), "compile_seconds": c.seconds,
-            "custom_calls": custom_calls(c.compiled),
             "trainable_parameters": c.trainable_parameters, "mesh_axes": dict(c.mesh.shape)}
+
+
+def compiled_report(compiled, config, models, spec, devices: int, on: str, hbm_bytes=None) -> dict:
+    """The report of a compiled train step with the package's one estimate: what
+    `smartbrush-aot` prints for a slice and the trainer logs at start-up on real chips (the
+    same inputs give the same figure). `on`: "tpu" (splash kernels counted) or another
+    platform."""
+    from smartbrush_jax.planning import flops
+
+    per_chip = config.train.batch_size // devices
+    latent = config.data.resolution // models.latent_factor
+    analytic = flops.train_step_flops(flops.unet_forward_flops(models.unet.config, per_chip, latent, latent, 77))
+    kernel = splash_flops(config, models, per_chip, latent) if on == "tpu" else None
+    r = xla.step_report(compiled, analytic_flops=analytic, spec=spec, devices=devices, hbm_bytes=hbm_bytes,
+                        kernel=kernel, per_chip_batch=per_chip)
+    r["flops"]["analytic_note"] = "our count: the U-Net forward + backward (3x forward) only"
+    return r
 
 
 def attention_line(config, target) -> str:
@@ -130,23 +132,11 @@ def splash_flops(config, models, per_chip: int, latent: int) -> Optional[dict]:
     recompute = config.model.remat not in KEEPS_ATTENTION
     threshold = config.model.splash_min_tokens
     k = flops.kernel_attention_flops(models.unet.config, per_chip, latent, latent, threshold, recompute)
-    return {**k, "min_tokens": threshold, "recompute": recompute} if k["calls"] else None
-
-
-def custom_calls(compiled) -> dict:
-    """Custom-call targets of the optimized program and how many of each: the evidence of
-    which kernels ran (`tpu_custom_call` is a Pallas/Mosaic kernel, `__cudnn$fmha...` cuDNN's
-    attention)."""
-    import re
-
-    try:
-        text = compiled.as_text()
-    except Exception:  # a backend without HLO text
-        return {}
-    out: dict = {}
-    for name in re.findall(r'custom_call_target="([^"]+)"', text):
-        out[name] = out.get(name, 0) + 1
-    return out
+    if not k["calls"]:
+        return None
+    note = (f"splash kernels ({k['calls']} self-attention calls of >= {threshold} tokens, {k['passes']:g} passes, "
+            "head dim padded to 128 lanes) at bf16 peak, our count: XLA counts none")
+    return {**k, "min_tokens": threshold, "recompute": recompute, "note": note}
 
 
 def _first_lines(text: str, n: int) -> str:
@@ -154,6 +144,7 @@ def _first_lines(text: str, n: int) -> str:
 
 
 def find_max_batch(config, target: targets.Target, cached: bool = False, start: Optional[int] = None,
+                   cached_text: bool = False,
                    max_compiles: int = 5, log: Callable[[str], None] = print, devices=None,
                    on_compile: Optional[Callable[[dict], None]] = None) -> dict:
     """The largest per-chip batch whose step fits the chip's HBM, in at most `max_compiles`
@@ -164,7 +155,7 @@ def find_max_batch(config, target: targets.Target, cached: bool = False, start: 
     n = len(devices)
 
     def probe(b: int) -> search.Probe:
-        r = report(with_batch(config, b, n), target, cached, devices)
+        r = report(with_batch(config, b, n), target, cached, devices, cached_text=cached_text)
         m = r.get("memory") or {}
         return search.Probe(bool(r["fits"]), m.get("total"), m.get("temp"), r)
 
@@ -188,6 +179,7 @@ def _brief(t: dict) -> dict:
 def summary_lines(r: dict) -> List[str]:
     inputs = "VAE encode in the step" if r["vae_in_step"] else "cached latents" if r["cached_latents"] else \
         "pixel space"
+    inputs += ", text encoder in the step" if r.get("text_in_step", True) else ", cached text states"
     chip = r["chip"]
     gpu = chip.get("topology") == "cuda"
     memory = f"{chip['hbm_gib']:.1f} GiB for JAX, {chip['chip_config']}" if gpu else f"{chip['hbm_gib']:.0f} GiB HBM"
@@ -200,9 +192,11 @@ def summary_lines(r: dict) -> List[str]:
         lines.append(f"DOES NOT FIT: XLA refused the program: {r['compile_error']}")
     else:
         lines += xla.format_report(r).splitlines()
+        unit = "GPU" if gpu else "chip"
         if r.get("images_per_s_per_chip"):
-            lines.append(f"images/s per {'GPU' if gpu else 'chip'}: {r['images_per_s_per_chip']:.1f} (the batch over "
-                         f"the step time estimate), MFU {r['mfu']:.2f} of our U-Net FLOPs")
+            cal = r.get("calibrated_images_per_s_per_chip")
+            cal = f", calibrated {cal:.1f} ({r['calibration']['name']})" if cal else ", no calibration"
+            lines.append(f"images/s per {unit}: raw estimate {r['images_per_s_per_chip']:.1f}{cal}")
         lines.append(f"compiled in {r['compile_seconds']:.0f}s")
     return lines
 

@@ -257,11 +257,15 @@ def _all_agree(ok: bool) -> bool:
 # ---------------------------------------------------------------------------------- train loop
 def startup_report(compiled, s: Setup, peak) -> dict:
     """The compiled step's memory per device against the accelerator's (the margin), its
-    collectives and a step-time estimate: what `python -m smartbrush_jax.cli.aot` says before a
-    pod is booked, logged on the real hardware."""
+    collectives and the step-time estimate: the same report, by the same code
+    (`aot.compiled_report`), as `python -m smartbrush_jax.cli.aot` gives before a pod is
+    booked, logged on the real hardware; the log then sets the measured step beside it."""
+    from smartbrush_jax.planning import estimate
+    from smartbrush_jax.train.aot import compiled_report
+
     device = jax.devices()[0]
-    r = xla.step_report(compiled, analytic_flops=s.model_flops / jax.device_count(), peak_flops=peak,
-                           devices=jax.device_count(), hbm_bytes=xla.device_hbm_bytes(device))
+    r = compiled_report(compiled, s.config, s.models, estimate.spec_of_device(device, peak), jax.device_count(),
+                        device.platform, hbm_bytes=xla.device_hbm_bytes(device))
     logging.info("compiled step: attention %s; remat %s", describe(s.config.model.attention, device.platform,
                                                                    s.config.model.splash_min_tokens),
                  s.config.model.remat)
@@ -290,7 +294,7 @@ def train_loop(s: Setup, stop) -> dict:
     keys = BATCH_KEYS + (("micro",) if s.models.text2 is not None else ())
     batches = DevicePrefetch(s.data_iter, lambda local: (local["skips"].sum(0), sharding.shard_batch(
         s.mesh, {k: local[k] for k in keys if k in local})), config.data.prefetch_to_device)
-    state, step, history, skips, flop_report = s.state, start, [], None, {}
+    state, step, history, skips, flop_report, estimated = s.state, start, [], None, {}, {}
     check_every = max(1, min(config.train.log_every, config.train.max_nonfinite_in_a_row))
     t0 = time.time()
 
@@ -344,7 +348,8 @@ def train_loop(s: Setup, stop) -> dict:
         skips = batch_skips if skips is None else skips + batch_skips
         if step == start:  # compile here (the call below reuses it) for XLA's FLOP count and memory
             compiled = s.step_fn.lower(state, s.frozen, batch).compile()
-            flop_report = startup_report(compiled, s, peak)["flops"]
+            report = startup_report(compiled, s, peak)
+            flop_report, estimated = report["flops"], report["estimate"]
             window = (time.time(), step)  # throughput is measured between log points
         state, metrics = s.step_fn(state, s.frozen, batch)
         step += 1
@@ -366,8 +371,11 @@ def train_loop(s: Setup, stop) -> dict:
             if step % config.train.log_every == 0 or last:
                 scalars = {k: float(v) for k, v in m.items()}
                 scalars.update({f"data_skipped/{r}": float(c) for r, c in zip(SKIP_REASONS, skips)})
-                speed = flops.throughput(s.model_flops, (time.time() - window[0]) / (step - window[1]),
-                                         jax.device_count(), peak)
+                step_s = (time.time() - window[0]) / (step - window[1])
+                speed = flops.throughput(s.model_flops, step_s, jax.device_count(), peak)
+                speed["step_seconds"] = step_s
+                if estimated.get("seconds"):  # the planner's error on this program: recalibrates it
+                    speed["measured_over_estimated"] = step_s / estimated["seconds"]
                 window = (time.time(), step)
                 scalars.update(speed)
                 writer.write_scalars(step, scalars)
@@ -389,6 +397,7 @@ def train_loop(s: Setup, stop) -> dict:
     writer.flush()
     events.sync()
     summary = {"steps": step, "seconds": time.time() - t0, "history": history, "flops": flop_report,
+               "estimate": estimated,
                "nonfinite_total": int(jax.device_get(state.nonfinite_total))}
     name = "summary.json" if pidx == 0 else f"summary_process{pidx}.json"
     storage.write_text(storage.join(workdir, name), json.dumps(summary, indent=1))

@@ -235,9 +235,11 @@ def abstract(tree):
     return jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
 
 
-def abstract_batch(config, models, mesh, cached: bool = False) -> dict:
+def abstract_batch(config, models, mesh, cached: bool = False, cached_text: bool = False) -> dict:
     """The global batch the step takes, as sharded `ShapeDtypeStruct`s: images, or with
-    `cached` the VAE moments a latent cache gives instead."""
+    `cached` the VAE moments a latent cache gives instead; with `cached_text` the text
+    encoder's output [B, 77, width] in the compute dtype instead of the tokens (what MLPerf's
+    SD runs read)."""
 
     b, r, h = config.train.batch_size, config.data.resolution, config.data.resolution // models.latent_factor
     spec = {"image": ((b, r, r, 3), np.uint8), "mask": ((b, r, r), np.uint8), "latent_mask": ((b, h, h), np.float32),
@@ -248,6 +250,11 @@ def abstract_batch(config, models, mesh, cached: bool = False) -> dict:
         del spec["image"]
         c = models.autoencoder.channels
         spec.update(latent_mean=((b, h, h, c), np.float32), latent_logvar=((b, h, h, c), np.float32))
+    if cached_text:
+        if models.text2 is not None:
+            raise ConfigError("cached text states are for one-encoder families (SD v1, SD 2.x), not SDXL")
+        del spec["tokens"]
+        spec["text_states"] = ((b, 77, models.text.config.hidden_size), jnp.dtype(config.model.dtype))
     return {k: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding.batch_sharding(mesh))
             for k, (shape, dtype) in spec.items()}
 
@@ -338,12 +345,9 @@ def make_train_step(models: Models, config, tx, empty_tokens: np.ndarray,
     def step_fn(state: TrainState, frozen, batch):
         rng = jax.random.fold_in(state.rng, state.step)
         k_drop, k_enc, k_loss = jax.random.split(rng, 3)
-        tokens = batch["tokens"]
-        drop = jax.random.uniform(k_drop, (tokens.shape[0],)) < loss_cfg.text_dropout
-        tokens = jnp.where(drop[:, None], empty[None], tokens)
         if once:
             frozen = gather_frozen(frozen, mesh, compute_dtype)
-        context = jax.lax.stop_gradient(models.encoders(frozen, tokens, batch.get("micro")))
+        context = jax.lax.stop_gradient(text_context(models, frozen, batch, empty, k_drop, loss_cfg.text_dropout))
         if once:  # split over the batch like everything else (not over the text encoder's features)
             context = jax.tree_util.tree_map(
                 lambda c: jax.lax.with_sharding_constraint(c, sharding.batch_sharding(mesh)), context)
@@ -376,6 +380,21 @@ def make_train_step(models: Models, config, tx, empty_tokens: np.ndarray,
         return new_state, metrics
 
     return step_fn
+
+
+def text_context(models: Models, frozen, batch, empty: jax.Array, rng, dropout: float):
+    """The U-Net's text context, with `dropout` of the texts replaced by the empty text's.
+    From `tokens` through the frozen encoder(s), or from `text_states` (the encoder's output
+    read from a cache, as MLPerf's SD runs pre-encode text): then only the empty text is
+    encoded in the step (one row), for the dropped ones."""
+    n = batch["tokens" if "tokens" in batch else "text_states"].shape[0]
+    drop = jax.random.uniform(rng, (n,)) < dropout
+    if "text_states" not in batch:
+        return models.encoders(frozen, jnp.where(drop[:, None], empty[None], batch["tokens"]), batch.get("micro"))
+    if models.text2 is not None:
+        raise ValueError("cached text states are for one-encoder families (SD v1, SD 2.x), not SDXL")
+    none = models.encoders(frozen, empty[None]).astype(batch["text_states"].dtype)
+    return jnp.where(drop[:, None, None], none, batch["text_states"])
 
 
 def infinite_grads_at(steps) -> Callable[[Any, jax.Array], Any]:
