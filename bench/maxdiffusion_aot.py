@@ -32,19 +32,10 @@ import os
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# LIBTPU_INIT_ARGS of their MLPerf v4.1 run.sh, verbatim and in order (one flag is there twice)
-THEIR_FLAGS = (
-    "--xla_tpu_enable_async_collective_fusion_fuse_all_gather=true --xla_tpu_megacore_fusion_allow_ags=false "
-    "--xla_enable_async_collective_permute=true --xla_tpu_enable_ag_backward_pipelining=true "
-    "--xla_tpu_enable_data_parallel_all_reduce_opt=true --xla_tpu_data_parallel_opt_different_sized_ops=true "
-    "--xla_tpu_enable_async_collective_fusion=true --xla_tpu_enable_async_collective_fusion_multiple_steps=true "
-    "--xla_tpu_overlap_compute_collective_tc=true --xla_enable_async_all_gather=true "
-    "--xla_tpu_spmd_threshold_for_allgather_cse=1000000 --xla_jf_spmd_threshold_for_windowed_einsum_mib=1000000 "
-    "--xla_sc_disable_megacore_partitioning=true --xla_tpu_use_tc_device_shape_on_sc=true "
-    "--tpu_use_continuations=true --xla_sc_enable_instruction_fusion=false --xla_sc_disjoint_spmem=false "
-    "--2a886c8_chip_config_name=megachip_tccontrol --xla_jf_crs_combiner_threshold_count=10 "
-    "--xla_tpu_enable_sparse_core_collective_offload_all_reduce=true "
-    "--xla_tpu_enable_async_collective_fusion_fuse_all_gather=true")
+sys.path.insert(0, ROOT)
+
+from smartbrush_jax.planning.tpu_flags import MAXDIFFUSION_MLPERF_V41 as THEIR_FLAGS  # noqa: E402
+
 STUBS = ("chex", "tensorboardX", "aqt", "aqt.jax", "aqt.jax.v2", "aqt.jax.v2.flax")  # imported, never called here
 TINY = {"block_out_channels": (32, 64), "attention_head_dim": (4, 4), "layers_per_block": 1,
         "cross_attention_dim": 32, "use_linear_projection": True, "sample_size": 16, "norm_num_groups": 16,
@@ -133,34 +124,11 @@ def libtpu_knows(flags: str, topology: str):
 
 
 def report(compiled, chip, analytic, kernel, n: int, b: int) -> dict:
-    """`xla.step_report` with the package's estimate, whichever of its two signatures this checkout
-    has (`spec=` with kernels and calibration, or peak and bandwidths with kernel time added after),
-    and `custom_calls` from where it lives."""
-    import inspect
+    """`xla.step_report` with the package's one estimate (and its calibration), as ours gets it."""
+    from smartbrush_jax.planning import estimate, xla
 
-    from smartbrush_jax.planning import xla
-
-    try:
-        from smartbrush_jax.train.aot import custom_calls
-    except ImportError:
-        custom_calls = xla.custom_calls
-    hbm = chip.hbm_gib * 2**30
-    if "spec" in inspect.signature(xla.step_report).parameters:
-        from smartbrush_jax.planning import estimate
-
-        r = xla.step_report(compiled, analytic_flops=analytic, spec=estimate.spec_of_chip(chip), devices=n,
-                            hbm_bytes=hbm, kernel=kernel, per_chip_batch=b)
-    else:
-        peak = chip.bf16_tflops * 1e12
-        r = xla.step_report(compiled, analytic_flops=analytic, peak_flops=peak, devices=n, hbm_bytes=hbm,
-                            hbm_bytes_per_s=chip.hbm_gbps * 1e9)
-        if kernel:
-            r["kernel_flops"] = kernel
-            r["estimate"] = xla.add_kernel_time(r["estimate"], kernel["step_padded"], peak, kernel["note"])
-        if r["estimate"].get("seconds"):
-            r["mfu"] = analytic / (r["estimate"]["seconds"] * peak)
-            r["images_per_s_per_chip"] = b / r["estimate"]["seconds"]
-    r.setdefault("custom_calls", custom_calls(compiled))
+    r = xla.step_report(compiled, analytic_flops=analytic, spec=estimate.spec_of_chip(chip), devices=n,
+                        hbm_bytes=chip.hbm_gib * 2**30, kernel=kernel, per_chip_batch=b)
     r["flops"]["analytic_note"] = "our count: the U-Net forward + backward (3x forward) only"
     return r
 
@@ -187,8 +155,7 @@ def main():
     os.environ["JAX_PLATFORMS"] = "cpu"  # the host compiles; the TPU is the target
     a.flags_dropped = []
     if a.their_flags:
-        os.environ["LIBTPU_INIT_ARGS"], a.flags_dropped = libtpu_knows(THEIR_FLAGS, a.topology)
-    sys.path.insert(0, ROOT)
+        os.environ["LIBTPU_INIT_ARGS"], a.flags_dropped = libtpu_knows(" ".join(THEIR_FLAGS), a.topology)
     from smartbrush_jax.planning import targets
 
     try:
@@ -301,7 +268,7 @@ def run(a, src, target, devices) -> int:
            "unet_kwargs_dropped": sorted(set(wanted) - set(kwargs)), "stubbed_modules": stubbed,
            "maxdiffusion_path": os.path.abspath(a.maxdiffusion), "maxdiffusion_commit": git_commit(a.maxdiffusion),
            "libtpu_init_args": os.environ.get("LIBTPU_INIT_ARGS", ""), "their_flags_set": a.their_flags,
-           "their_flags_libtpu_refused": a.flags_dropped, "libtpu_flags_in_their_scripts": THEIR_FLAGS.split(),
+           "their_flags_libtpu_refused": a.flags_dropped, "libtpu_flags_in_their_scripts": THEIR_FLAGS,
            "xla_flags": os.environ.get("XLA_FLAGS", "")}
     print(f"compiling MaxDiffusion's SD2 U-Net train step{' (tiny)' if a.tiny else ''} for {target.name} ({n} chips, "
           f"{b} per chip) on this host", file=sys.stderr)

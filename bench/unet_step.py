@@ -231,8 +231,9 @@ def jax_attention(cfg, args, remat, batch):
 def bench_jax(cfg, args):
     import jax
 
+    from smartbrush_jax.planning import estimate
     from smartbrush_jax.planning.flops import peak_flops_per_device
-    from smartbrush_jax.planning.xla import costs
+    from smartbrush_jax.planning.xla import collectives, costs, custom_calls
 
     batch = jax.device_put(make_batch(cfg, args.batch, args.latent))
     _, init, step, impl = jax_attention(cfg, args, args.remat, batch)
@@ -250,9 +251,15 @@ def bench_jax(cfg, args):
     dt = (time.perf_counter() - t0) / args.steps
     dev = jax.devices()[0]
     stats = dev.memory_stats() or {}
+    # the package's one estimate of this very program, beside the measured step: the first real
+    # accelerator run's measured / estimated recalibrates the planner (planning/estimate.py)
+    est = estimate.step_estimate(costs(compiled), estimate.spec_of_device(dev),
+                                 analytic_flops=_common.model_flops(cfg, args.batch, args.latent),
+                                 collectives=collectives(compiled, 1), custom_calls=custom_calls(compiled))
     return dict(params=int(sum(x.size for x in jax.tree_util.tree_leaves(state[0]))), compile_s=compile_s,
                 attention=impl, remat=args.remat, loss=float(loss), xla_flops_per_step=costs(compiled)["flops"],
                 peak_bytes=stats.get("peak_bytes_in_use"), device=str(dev.device_kind),
+                estimate=est, measured_over_estimated=dt / est["seconds"] if est.get("seconds") else None,
                 **_common.speed(cfg, args.batch, args.latent, dt, peak_flops_per_device(dev)))
 
 

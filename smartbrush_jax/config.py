@@ -12,6 +12,7 @@ import math
 import ml_collections
 
 from smartbrush_jax.errors import InputError
+from smartbrush_jax.planning import tpu_flags
 from smartbrush_jax.settings import SAMPLERS, TRAIN_TIMESTEPS, VAE_FACTOR
 
 DTYPES = ("float32", "bfloat16")
@@ -84,6 +85,10 @@ def validate(c: ml_collections.ConfigDict, num_devices: int | None = None, proce
     need(c.train.batch_size > 0, "train.batch_size", "must be > 0")
     need(c.train.max_nonfinite_in_a_row >= 1, "train.max_nonfinite_in_a_row", "must be >= 1")
     need(c.train.peak_tflops >= 0, "train.peak_tflops", f"must be >= 0 (0: from the device), got {c.train.peak_tflops}")
+    try:
+        tpu_flags.resolve(c.train.libtpu_flags)
+    except ValueError as e:
+        need(False, "train.libtpu_flags", str(e))
     unet = _check_architecture(c, need)
     _check_resolution(c, unet, need)
     need(not data or c.data.prepared_dirs or c.data.synthetic_scenes > 0, "data.prepared_dirs",

@@ -124,3 +124,43 @@ def test_startup_report_and_aot_give_the_same_estimate(monkeypatch):
     assert b["estimate"]["terms"] == pytest.approx(a["estimate"]["terms"], rel=1e-6)
     assert b["estimate"]["seconds"] == pytest.approx(a["estimate"]["seconds"], rel=1e-6)
     assert b["estimate"]["how"] == a["estimate"]["how"]
+
+
+def test_libtpu_flag_presets_resolve_and_bad_ones_are_refused(monkeypatch):
+    from smartbrush_jax.config import ConfigError, validate
+    from smartbrush_jax.planning import tpu_flags
+
+    mlperf = tpu_flags.resolve("mlperf_v4.1").split()
+    assert len(mlperf) == len(set(mlperf)) == len(set(tpu_flags.MAXDIFFUSION_MLPERF_V41)) - 1  # dup and refused out
+    assert "--xla_tpu_enable_data_parallel_all_reduce_opt=true" in mlperf and not set(tpu_flags.REFUSED) & set(mlperf)
+    monkeypatch.setenv("LIBTPU_INIT_ARGS", "--xla_mine=1")
+    assert tpu_flags.apply("mlperf_v4.1").split() == ["--xla_mine=1"] + mlperf
+    c = tiny_config()
+    c.train.libtpu_flags = "fastest"
+    with pytest.raises(ConfigError, match="train.libtpu_flags.*neither a preset"):
+        validate(c, data=False)
+
+
+@pytest.mark.timeout(600)
+def test_aot_compiles_with_the_config_libtpu_flags(tmp_path):
+    """`train.libtpu_flags=mlperf_v4.1` reaches libtpu before it loads (it aborts on a flag it
+    does not know, so a compile is the test) and the report says what was set."""
+    import importlib.util
+    import subprocess
+    import sys
+
+    from train_helpers import CONFIG
+
+    if importlib.util.find_spec("libtpu") is None:
+        pytest.skip("libtpu is not installed")
+    from smartbrush_jax.planning import tpu_flags
+
+    out = tmp_path / "r.json"
+    env = {k: v for k, v in os.environ.items() if k != "LIBTPU_INIT_ARGS"}
+    p = subprocess.run([sys.executable, "-m", "smartbrush_jax.cli.aot", f"--config={CONFIG}", "--topology=v5p-8",
+                        "--config.train.libtpu_flags=mlperf_v4.1", "--json", str(out)], capture_output=True,
+                       text=True, timeout=540, cwd=ROOT, env=env)
+    assert p.returncode == 0, p.stderr[-3000:]
+    r = json.loads(out.read_text())
+    assert r["libtpu_init_args"].split() == tpu_flags.resolve("mlperf_v4.1").split() and r["fits"]
+    assert r["estimate_ms"] > 0 and "images/s per chip: raw estimate" in p.stdout

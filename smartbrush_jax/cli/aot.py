@@ -60,15 +60,17 @@ def main(argv) -> None:
     del argv
     from smartbrush_jax.config import ConfigError, validate
     from smartbrush_jax.errors import InputError
-    from smartbrush_jax.planning import gpus, targets
+    from smartbrush_jax.planning import gpus, targets, tpu_flags
     from smartbrush_jax.train import aot
 
     try:
         if bool(FLAGS.topology) == bool(FLAGS.target):
             raise InputError("give one of --topology (a TPU slice) or --target (a GPU node: h100, h200)")
         target = gpus.parse(FLAGS.target) if FLAGS.target else targets.parse(FLAGS.topology)
-        devices = target.devices()
         config = FLAGS.config
+        validate(config, data=False)  # the flags below are the config's: checked before libtpu reads them
+        tpu_flags.apply(config.train.libtpu_flags)
+        devices = target.devices()
         if FLAGS.per_chip_batch:
             config.train.batch_size = FLAGS.per_chip_batch * len(devices)
         validate(config, len(devices), target.hosts, data=False)
