@@ -34,7 +34,7 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from smartbrush_jax.planning.tpu_flags import MAXDIFFUSION_MLPERF_V41 as THEIR_FLAGS  # noqa: E402
+from smartbrush_jax.libtpu_flags import MAXDIFFUSION_MLPERF_V41 as THEIR_FLAGS  # noqa: E402
 
 STUBS = ("chex", "tensorboardX", "aqt", "aqt.jax", "aqt.jax.v2", "aqt.jax.v2.flax")  # imported, never called here
 TINY = {"block_out_channels": (32, 64), "attention_head_dim": (4, 4), "layers_per_block": 1,

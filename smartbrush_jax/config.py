@@ -11,8 +11,8 @@ import math
 
 import ml_collections
 
+from smartbrush_jax import libtpu_flags as tpu_flags
 from smartbrush_jax.errors import InputError
-from smartbrush_jax.planning import tpu_flags
 from smartbrush_jax.settings import SAMPLERS, TRAIN_TIMESTEPS, VAE_FACTOR
 
 DTYPES = ("float32", "bfloat16")

@@ -117,7 +117,7 @@ class TrainConfig:
     max_nonfinite_in_a_row: int = 20  # this many skipped (non-finite) updates in a row stop the run
     profile_steps: int = 0  # > 0: capture a profile of this many steps after warm-up
     peak_tflops: float = 0.0  # per-device peak for MFU; 0 = bf16 dense peak of the device kind (none on CPU)
-    # libtpu/XLA flags (planning/tpu_flags.py): "" none, "mlperf_v4.1" MaxDiffusion's MLPerf set, or "--flag=v ..."
+    # libtpu/XLA flags (libtpu_flags.py): "" none, "mlperf_v4.1" MaxDiffusion's MLPerf set, or "--flag=v ..."
     libtpu_flags: str = ""
 
 

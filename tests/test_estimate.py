@@ -127,8 +127,8 @@ def test_startup_report_and_aot_give_the_same_estimate(monkeypatch):
 
 
 def test_libtpu_flag_presets_resolve_and_bad_ones_are_refused(monkeypatch):
+    from smartbrush_jax import libtpu_flags as tpu_flags
     from smartbrush_jax.config import ConfigError, validate
-    from smartbrush_jax.planning import tpu_flags
 
     mlperf = tpu_flags.resolve("mlperf_v4.1").split()
     assert len(mlperf) == len(set(mlperf)) == len(set(tpu_flags.MAXDIFFUSION_MLPERF_V41)) - 1  # dup and refused out
@@ -153,7 +153,7 @@ def test_aot_compiles_with_the_config_libtpu_flags(tmp_path):
 
     if importlib.util.find_spec("libtpu") is None:
         pytest.skip("libtpu is not installed")
-    from smartbrush_jax.planning import tpu_flags
+    from smartbrush_jax import libtpu_flags as tpu_flags
 
     out = tmp_path / "r.json"
     env = {k: v for k, v in os.environ.items() if k != "LIBTPU_INIT_ARGS"}

@@ -58,9 +58,10 @@ def versions() -> dict:
 
 def main(argv) -> None:
     del argv
+    from smartbrush_jax import libtpu_flags as tpu_flags
     from smartbrush_jax.config import ConfigError, validate
     from smartbrush_jax.errors import InputError
-    from smartbrush_jax.planning import gpus, targets, tpu_flags
+    from smartbrush_jax.planning import gpus, targets
     from smartbrush_jax.train import aot
 
     try:

@@ -43,7 +43,7 @@ def main(argv) -> None:
     except InputError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    from smartbrush_jax.planning import tpu_flags
+    from smartbrush_jax import libtpu_flags as tpu_flags
 
     tpu_flags.apply(FLAGS.config.train.libtpu_flags)  # read by libtpu when it loads: before JAX starts
     from smartbrush_jax.checkpoints import DiskFull
