@@ -102,6 +102,25 @@ def test_calibration_names_its_source_and_borrowing_is_said():
     assert estimate.calibrate(0.2, "v5p", 16, {})["calibration"] is None
 
 
+def test_committed_calibration_is_measured_over_this_estimate():
+    """bench/results/calibration.json: every point's ratio is MLPerf's measured step over
+    the package's estimate of the committed compile, recomputed here; the measured steps
+    are MLPerf v4.1's blocks (201.6 ms at 16 per chip on v5p-128: 79.4 images/s per chip;
+    86.6 at 32 per chip on 8 chips)."""
+    cal = estimate.load_calibration(os.path.join(RESULTS, "calibration.json"))
+    assert cal and cal["points"] and "v5p" in cal["ratios"]
+    measured = {(p["topology"], p["per_chip_batch"]): p for p in cal["points"]}
+    assert measured[("v5p-128", 16)]["measured_images_per_s_per_chip"] == pytest.approx(79.4, abs=0.05)
+    for p in cal["points"]:
+        r = _load(os.path.relpath(os.path.join(ROOT, p["compile"]), RESULTS))
+        e = estimate.from_report(r, calibration={})["estimate"]
+        assert p["estimated_ms"] == pytest.approx(e["seconds"] * 1e3)
+        assert p["ratio"] == pytest.approx(p["measured_ms"] / p["estimated_ms"])
+        assert {"round", "submission", "file"} <= set(p["source"]) and "v4.1" in p["source"]["round"]
+        if p["per_chip_batch"] == 32:
+            assert p["measured_images_per_s_per_chip"] == pytest.approx(86.6, abs=0.05)
+
+
 @pytest.mark.timeout(300)
 def test_startup_report_and_aot_give_the_same_estimate(monkeypatch):
     """The trainer's start-up line and `smartbrush-aot` run the same code on the same

@@ -211,3 +211,18 @@ def test_demo_inpaint_without_a_trained_run_is_a_clear_error(tmp_path, capsys):
 
     assert main(["--workdir", str(tmp_path)]) == 2
     assert "train the demo first" in capsys.readouterr().err
+
+
+def test_log_sets_the_measured_step_beside_the_estimate(tmp_path, data_dir):
+    """The trainer's start-up estimate (the same as `smartbrush-aot`'s) is kept in
+    summary.json, and every log point gives the measured step and measured / estimated:
+    what recalibrates the planner on the first real accelerator run. A CPU has no spec
+    sheet here: `train.peak_tflops` gives it a peak, so the estimate is FLOPs over it."""
+    w = _workdir(tmp_path, data_dir, "estimate")
+    summ = run_tiny(w, train__peak_tflops=0.001, train__steps=4, train__log_every=2)
+    est = summ["estimate"]
+    assert est["seconds"] > 0 and set(est["terms"]) == {"ops"} and "FLOPs only" in est["how"]["ops"]
+    assert [h["step"] for h in summ["history"]] == [2, 4]
+    for h in summ["history"]:
+        assert h["step_seconds"] > 0
+        assert h["measured_over_estimated"] == pytest.approx(h["step_seconds"] / est["seconds"])
