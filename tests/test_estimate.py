@@ -100,6 +100,9 @@ def test_calibration_names_its_source_and_borrowing_is_said():
     assert v4["calibration"]["borrowed"] is True and "borrowed from v5p" in estimate.describe(
         {"seconds": 0.2, "method": "raw estimate: ops 200.0 ms"}, v4)
     assert estimate.calibrate(0.2, "v5p", 16, {})["calibration"] is None
+    cal["ratios"]["v5p"]["by_per_chip_batch"] = {"32": 1.5}  # a point measured at this batch: its own ratio
+    assert estimate.calibrate(0.2, "v5p", 32, cal)["calibrated_seconds"] == pytest.approx(0.3)
+    assert estimate.calibrate(0.2, "v5p", 16, cal)["calibrated_seconds"] == pytest.approx(0.25)
 
 
 def test_committed_calibration_is_measured_over_this_estimate():

@@ -179,8 +179,9 @@ def load_calibration(path: Optional[str] = None) -> Optional[dict]:
 def calibrate(seconds: Optional[float], kind: str, per_chip_batch: int,
               calibration: Optional[dict] = None) -> dict:
     """The calibrated step time and images/s per chip: `seconds` x the calibration's ratio
-    (measured / estimated) for this chip kind, named; another kind's ratio is used only
-    where this kind has none, and then said (`borrowed`)."""
+    (measured / estimated) for this chip kind, named: the ratio of its point at this batch
+    per chip where one was measured, else the points' geometric mean. Another kind's ratio is
+    used only where this kind has none, and then said (`borrowed`)."""
     cal = calibration if calibration is not None else load_calibration()
     ratios = (cal or {}).get("ratios") or {}
     if not seconds or not ratios:
@@ -190,9 +191,13 @@ def calibrate(seconds: Optional[float], kind: str, per_chip_batch: int,
         entry, borrowed = ratios.get(cal.get("default_kind", "")), True
     if entry is None:
         return {"calibration": None}
-    out = seconds * entry["ratio"]
+    ratio, which = entry["ratio"], "geometric mean of its points"
+    same = (entry.get("by_per_chip_batch") or {}).get(str(per_chip_batch))
+    if same:  # a point measured at this batch per chip: its own ratio
+        ratio, which = same, f"its point at {per_chip_batch} per chip"
+    out = seconds * ratio
     return {"calibrated_seconds": out, "calibrated_images_per_s_per_chip": per_chip_batch / out if per_chip_batch
-            else None, "calibration": {**entry, "kind": kind, "borrowed": borrowed}}
+            else None, "calibration": {**entry, "ratio": ratio, "which": which, "kind": kind, "borrowed": borrowed}}
 
 
 def describe(est: dict, cal: Optional[dict] = None) -> str:
@@ -202,8 +207,8 @@ def describe(est: dict, cal: Optional[dict] = None) -> str:
     line = f"step time estimate: {est['seconds'] * 1e3:.1f} ms raw ({est['method'].removeprefix('raw estimate: ')})"
     c = (cal or {}).get("calibration")
     if c:
-        line += (f"; calibrated {cal['calibrated_seconds'] * 1e3:.1f} ms (x{c['ratio']:.3f}, {c['name']}"
-                 f"{', borrowed from ' + c['measured_on'] if c.get('borrowed') else ''})")
+        line += (f"; calibrated {cal['calibrated_seconds'] * 1e3:.1f} ms (x{c['ratio']:.3f}, {c.get('which', '')}: "
+                 f"{c['name']}{', borrowed from ' + c['measured_on'] if c.get('borrowed') else ''})")
     return line
 
 
