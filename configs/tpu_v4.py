@@ -14,9 +14,14 @@ Parameters are FSDP-sharded over the slice; the batch is split over data x fsdp.
 What fits, compiled for v4-32 on a CPU host (`python -m smartbrush_jax.cli.aot
 --config=configs/tpu_v4.py --topology=v4-32`; search/v4-32_chunked_full_b32_gather-once_vae.json
 in bench/results/): with the VAE encode in the step, 28.6 GiB per chip, a 3.4 GiB (10.5%)
-margin, step >= 0.55 s by the roofline (HBM-bound), 58.6 images/s per chip, MFU 0.51
-(16 per chip: 15.0 GiB, 51.7 images/s, tpu_aot_v4-32_vae.json). With a latent cache:
-28.6 GiB, >= 0.49 s, 65.0 images/s per chip, MFU 0.57. The per-chip batch is the largest
+margin. The package's one estimate (planning/estimate.py) is 905.9 ms a step raw (ops 897.4 +
+collectives 8.4), 35.3 images/s per chip, MFU 0.31; calibrated with v5p's ratio at 32 per chip
+(x1.064, borrowed: no v4 step was ever measured), 963.9 ms and 33.2. (Published before
+2026-12-08 as >= 0.55 s and 58.6 images/s: a roofline max() that libtpu's negative v4 figure,
+-1 s per ConcatBitcast, had forced; 1.66x too optimistic.) 16 per chip
+(tpu_aot_v4-32_vae.json): 15.0 GiB, 493.5 ms raw, 32.4 images/s raw. With a latent cache:
+28.6 GiB, 781.3 ms raw, 41.0 images/s per chip raw, 38.5 calibrated (v5p's).
+The per-chip batch is the largest
 that leaves 10% of HBM free; if a real v4 runs short of memory,
 --config.train.batch_size=256 halves it. That uses remat ("full") and the chunked
 attention: XLA's attention at the 4096-token level takes 28.9 GiB of temporaries at 16
@@ -25,7 +30,7 @@ parallel replicates 13.4 GiB of fp32 state (params, AdamW, EMA) on every chip; t
 are gathered once a step (mesh.fsdp_gather="once", the default): 1.9 GiB of all-gathers
 per chip per step, where XLA's own placement moved 40.1. The paper's global batch 1024
 is 16 per chip on a v4-128: --config.train.batch_size=1024 there (compiled: 12.1 GiB,
->= 0.25 s, 62.9 images/s per chip).
+419.8 ms raw, 38.1 images/s per chip raw, 36.9 calibrated with v5p's ratio).
 """
 
 from smartbrush_jax.config import base_config

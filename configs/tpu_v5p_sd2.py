@@ -11,9 +11,12 @@ Compiled for v5p-128 on a CPU host (`python -m smartbrush_jax.aot --config=confi
 --topology=v5p-128 --cached-latents`; `bash bench/tpu_search.sh sd2`,
 bench/results/search/v5p-128_sd2_splash_none_b16.json): 16 per chip (global 1024) at 768 px,
 with splash attention for the 9216- and 2304-token levels, no remat, and data parallelism. The
-step takes 52.2 GiB per chip (a 42.8 GiB margin). Its estimate is 459 ms a step (XLA's
-optimal_seconds plus the splash kernels at peak), 34.8 images/s per chip, MFU 0.49. The one
-collective is the gradients' all-reduce (1.6 GiB per chip per step).
+step takes 52.2 GiB per chip (a 42.8 GiB margin). The package's one estimate
+(planning/estimate.py) is 469.0 ms raw (ops 314.1 + splash kernels 149.2 + collectives 5.7),
+34.1 images/s per chip raw, MFU 0.48; calibrated on MLPerf v4.1's measured SD2 step at 16 per
+chip (x1.032, bench/results/calibration.json), 33.1. The one collective is the gradients'
+all-reduce (1.6 GiB per chip per step). MLPerf's own SD2 runs are at 512 px, where our step
+compiles to 197.9 ms raw against MaxDiffusion's 195.3 (bench/results/calibration/).
 """
 
 import importlib.util

@@ -14,11 +14,13 @@ CPU host (`python -m smartbrush_jax.aot --config=configs/tpu_v5p_sdxl.py --topol
 --cached-latents`; `bash bench/tpu_search.sh sdxl`, bench/results/search/v5p-128_sdxl_*.json):
 at the paper's global batch of 1024 (16 per chip), with splash attention for the 4096- and
 1024-token levels and remat keeping the dense layers' outputs (recomputing convolutions,
-norms and attention), the step takes 63.9 GiB per chip (a 31.2 GiB margin). Its estimate
-is 1.40 s a step (XLA's optimal_seconds plus the splash kernels at peak), 11.5 images/s per
-chip, MFU 0.51 (search/v5p-128_sdxl_splash_dots_with_no_batch_dims_saveable_b16_gather-once.json).
-Full remat at the same batch: 23.7 GiB, 10.5 images/s per chip, MFU 0.47; at 4 per chip:
-11.3 GiB, 8.5 images/s per chip, MFU 0.38. The collectives are 11.1 GiB of bf16
+norms and attention), the step takes 63.9 GiB per chip (a 31.2 GiB margin). The package's
+one estimate (planning/estimate.py) is 1449 ms raw (ops 1174 + splash kernels 236 +
+collectives 39), 11.0 images/s per chip raw, MFU 0.49, and 10.7 calibrated (MLPerf v4.1's SD2
+step, x1.032 at 16 per chip: a U-Net, not SDXL's, measured)
+(search/v5p-128_sdxl_splash_dots_with_no_batch_dims_saveable_b16_gather-once.json).
+Full remat at the same batch: 23.7 GiB, 1591 ms raw, 10.1 images/s per chip raw; at 4 per
+chip: 11.3 GiB, 511 ms raw, 7.8 raw. The collectives are 11.1 GiB of bf16
 all-reduces per chip per step: about twice the bf16 weights (gather and reduce-scatter).
 """
 
