@@ -108,15 +108,15 @@ def step_estimate(xla_costs: Dict[str, Optional[float]], spec: Spec, *, analytic
                 "method": "none: XLA gave no cost analysis for this target (a deviceless GPU compile); our FLOP count "
                           f"at the device's peak would take {bound * 1e3:.1f} ms, a bound, not an estimate"}
     how, terms = {}, {}
-    n_concat = sum(int((custom_calls or {}).get(name, 0)) for name in SENTINEL_CALLS)
-    corrected = opt + n_concat * SENTINEL_SECONDS if opt is not None else None
+    n_sentinel = sum(int((custom_calls or {}).get(name, 0)) for name in SENTINEL_CALLS)
+    corrected = opt + n_sentinel * SENTINEL_SECONDS if opt is not None else None
     counted = "XLA's FLOPs"
     if ours and flops_xla and ours > flops_xla:
         counted = "our FLOP count (above XLA's; the kernels' own left out)"
     additive = max(flops_xla or 0, ours or 0) / peak + ((bytes_ or 0) / hbm if hbm else 0.0)
     how["ops"] = f"{counted} / peak + XLA's bytes / HBM bandwidth, summed as libtpu does"
     use_opt = corrected is not None and additive < corrected <= additive * 3  # more than 3x: not the same model
-    sentinel = f" with its {n_concat} sentinel custom calls (-1 s each: ConcatBitcast...) added back" if n_concat \
+    sentinel = f" with its {n_sentinel} sentinel custom calls (-1 s each: ConcatBitcast...) added back" if n_sentinel \
         else ""
     if use_opt:
         how["ops"] = f"libtpu's optimal_seconds{sentinel}, above {how['ops']} ({additive * 1e3:.1f} ms)"
@@ -138,7 +138,7 @@ def step_estimate(xla_costs: Dict[str, Optional[float]], spec: Spec, *, analytic
     seconds = sum(terms.values())
     method = " + ".join(f"{k} {v * 1e3:.1f} ms" for k, v in terms.items())
     return {"seconds": seconds, "terms": terms, "how": how, "method": f"raw estimate: {method}",
-            "optimal_seconds": opt, "concat_bitcasts": n_concat, "additive_seconds": additive}
+            "optimal_seconds": opt, "sentinels": n_sentinel, "additive_seconds": additive}
 
 
 def _wire_bytes(collectives: dict, devices: int):
