@@ -105,20 +105,33 @@ def test_checksum_is_the_same_whatever_the_sharding():
 
 
 def flip_bytes(step_dir, count=4):
-    """Invert `count` bytes in the middle of the step's largest OCDBT data file (the arrays'
-    bytes, not the JSON metadata files, which may be larger for a tiny model), size
-    unchanged; returns the file."""
+    """Invert `count` bytes inside one array's stored bytes in the step's OCDBT data files,
+    size unchanged; returns the file. The place is found, not guessed: the step is restored
+    (from its folder as it lies, a run's or a bucket's on the emulator's disk) and the
+    largest array whose raw bytes a data file holds verbatim is the one changed. The middle
+    of the largest file may be a B-tree node or bytes no read touches (seen on gs://: the
+    read then succeeded, or failed as damage, neither of which is the case under test)."""
+    import jax
+
+    from smartbrush_jax.checkpoints import restore_state
+
+    run, step = os.path.dirname(os.path.dirname(step_dir)), int(os.path.basename(step_dir))
+    _, state = restore_state(run, step)
+    arrays = sorted((np.asarray(x).tobytes() for x in jax.tree_util.tree_leaves(state)), key=len, reverse=True)
     files = [f for f in glob.glob(os.path.join(step_dir, "state", "ocdbt.process_*", "d", "*")) if os.path.isfile(f)]
     assert files, os.listdir(os.path.join(step_dir, "state"))
-    big = max(files, key=os.path.getsize)
-    size = os.path.getsize(big)
-    with open(big, "r+b") as f:
-        f.seek(size // 2)
-        data = f.read(count)
-        f.seek(size // 2)
-        f.write(bytes(b ^ 0xFF for b in data))
-    assert os.path.getsize(big) == size
-    return big
+    contents = {f: open(f, "rb").read() for f in files}
+    for raw in (a for a in arrays if len(a) >= 256):
+        for path, data in contents.items():
+            at = data.find(raw[:64])
+            if at >= 0 and data[at:at + len(raw)] == raw:
+                where = at + len(raw) // 2
+                with open(path, "r+b") as f:
+                    f.seek(where)
+                    f.write(bytes(b ^ 0xFF for b in data[where:where + count]))
+                assert os.path.getsize(path) == len(data)
+                return path
+    raise AssertionError(f"no array's raw bytes found in {step_dir}'s data files")
 
 
 @pytest.mark.timeout(900)
