@@ -151,10 +151,6 @@ def _dtypes(v: dict) -> str:
     return f" ({', '.join(f'{d} {_size(n)}' for d, n in parts)})" if len(parts) > 1 else ""
 
 
-def _bytes(shape: str, async_start: bool = False) -> int:
-    return sum(_bytes_by_dtype(shape, async_start).values())
-
-
 def _bytes_by_dtype(shape: str, async_start: bool = False) -> Dict[str, int]:
     if async_start and shape.startswith("("):
         # an async start's tuple holds (operands, results) and, for a collective-permute,

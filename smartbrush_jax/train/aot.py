@@ -101,7 +101,7 @@ def compiled_report(compiled, config, models, spec, devices: int, on: str, hbm_b
     platform."""
     from smartbrush_jax.planning import flops
 
-    per_chip = config.train.batch_size // devices
+    per_chip = per_chip_batch(config, devices)
     latent = config.data.resolution // models.latent_factor
     analytic = flops.train_step_flops(flops.unet_forward_flops(models.unet.config, per_chip, latent, latent, 77))
     kernel = splash_flops(config, models, per_chip, latent) if on == "tpu" else None
